@@ -1,0 +1,382 @@
+"""Typed configuration: one small dataclass per component, composed into `RunConfig`.
+
+Every recipe constant is a field whose default is the published value (SPEC sections
+cited per field). Presets are registered by name and never edited: a variant gets a
+new name. `RunConfig.to_dict` / `RunConfig.from_dict` give the JSON saved with runs
+and checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+AlignMode = Literal["none", "repa", "pixelrepa"]
+AttentionImpl = Literal["sdpa", "reference"]
+SamplerMethod = Literal["heun", "euler"]
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class JiTConfig:
+    """The JiT backbone (SPEC 3)."""
+
+    input_size: int = 256
+    """Image side in pixels (square images)."""
+    patch_size: int = 16
+    in_channels: int = 3
+    hidden_size: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    """SwiGLU hidden size is int(int(D * mlp_ratio) * 2 / 3)."""
+    attn_drop: float = 0.0
+    """Attention-probability dropout, middle blocks only (0.2 for H)."""
+    proj_drop: float = 0.0
+    """Projection and SwiGLU-hidden dropout, middle blocks only (0.2 for H)."""
+    num_classes: int = 1000
+    """Class count K; label K is the null class used for guidance."""
+    bottleneck_dim: int = 128
+    in_context_len: int = 32
+    in_context_start: int = 4
+    """In-context class tokens are prepended before this block."""
+    attention: AttentionImpl = "sdpa"
+    """'sdpa': torch's fused kernel (fast path); 'reference': explicit float32 softmax as
+    in the released code."""
+    norm_eps: float = 1e-6
+    """RMSNorm epsilon everywhere (also q/k norms)."""
+
+    def __post_init__(self) -> None:
+        _check(self.input_size % self.patch_size == 0,
+               f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
+        _check(self.hidden_size % self.num_heads == 0,
+               f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        _check((self.hidden_size // self.num_heads) % 4 == 0,
+               f"head size {self.hidden_size // self.num_heads} must be a multiple of 4 for 2-D RoPE")
+        _check(self.hidden_size % 4 == 0, "hidden_size must be a multiple of 4 (2-D sin-cos table)")
+        _check(0 <= self.in_context_start <= self.depth,
+               f"in_context_start {self.in_context_start} outside [0, depth={self.depth}]")
+        _check(self.attention in ("sdpa", "reference"), f"unknown attention '{self.attention}'")
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The frozen representation encoder that produces alignment targets (SPEC 5)."""
+
+    name: str = "vit_base_patch14_dinov2.lvd142m"
+    """A timm model name, or 'efficientnet-lite0' for the offline ImageNet encoder."""
+    img_size: int = 256
+    """Resolution the encoder is built at and fed (released: 256, patch resampled to 16)."""
+    patch_size: int = 16
+    """ViT patch size after resampling (released 16; REPA-style 14 at 224)."""
+    feature_dim: int = 768
+    """Channel width of the target features (DINOv2-B: 768)."""
+    weights: str | None = None
+    """Local weights file; None means the timm hub (online) or the packaged file."""
+    stage: int = -1
+    """For CNN encoders: which feature stage gives the tokens (-1 = last)."""
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Representation alignment: the switch and both heads (SPEC 5)."""
+
+    mode: AlignMode = "pixelrepa"
+    weight: float = 0.1
+    """lambda in total = denoise + lambda * align (PixelREPA 0.1; REPA uses 0.5)."""
+    tap_block: int | None = None
+    """Tokens are read after this many blocks; None = in_context_start (SPEC 5)."""
+    mask_ratio: float = 0.2
+    """Probability that a tapped token is replaced by the mask token (PixelREPA)."""
+    adapter_depth: int = 2
+    adapter_in_context_len: int = 32
+    skip_head_if_same_width: bool = True
+    """Released-code quirk: the adapter's projection head is skipped when the backbone
+    width equals the encoder width."""
+    projector_hidden: int = 2048
+    """REPA's MLP projector width."""
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("none", "repa", "pixelrepa"),
+               f"unknown alignment mode '{self.mode}' (none | repa | pixelrepa)")
+        _check(0.0 <= self.mask_ratio < 1.0, f"mask_ratio {self.mask_ratio} outside [0, 1)")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """The x-prediction, velocity-loss objective (SPEC 4)."""
+
+    P_mean: float = -0.8
+    P_std: float = 0.8
+    t_eps: float = 0.05
+    noise_scale: float = 1.0
+    """1.0 at 256 px, 2.0 at 512 px."""
+    label_drop_prob: float = 0.1
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    """Two moving averages of the backbone (SPEC 6)."""
+
+    decays: tuple[float, ...] = (0.9999, 0.9996)
+    warmup: bool = False
+    """If set, decay_k = min(decay, (1 + step) / (10 + step)) for short runs."""
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Euler / Heun sampling with guidance on an interval (SPEC 7)."""
+
+    method: SamplerMethod = "heun"
+    steps: int = 50
+    cfg_scale: float = 3.1
+    interval_min: float = 0.1
+    interval_max: float = 1.0
+    batched_guidance: bool = True
+    """Conditional and unconditional passes in one forward (False: two calls, as released)."""
+
+    def __post_init__(self) -> None:
+        _check(self.method in ("heun", "euler"), f"unknown sampler method '{self.method}'")
+        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up then constant (SPEC 6)."""
+
+    base_lr: float = 5e-5
+    """lr = base_lr * global_batch / 256."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_epochs: float = 5.0
+    global_batch: int = 1024
+    epochs: int = 600
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, composed from the component configs."""
+
+    model: JiTConfig = field(default_factory=JiTConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    @property
+    def tap_block(self) -> int:
+        tap = self.align.tap_block
+        return self.model.in_context_start if tap is None else tap
+
+    def __post_init__(self) -> None:
+        tap = self.tap_block
+        _check(1 <= tap <= self.model.depth, f"tap_block {tap} outside [1, depth={self.model.depth}]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        return _from_dict(cls, data)
+
+    def replace(self, **overrides: Any) -> "RunConfig":
+        """Dotted overrides, e.g. replace(**{"model.depth": 2, "align.mode": "none"})."""
+        return apply_overrides(self, overrides)
+
+
+# ---------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------
+
+_BACKBONES: dict[str, JiTConfig] = {}
+_PRESETS: dict[str, Callable[[], RunConfig]] = {}
+
+
+def _register_backbone(name: str, **kw: Any) -> None:
+    _BACKBONES[name] = JiTConfig(**kw)
+
+
+# SPEC 3 table. /16 for 256 px, /32 for 512 px (noise scale 2.0 at 512, SPEC 4).
+for _size, (_depth, _width, _heads, _bottleneck, _start) in {
+    "B": (12, 768, 12, 128, 4),
+    "L": (24, 1024, 16, 128, 8),
+    "H": (32, 1280, 16, 256, 10),
+    "G": (40, 1664, 16, 256, 10),
+}.items():
+    _drop = 0.2 if _size == "H" else 0.0  # SPEC 3: dropout is used for H only
+    for _patch, _res in ((16, 256), (32, 512)):
+        _register_backbone(
+            f"JiT-{_size}/{_patch}", input_size=_res, patch_size=_patch, hidden_size=_width,
+            depth=_depth, num_heads=_heads, bottleneck_dim=_bottleneck, in_context_start=_start,
+            attn_drop=_drop, proj_drop=_drop,
+        )
+
+# Tiny backbones for CPU: same architecture, seconds per step on 2 cores.
+_register_backbone("JiT-Tiny/4", input_size=32, patch_size=4, hidden_size=128, depth=4, num_heads=4,
+                   num_classes=10, bottleneck_dim=32, in_context_len=8, in_context_start=1)
+_register_backbone("JiT-Micro/8", input_size=32, patch_size=8, hidden_size=64, depth=4, num_heads=4,
+                   num_classes=10, bottleneck_dim=16, in_context_len=4, in_context_start=1)
+
+# Released sampling settings (SPEC 7): CFG scale per size for PixelREPA and for JiT.
+_PIXELREPA_CFG = {"B": 3.1, "L": 2.8, "H": 2.4, "G": 2.2}
+_JIT_CFG = {"B": 3.0, "L": 2.4, "H": 2.2, "G": 2.2}
+
+
+def _preset(name: str, backbone: str, mode: AlignMode, cfg_scale: float,
+            **align_kw: Any) -> None:
+    def build() -> RunConfig:
+        model = _BACKBONES[backbone]
+        noise_scale = 2.0 if model.input_size >= 512 else 1.0
+        weight = {"pixelrepa": 0.1, "repa": 0.5, "none": 0.0}[mode]
+        return RunConfig(
+            model=model,
+            align=AlignConfig(mode=mode, weight=weight,
+                              encoder=EncoderConfig(img_size=model.input_size), **align_kw),
+            objective=ObjectiveConfig(noise_scale=noise_scale),
+            sampler=SamplerConfig(cfg_scale=cfg_scale),
+        )
+
+    _PRESETS[name] = build
+
+
+for _backbone in list(_BACKBONES):
+    _size = _backbone.split("-")[1].split("/")[0]
+    _suffix = _backbone.split("-")[1]
+    if _size in _PIXELREPA_CFG:
+        _preset(_backbone, _backbone, "none", _JIT_CFG[_size])
+        _preset(f"PixelREPA-{_suffix}", _backbone, "pixelrepa", _PIXELREPA_CFG[_size])
+        _preset(f"REPA-{_suffix}", _backbone, "repa", _JIT_CFG[_size])
+
+for _tiny in ("Tiny/4", "Micro/8"):
+    _enc = dict(encoder=EncoderConfig(name="efficientnet-lite0", img_size=128, feature_dim=112, stage=3))
+    _preset(f"JiT-{_tiny}", f"JiT-{_tiny}", "none", 3.0, adapter_in_context_len=8, **_enc)
+    _preset(f"PixelREPA-{_tiny}", f"JiT-{_tiny}", "pixelrepa", 3.0, adapter_in_context_len=8, **_enc)
+    _preset(f"REPA-{_tiny}", f"JiT-{_tiny}", "repa", 3.0, projector_hidden=256, **_enc)
+
+# The Masked Transformer Adapter sizes (SPEC 5): depth 2 at the backbone's width.
+MTA_PRESETS: dict[str, str] = {
+    "MTA-B/16": "PixelREPA-B/16", "MTA-B/32": "PixelREPA-B/32",
+    "MTA-L/16": "PixelREPA-L/16", "MTA-L/32": "PixelREPA-L/32",
+    "MTA-H/16": "PixelREPA-H/16", "MTA-H/32": "PixelREPA-H/32",
+}
+
+
+def list_presets() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def get_preset(name: str) -> RunConfig:
+    if name in MTA_PRESETS:
+        name = MTA_PRESETS[name]
+    if name not in _PRESETS:
+        raise KeyError(f"unknown preset '{name}'; known: {', '.join(list_presets())}")
+    return _PRESETS[name]()
+
+
+# ---------------------------------------------------------------------------
+# Dict round-trip and dotted overrides
+# ---------------------------------------------------------------------------
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for key, value in data.items():
+        sub = _dataclass_type(cls, key)
+        if sub is not None and isinstance(value, dict):
+            value = _from_dict(sub, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _dataclass_type(cls: type, name: str) -> type | None:
+    default = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if default.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = default.default_factory()  # type: ignore[misc]
+        if dataclasses.is_dataclass(value):
+            return type(value)
+    return None
+
+
+def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+    """Return a copy of a (nested) config with dotted-path fields replaced.
+
+    All changes to one component are applied together, so validation sees the final
+    combination (e.g. a new width together with a new head count)."""
+    tree: dict[str, Any] = {}
+    for path, value in overrides.items():
+        node = tree
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"config override '{path}' conflicts with another override")
+        node[leaf] = (path, value)
+    return _replace_tree(config, tree)
+
+
+def _replace_tree(obj: Any, tree: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(obj)}
+    changes = {}
+    for name, sub in tree.items():
+        if name not in names:
+            path = sub[0] if isinstance(sub, tuple) else name
+            raise ValueError(f"unknown config field '{path}' ({type(obj).__name__} has: {', '.join(sorted(names))})")
+        if isinstance(sub, tuple):
+            path, value = sub
+            changes[name] = _coerce(value, getattr(obj, name), path)
+        else:
+            changes[name] = _replace_tree(getattr(obj, name), sub)
+    return dataclasses.replace(obj, **changes)
+
+
+def _coerce(value: Any, current: Any, path: str) -> Any:
+    """Parse command-line strings into the type of the field they replace."""
+    if not isinstance(value, str) or isinstance(current, str):
+        return tuple(value) if isinstance(value, list) else value
+    text = value.strip()
+    try:
+        if isinstance(current, bool):
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, tuple):
+            return tuple(float(v) for v in text.strip("()[]").split(",") if v.strip())
+        if current is None:
+            if text.lower() == "none":
+                return None
+            for cast in (int, float):
+                try:
+                    return cast(text)
+                except ValueError:
+                    pass
+            return text
+    except ValueError:
+        raise ValueError(f"cannot parse '{value}' for config field '{path}' "
+                         f"(expected {type(current).__name__})") from None
+    return value

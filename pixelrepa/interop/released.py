@@ -1,0 +1,186 @@
+"""Import the authors' released `checkpoint-last.pth` files (SPEC 8).
+
+Two layouts: PixelREPA (`model` has `net.`, `masked_transformer_adapter.`, `repa_model.`;
+EMA dicts WITHOUT `net.`) and JiT (`model` has only `net.`; EMA dicts WITH `net.`).
+Loading is weights-only unpickling with `argparse.Namespace` as the one allowed class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from pixelrepa.config import AlignConfig, EncoderConfig, RunConfig, apply_overrides, get_preset
+
+WeightChoice = Literal["raw", "ema1", "ema2"]
+
+# Released key -> our key, applied in order to backbone and adapter keys.
+_KEY_RULES: list[tuple[str, str]] = [
+    (r"^x_embedder\.", "patch_embed."),
+    (r"^t_embedder\.mlp\.0\.", "t_embed.fc1."),
+    (r"^t_embedder\.mlp\.2\.", "t_embed.fc2."),
+    (r"^y_embedder\.embedding_table\.", "y_embed.table."),
+    (r"^in_context_posemb$", "in_context.pos"),
+    (r"^(blocks\.\d+|final_layer)\.adaLN_modulation\.1\.", r"\1.ada."),
+    (r"^final_layer\.norm_final\.", "final_layer.norm."),
+    (r"^projection_layer\.mlp\.0\.", "head.fc1."),
+    (r"^projection_layer\.mlp\.1\.", "head.norm."),
+    (r"^projection_layer\.mlp\.3\.", "head.fc2."),
+]
+
+
+def released_key_to_ours(key: str) -> str:
+    for pattern, replacement in _KEY_RULES:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def convert_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {released_key_to_ours(k): v for k, v in state.items()}
+
+
+@dataclass
+class ReleasedCheckpoint:
+    layout: Literal["pixelrepa", "jit"]
+    backbone: dict[WeightChoice, dict[str, Tensor]]
+    """Backbone state dicts under the released key names, without `net.`."""
+    adapter: dict[str, Tensor] | None
+    args: argparse.Namespace | None
+    epoch: int | None
+
+
+def read_released_checkpoint(path: str | Path) -> ReleasedCheckpoint:
+    """Unpickle weights-only and split into backbone (raw, EMA 1, EMA 2) and adapter."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # the unpickler raises several types; all mean "not loadable safely"
+        raise ValueError(f"cannot load {path} as a released checkpoint with weights-only unpickling "
+                         f"(only argparse.Namespace is allowed): {err}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{path} is not a released checkpoint: expected a dict with a 'model' entry")
+    model = ckpt["model"]
+    backbone_raw = {k[len("net."):]: v for k, v in model.items() if k.startswith("net.")}
+    if not backbone_raw:
+        raise ValueError(f"{path}: 'model' has no 'net.' keys; not a JiT/PixelREPA checkpoint")
+    prefix = "masked_transformer_adapter."
+    adapter = {k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)} or None
+    backbone: dict[WeightChoice, dict[str, Tensor]] = {"raw": backbone_raw}
+    for choice, key in (("ema1", "model_ema1"), ("ema2", "model_ema2")):
+        if key in ckpt:
+            ema = ckpt[key]
+            # JiT layout keeps `net.` in its EMA dicts; PixelREPA's drop it.
+            backbone[choice] = {k.removeprefix("net."): v for k, v in ema.items()}
+    layout = "pixelrepa" if adapter is not None else "jit"
+    epoch = ckpt.get("epoch")
+    return ReleasedCheckpoint(layout, backbone, adapter, ckpt.get("args"), int(epoch) if epoch is not None else None)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run configuration a released run stored in its `args` (preset + flags)."""
+    size = args.model.split("-", 1)[1]  # e.g. 'B/16'
+    mta = getattr(args, "mta", None)
+    config = get_preset(f"PixelREPA-{size}" if mta else f"JiT-{size}")
+    overrides: dict[str, Any] = {
+        "model.input_size": args.img_size,
+        "model.num_classes": args.class_num,
+        "model.attn_drop": args.attn_dropout,
+        "model.proj_drop": args.proj_dropout,
+        "objective.P_mean": args.P_mean,
+        "objective.P_std": args.P_std,
+        "objective.t_eps": args.t_eps,
+        "objective.noise_scale": args.noise_scale,
+        "objective.label_drop_prob": args.label_drop_prob,
+        "ema.decays": (args.ema_decay1, args.ema_decay2),
+        "optim.base_lr": args.blr,
+        "optim.weight_decay": args.weight_decay,
+        "optim.warmup_epochs": float(args.warmup_epochs),
+        "optim.epochs": args.epochs,
+    }
+    if mta:
+        overrides["align.mask_ratio"] = args.patch_mask_ratio
+        overrides["align.encoder"] = EncoderConfig(
+            name=args.repa_model, img_size=args.repa_image_size, patch_size=args.repa_patch_size,
+            feature_dim=config.align.encoder.feature_dim)
+    return apply_overrides(config, overrides)
+
+
+def _load_exact(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
+    """Strict load that names the first missing, unexpected or mis-shaped key."""
+    ours = module.state_dict()
+    for key, value in ours.items():
+        if key not in state:
+            raise ValueError(f"{what}: checkpoint lacks '{key}' (shape {tuple(value.shape)}) "
+                             "that the chosen configuration needs")
+        if state[key].shape != value.shape:
+            raise ValueError(f"{what}: '{key}' has shape {tuple(state[key].shape)} in the checkpoint but "
+                             f"{tuple(value.shape)} in the chosen configuration; pass the matching "
+                             "configuration explicitly")
+    extra = sorted(set(state) - set(ours))
+    if extra:
+        raise ValueError(f"{what}: checkpoint has '{extra[0]}' that the chosen configuration lacks "
+                         f"({len(extra)} such keys)")
+    module.load_state_dict(state)
+
+
+def import_released(path: str | Path, config: RunConfig | None = None, weights: WeightChoice = "ema1",
+                    ) -> tuple[RunConfig, nn.Module, nn.Module | None]:
+    """Build (config, backbone, adapter or None) from a released checkpoint.
+
+    `config=None` recovers the configuration from the checkpoint's `args`; a configuration
+    that does not fit the weights is refused with the first mismatching key and both shapes.
+    """
+    from pixelrepa.align.heads import MaskedTransformerAdapter
+    from pixelrepa.models.jit import JiT
+
+    ckpt = read_released_checkpoint(path)
+    if config is None:
+        if ckpt.args is None:
+            raise ValueError(f"{path} stores no 'args'; pass the configuration (a preset or config file)")
+        config = config_from_args(ckpt.args)
+    if weights not in ckpt.backbone:
+        raise ValueError(f"{path} has no '{weights}' weights (available: {', '.join(ckpt.backbone)})")
+    if ckpt.layout == "jit" and config.align.mode == "pixelrepa":
+        config = apply_overrides(config, {"align": AlignConfig(mode="none", weight=0.0)})
+    net = JiT(config.model)
+    _load_exact(net, convert_state_dict(ckpt.backbone[weights]), f"backbone ({weights})")
+    adapter = None
+    if ckpt.adapter is not None and config.align.mode == "pixelrepa":
+        adapter = MaskedTransformerAdapter(config.model, config.align)
+        _load_exact(adapter, convert_state_dict(ckpt.adapter), "adapter")
+    return config, net, adapter
+
+
+def config_from_constructor_kwargs(net: dict[str, Any], adapter: dict[str, Any] | None = None,
+                                   **constants: Any) -> RunConfig:
+    """A RunConfig from the released constructors' keyword arguments (as in the parity
+    fixtures' config.json) plus loss constants (P_mean, P_std, t_eps, noise_scale,
+    mask_ratio, align_weight)."""
+    base = RunConfig()
+    overrides: dict[str, Any] = {f"model.{k}": v for k, v in net.items()}
+    for name in ("P_mean", "P_std", "t_eps", "noise_scale"):
+        if name in constants:
+            overrides[f"objective.{name}"] = constants[name]
+    if adapter is None:
+        overrides.update({"align.mode": "none", "align.weight": 0.0})
+    else:
+        overrides.update({
+            "align.mode": "pixelrepa",
+            "align.adapter_depth": adapter["depth"],
+            "align.adapter_in_context_len": adapter["in_context_len"],
+            "align.encoder": EncoderConfig(img_size=net["input_size"], feature_dim=adapter["out_channels"]),
+        })
+        if "mask_ratio" in constants:
+            overrides["align.mask_ratio"] = constants["mask_ratio"]
+        if "align_weight" in constants:
+            overrides["align.weight"] = constants["align_weight"]
+    return apply_overrides(base, overrides)
