@@ -243,10 +243,10 @@ def _preset(name: str, backbone: str, mode: AlignMode, cfg_scale: float,
         model = _BACKBONES[backbone]
         noise_scale = 2.0 if model.input_size >= 512 else 1.0
         weight = {"pixelrepa": 0.1, "repa": 0.5, "none": 0.0}[mode]
+        align = {"encoder": EncoderConfig(img_size=model.input_size), **align_kw}
         return RunConfig(
             model=model,
-            align=AlignConfig(mode=mode, weight=weight,
-                              encoder=EncoderConfig(img_size=model.input_size), **align_kw),
+            align=AlignConfig(mode=mode, weight=weight, **align),
             objective=ObjectiveConfig(noise_scale=noise_scale),
             sampler=SamplerConfig(cfg_scale=cfg_scale),
         )

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from safetensors import SafetensorsError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -44,12 +44,10 @@ def load_model_file(path: str | Path) -> tuple[RunConfig, dict[str, dict[str, Te
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {path}")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         tensors = load_file(str(path))
-    except (SafetensorsError, OSError) as err:
+    except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not a pixelrepa model file (format tag {metadata.get('format')!r}, "

@@ -115,20 +115,20 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def _load_exact(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
-    """Strict load that names the first missing, unexpected or mis-shaped key."""
+    """Strict load naming the first (in checkpoint order) mis-shaped, unexpected or missing key."""
     ours = module.state_dict()
-    for key, value in ours.items():
-        if key not in state:
-            raise ValueError(f"{what}: checkpoint lacks '{key}' (shape {tuple(value.shape)}) "
-                             "that the chosen configuration needs")
-        if state[key].shape != value.shape:
-            raise ValueError(f"{what}: '{key}' has shape {tuple(state[key].shape)} in the checkpoint but "
-                             f"{tuple(value.shape)} in the chosen configuration; pass the matching "
+    for key, value in state.items():
+        if key not in ours:
+            raise ValueError(f"{what}: checkpoint has '{key}' {tuple(value.shape)} that the chosen "
+                             "configuration lacks")
+        if value.shape != ours[key].shape:
+            raise ValueError(f"{what}: '{key}' has shape {tuple(value.shape)} in the checkpoint but "
+                             f"{tuple(ours[key].shape)} in the chosen configuration; pass the matching "
                              "configuration explicitly")
-    extra = sorted(set(state) - set(ours))
-    if extra:
-        raise ValueError(f"{what}: checkpoint has '{extra[0]}' that the chosen configuration lacks "
-                         f"({len(extra)} such keys)")
+    missing = [key for key in ours if key not in state]
+    if missing:
+        raise ValueError(f"{what}: checkpoint lacks '{missing[0]}' {tuple(ours[missing[0]].shape)} that the "
+                         f"chosen configuration needs ({len(missing)} such keys)")
     module.load_state_dict(state)
 
 

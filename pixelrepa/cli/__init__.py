@@ -1,0 +1,1 @@
+"""The `pixelrepa` command line: one module per command."""

@@ -1,0 +1,30 @@
+"""`pixelrepa COMMAND ...`: parse -> config -> build -> run, one module per command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pixelrepa.cli import demo, import_checkpoint, info, sample
+
+
+COMMANDS = {"info": info, "import": import_checkpoint, "sample": sample, "demo": demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pixelrepa", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        module.add_parser(commands.add_parser(name, help=module.__doc__.strip().splitlines()[0],
+                                              description=module.__doc__))
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command].run(args) or 0
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"pixelrepa {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Writing samples as PNG files: a labelled grid with one row per class."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+
+def save_labelled_grid(images: Tensor, row_labels: list[str], path: str | Path, scale: int = 2,
+                       label_width: int = 90, pad: int = 2) -> Path:
+    """images: uint8 (rows * cols, 3, H, W), row-major; one text label per row on the left."""
+    rows = len(row_labels)
+    if rows == 0 or len(images) % rows:
+        raise ValueError(f"{len(images)} images do not split into {rows} rows")
+    cols = len(images) // rows
+    h, w = images.shape[-2] * scale, images.shape[-1] * scale
+    canvas = Image.new("RGB", (label_width + cols * (w + pad) + pad, rows * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, label in enumerate(row_labels):
+        top = pad + r * (h + pad)
+        draw.text((4, top + h // 2 - 6), label, fill="black")
+        for c in range(cols):
+            tile = images[r * cols + c].permute(1, 2, 0).cpu().numpy().astype(np.uint8)
+            tile_img = Image.fromarray(tile).resize((w, h), Image.NEAREST)
+            canvas.paste(tile_img, (label_width + pad + c * (w + pad), top))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    canvas.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path

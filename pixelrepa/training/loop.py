@@ -1,0 +1,121 @@
+"""A single-process training loop over an in-memory data set (the demo and small runs).
+
+Network, objective and optimiser meet here and nowhere else: the step draws its
+randomness from a generator seeded by (seed, step), so a run is reproducible; the
+batch order comes from a per-epoch permutation seeded by (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from pixelrepa.config import RunConfig
+from pixelrepa.data.idx import to_model_range
+from pixelrepa.objective import draw_randomness, training_loss
+from pixelrepa.training.ema import BackboneEMA
+
+
+@dataclass
+class LoopSettings:
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int = 0
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class TrainState:
+    net: nn.Module
+    head: nn.Module | None
+    ema: BackboneEMA
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on GPU; float32 (autocast disabled) on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def build_state(config: RunConfig, net: nn.Module, head: nn.Module | None, lr: float) -> TrainState:
+    params = list(net.parameters()) + (list(head.parameters()) if head is not None else [])
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=config.optim.betas,
+                                  weight_decay=config.optim.weight_decay)
+    return TrainState(net=net, head=head, ema=BackboneEMA(net, config.ema), optimizer=optimizer)
+
+
+def step_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed * 1_000_003 + index)
+    return generator
+
+
+def train(config: RunConfig, state: TrainState, images: Tensor, labels: Tensor, targets: Tensor | None,
+          settings: LoopSettings, on_step: Callable[[TrainState, dict[str, float]], None] | None = None,
+          ) -> TrainState:
+    """Run `settings.steps` optimiser steps. images: uint8 (N, 3, H, W); targets: (N, T, C)
+    cached encoder features of the same images (or None for plain JiT)."""
+    device = next(state.net.parameters()).device
+    n = len(images)
+    if n < settings.batch_size:
+        raise ValueError(f"data set has {n} images, fewer than one batch of {settings.batch_size}")
+    if config.align.mode != "none" and targets is None:
+        raise ValueError(f"alignment mode '{config.align.mode}' needs encoder targets")
+    per_epoch = n // settings.batch_size
+    state.net.train()
+    if state.head is not None:
+        state.head.train()
+    bar = tqdm(total=settings.steps, initial=state.step, disable=not settings.progress, unit="step",
+               dynamic_ncols=True)
+    started, start_step = time.perf_counter(), state.step
+    while state.step < settings.steps:
+        epoch, position = divmod(state.step, per_epoch)
+        order = torch.randperm(n, generator=step_generator(settings.seed, epoch, torch.device("cpu")))
+        index = order[position * settings.batch_size:(position + 1) * settings.batch_size]
+        x = to_model_range(images[index]).to(device, non_blocking=True)
+        y = labels[index].to(device)
+        target = targets[index].to(device).float() if targets is not None else None
+
+        lr = settings.lr * min(1.0, (state.step + 1) / settings.warmup_steps) if settings.warmup_steps else settings.lr
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        draws = draw_randomness(x, y, config.model.num_classes, config.model.num_patches, config.objective,
+                                config.align, step_generator(settings.seed, state.step, device))
+        with autocast_for(device):
+            losses = training_loss(state.net, state.head, x, draws, config.objective, config.align,
+                                   config.tap_block, target)
+        if not torch.isfinite(losses["total"]):
+            raise FloatingPointError(f"non-finite loss at step {state.step}: "
+                                     + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items()))
+        state.optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        state.optimizer.step()
+        state.ema.update(state.net)
+        state.step += 1
+
+        record = {k: v.item() for k, v in losses.items()}
+        record.update(step=state.step, lr=lr)
+        state.history.append(record)
+        bar.update(1)
+        if state.step % 10 == 0 or state.step == settings.steps:
+            rate = (state.step - start_step) * settings.batch_size / (time.perf_counter() - started)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k in ("total", "denoise", "align")}
+                            | {"img/s": f"{rate:.0f}"})
+        if on_step is not None:
+            on_step(state, record)
+    bar.close()
+    return state
+

@@ -1,0 +1,245 @@
+"""Alignment heads, token masking and the cosine loss (SPEC 5)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pixelrepa.align.heads import (
+    MaskedTransformerAdapter,
+    MLPProjector,
+    apply_token_mask,
+    build_align_head,
+    cosine_alignment_loss,
+    draw_keep_mask,
+)
+from pixelrepa.config import AlignConfig, EncoderConfig, JiTConfig, RunConfig
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def tiny(feature_dim: int = 48, mode: str = "pixelrepa", **align_changes) -> RunConfig:
+    return RunConfig().replace(**{
+        "model.input_size": 32, "model.patch_size": 8, "model.hidden_size": 64, "model.num_heads": 4,
+        "model.depth": 4, "model.num_classes": 10, "model.bottleneck_dim": 16, "model.in_context_len": 4,
+        "model.in_context_start": 1, "align.mode": mode, "align.adapter_in_context_len": 4,
+        "align.projector_hidden": 96, "align.encoder.feature_dim": feature_dim,
+        **{f"align.{k}": v for k, v in align_changes.items()},
+    })
+
+
+def head_inputs(cfg: RunConfig, n: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(n, cfg.model.num_patches, cfg.model.hidden_size, generator=g)
+    t = torch.rand(n, generator=g)
+    y = torch.randint(0, cfg.model.num_classes + 1, (n,), generator=g)
+    return tokens, t, y
+
+
+# ---------------------------------------------------------------------------
+# Keep-mask and mask token
+# ---------------------------------------------------------------------------
+
+def test_keep_mask_ratio_statistics():
+    g = torch.Generator().manual_seed(0)
+    keep = draw_keep_mask(64, 4096, 0.2, generator=g)
+    assert keep.shape == (64, 4096) and keep.dtype == torch.bool
+    masked = 1 - keep.float().mean().item()
+    assert abs(masked - 0.2) < 0.005  # 262k Bernoulli draws: std ~ 0.0008
+    # Independent per image: every image has roughly 20% masked too.
+    per_image = 1 - keep.float().mean(1)
+    assert per_image.min() > 0.15 and per_image.max() < 0.25
+    assert torch.all(draw_keep_mask(4, 100, 0.0, generator=g))
+    half = 1 - draw_keep_mask(64, 4096, 0.5, generator=g).float().mean().item()
+    assert abs(half - 0.5) < 0.005
+
+
+def test_keep_mask_reproducible_with_generator():
+    a = draw_keep_mask(3, 50, 0.2, generator=torch.Generator().manual_seed(5))
+    b = draw_keep_mask(3, 50, 0.2, generator=torch.Generator().manual_seed(5))
+    c = draw_keep_mask(3, 50, 0.2, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_apply_token_mask_places_mask_token_and_passes_gradients():
+    n, T, D = 3, 10, 8
+    tokens = torch.randn(n, T, D, requires_grad=True)
+    mask_token = (torch.randn(1, 1, D) * 0.02).requires_grad_()
+    keep = draw_keep_mask(n, T, 0.4, generator=torch.Generator().manual_seed(1))
+    assert keep.any() and (~keep).any()
+    out = apply_token_mask(tokens, keep, mask_token)
+    assert out.shape == tokens.shape
+    for i in range(n):
+        for j in range(T):
+            expected = tokens[i, j] if keep[i, j] else mask_token[0, 0]
+            assert torch.equal(out[i, j], expected)
+    upstream = torch.randn(n, T, D)
+    out.backward(upstream)
+    expected_mask_grad = upstream[~keep].sum(0)
+    torch.testing.assert_close(mask_token.grad[0, 0], expected_mask_grad)
+    assert torch.all(tokens.grad[~keep] == 0)
+    torch.testing.assert_close(tokens.grad[keep], upstream[keep])
+    # The mask token follows the tokens' dtype.
+    out16 = apply_token_mask(tokens.detach().bfloat16(), keep, mask_token.detach())
+    assert out16.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------
+# Heads
+# ---------------------------------------------------------------------------
+
+def test_build_align_head_by_mode():
+    assert build_align_head(tiny(mode="none").model, tiny(mode="none").align) is None
+    cfg = tiny(mode="repa")
+    assert isinstance(build_align_head(cfg.model, cfg.align), MLPProjector)
+    cfg = tiny(mode="pixelrepa")
+    assert isinstance(build_align_head(cfg.model, cfg.align), MaskedTransformerAdapter)
+
+
+@pytest.mark.parametrize("feature_dim,skip,uses_head", [(64, True, False), (64, False, True), (48, True, True),
+                                                        (48, False, True)])
+def test_adapter_head_skipped_iff_same_width_and_switch(feature_dim, skip, uses_head):
+    cfg = tiny(feature_dim=feature_dim, skip_head_if_same_width=skip)
+    adapter = randomize_(MaskedTransformerAdapter(cfg.model, cfg.align), seed=2)
+    assert adapter.use_head == uses_head
+    tokens, t, y = head_inputs(cfg)
+    out = adapter(tokens, t, y)
+    assert out.shape == (tokens.shape[0], cfg.model.num_patches, feature_dim)
+    # Changing the head's weights changes the output iff the head is applied.
+    with torch.no_grad():
+        adapter.head.fc2.weight.mul_(2.0)
+    assert torch.equal(out, adapter(tokens, t, y)) != uses_head
+
+
+def test_adapter_head_is_linear_layernorm_silu_linear():
+    same = tiny(feature_dim=64, skip_head_if_same_width=True)
+    with_head = tiny(feature_dim=64, skip_head_if_same_width=False)
+    a = randomize_(MaskedTransformerAdapter(same.model, same.align), seed=3)
+    b = MaskedTransformerAdapter(with_head.model, with_head.align)
+    b.load_state_dict(a.state_dict())
+    tokens, t, y = head_inputs(same)
+    trunk = a(tokens, t, y)  # no head: the blocks' image tokens
+    h = b.head
+    expected = F.linear(F.silu(F.layer_norm(F.linear(trunk, h.fc1.weight, h.fc1.bias), (64,),
+                                            h.norm.weight, h.norm.bias, eps=1e-5)), h.fc2.weight, h.fc2.bias)
+    torch.testing.assert_close(b(tokens, t, y), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_structure():
+    cfg = tiny()
+    backbone = dataclasses.replace(cfg.model, attn_drop=0.2, proj_drop=0.2)
+    adapter = MaskedTransformerAdapter(backbone, cfg.align)
+    assert len(adapter.blocks) == cfg.align.adapter_depth
+    for block in adapter.blocks:  # no dropout in the adapter, even for a dropout backbone
+        assert block.attn.attn_drop == 0 and block.attn.proj_drop.p == 0 and block.mlp.drop.p == 0
+        assert block.attn.num_heads == backbone.num_heads
+        assert block.attn.qkv.in_features == backbone.hidden_size
+    assert adapter.y_embed.table.num_embeddings == backbone.num_classes + 1
+    assert adapter.in_context.pos.shape[1] == cfg.align.adapter_in_context_len
+    assert adapter.rope_cos.shape[0] == cfg.align.adapter_in_context_len + backbone.num_patches
+    assert torch.all(adapter.rope_cos[:cfg.align.adapter_in_context_len] == 1)
+    assert torch.all(adapter.rope_sin[:cfg.align.adapter_in_context_len] == 0)
+    # Every token's prediction depends on the other tokens (attention over the sequence),
+    # and only image tokens come out.
+    randomize_(adapter, seed=4)
+    tokens, t, y = head_inputs(cfg)
+    base = adapter(tokens, t, y)
+    poked = tokens.clone()
+    poked[:, 0] += 1.0
+    assert not torch.allclose(adapter(poked, t, y)[:, 1:], base[:, 1:])
+    # The label and the time condition the output.
+    assert not torch.allclose(adapter(tokens, t, (y + 1) % backbone.num_classes), base)
+    assert not torch.allclose(adapter(tokens, t * 0.5, y), base)
+
+
+def test_adapter_at_init_zero_adaln():
+    cfg = tiny()
+    adapter = MaskedTransformerAdapter(cfg.model, cfg.align)
+    for block in adapter.blocks:
+        assert torch.all(block.ada.weight == 0) and torch.all(block.ada.bias == 0)
+    assert torch.all(adapter.head.fc1.bias == 0) and torch.all(adapter.head.fc2.bias == 0)
+
+
+def test_repa_projector_shapes():
+    cfg = tiny(mode="repa", feature_dim=40)
+    proj = MLPProjector(cfg.model, cfg.align)
+    linears = [m for m in proj.modules() if isinstance(m, torch.nn.Linear)]
+    D, Hd, E = cfg.model.hidden_size, cfg.align.projector_hidden, cfg.align.encoder.feature_dim
+    assert [(m.in_features, m.out_features) for m in linears] == [(D, Hd), (Hd, Hd), (Hd, E)]
+    assert sum(isinstance(m, torch.nn.SiLU) for m in proj.modules()) == 2
+    tokens = torch.randn(3, cfg.model.num_patches, D)
+    out = proj(tokens)
+    assert out.shape == (3, cfg.model.num_patches, E)
+    l1, l2, l3 = linears
+    expected = l3(F.silu(l2(F.silu(l1(tokens)))))
+    torch.testing.assert_close(out, expected)
+    # Token-wise: no mixing across tokens.
+    torch.testing.assert_close(proj(tokens[:, :1]), out[:, :1])
+
+
+def test_repa_default_projector_width():
+    assert AlignConfig().projector_hidden == 2048
+    backbone = JiTConfig()
+    with torch.device("meta"):
+        proj = MLPProjector(backbone, AlignConfig(mode="repa", encoder=EncoderConfig(feature_dim=768)))
+    shapes = [tuple(m.weight.shape) for m in proj.modules() if isinstance(m, torch.nn.Linear)]
+    assert shapes == [(2048, 768), (2048, 2048), (768, 2048)]
+
+
+# ---------------------------------------------------------------------------
+# Cosine loss
+# ---------------------------------------------------------------------------
+
+def test_cosine_loss_reference_values():
+    x = torch.randn(2, 7, 16)
+    assert cosine_alignment_loss(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert cosine_alignment_loss(x, 3.0 * x).item() == pytest.approx(0.0, abs=1e-6)  # scale-invariant
+    assert cosine_alignment_loss(x, -x).item() == pytest.approx(2.0, abs=1e-6)
+    e = torch.eye(16)
+    a = e[:8].expand(2, 8, 16)
+    b = e[8:].expand(2, 8, 16)
+    assert cosine_alignment_loss(a, b).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_cosine_loss_is_mean_over_tokens_and_images():
+    pred = torch.randn(3, 5, 8, dtype=torch.float64)
+    target = torch.randn(3, 5, 8, dtype=torch.float64)
+    per_token = torch.empty(3, 5, dtype=torch.float64)
+    for i in range(3):
+        for j in range(5):
+            p, q = pred[i, j], target[i, j]
+            per_token[i, j] = 1 - (p @ q) / (p.norm() * q.norm())
+    loss = cosine_alignment_loss(pred, target)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(per_token.mean().item(), abs=1e-6)
+
+
+def test_cosine_loss_in_float32_for_bf16_inputs():
+    g = torch.Generator().manual_seed(0)
+    pred = (torch.randn(4, 64, 256, generator=g) * 30).bfloat16()
+    target = (torch.randn(4, 64, 256, generator=g) + pred.float() * 0.05).bfloat16()
+    loss = cosine_alignment_loss(pred, target)
+    assert loss.dtype == torch.float32
+    p, q = pred.double(), target.double()
+    exact = (1 - (p * q).sum(-1) / (p.norm(dim=-1) * q.norm(dim=-1))).mean()
+    assert abs(loss.item() - exact.item()) < 1e-5
+    # Gradients flow back to bf16 inputs.
+    pr = pred.clone().requires_grad_()
+    cosine_alignment_loss(pr, target).backward()
+    assert pr.grad.dtype == torch.bfloat16 and pr.grad.abs().sum() > 0
+
+
+def test_cosine_loss_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="differ"):
+        cosine_alignment_loss(torch.randn(2, 16, 8), torch.randn(2, 9, 8))
+    with pytest.raises(ValueError):
+        cosine_alignment_loss(torch.randn(2, 16, 8), torch.randn(2, 16, 4))
