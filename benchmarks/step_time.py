@@ -45,10 +45,10 @@ class Case(NamedTuple):
 
 
 CASES = [
-    Case("tiny", "train PixelREPA-Micro/8", "PixelREPA-Micro/8", 32, "train", 3, 20),
-    Case("tiny", "train PixelREPA-Tiny/4", "PixelREPA-Tiny/4", 32, "train", 3, 20),
-    Case("b16", "train PixelREPA-B/16", "PixelREPA-B/16", 2, "train", 1, 3),
-    Case("sample", "guided eval JiT-B/16", "JiT-B/16", 2, "sample", 1, 3),
+    Case("tiny", "train PixelREPA-Micro/8", "PixelREPA-Micro/8", 32, "train", 5, 30),
+    Case("tiny", "train PixelREPA-Tiny/4", "PixelREPA-Tiny/4", 32, "train", 5, 30),
+    Case("b16", "train PixelREPA-B/16", "PixelREPA-B/16", 2, "train", 2, 5),
+    Case("sample", "guided eval JiT-B/16", "JiT-B/16", 2, "sample", 2, 5),
 ]
 
 RELEASED_NOTE = """\
@@ -78,6 +78,7 @@ def randomise_zero_layers(*modules: nn.Module) -> None:
 
 def train_step(config: RunConfig, batch: int, device: torch.device) -> Callable[[], None]:
     """One PixelREPA step: draws, training_loss (backbone + adapter), backward, AdamW."""
+    torch.manual_seed(0)  # same weights and inputs on both paths
     m = config.model
     net = create_model(m).to(device)
     head = build_align_head(m, config.align).to(device)
@@ -101,6 +102,7 @@ def train_step(config: RunConfig, batch: int, device: torch.device) -> Callable[
 
 def guided_eval(config: RunConfig, batch: int, device: torch.device) -> Callable[[], None]:
     """One GuidedVelocity call at a t inside the CFG interval (conditional + unconditional)."""
+    torch.manual_seed(0)  # same weights and inputs on both paths
     m = config.model
     net = create_model(m).to(device).eval()
     randomise_zero_layers(net)
@@ -117,18 +119,23 @@ def guided_eval(config: RunConfig, batch: int, device: torch.device) -> Callable
     return step
 
 
-def time_step(step: Callable[[], None], warmup: int, repeats: int, device: torch.device) -> list[float]:
-    for _ in range(warmup):
-        step()
-    times = []
+def time_paths(steps: dict[str, Callable[[], None]], warmup: int, repeats: int,
+               device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each step; timed calls alternate between the paths so that both
+    see the same background load."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -136,7 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed iterations per measurement (default: 20 tiny, 3 for B/16 and sampling)")
+                        help="timed iterations per measurement (default: 30 tiny, 5 for B/16 and sampling)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--only", choices=["tiny", "b16", "sample"], default=None)
     args = parser.parse_args()
@@ -148,23 +155,22 @@ def main() -> None:
           f"{', bf16 autocast' if device.type == 'cuda' else ''}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
 
-    columns = f"{'median':>8} {'min':>8} {'max':>8} {'img/s':>8}"
-    print(f"\n{'':<24} {'':>5}   {'fast (s)':<35}   {'reference (s)':<35}")
+    columns = f"{'median s':>8} {'min s':>8} {'max s':>8} {'img/s':>8}"
+    print(f"\n{'':<24} {'':>5}   {'fast path':<35}   {'reference path':<35}")
     print(f"{'case':<24} {'batch':>5}   {columns}   {columns}   {'ref/fast':>8}")
     for case in CASES:
         if args.only not in (None, case.group):
             continue
         build = train_step if case.kind == "train" else guided_eval
-        cells, medians = [], []
-        for overrides in PATHS.values():
-            torch.manual_seed(0)
-            config = get_preset(case.preset).replace(**overrides)
-            times = time_step(build(config, case.batch, device), case.warmup, args.repeats or case.repeats, device)
-            median = statistics.median(times)
-            medians.append(median)
-            cells.append(f"{median:8.4f} {min(times):8.4f} {max(times):8.4f} {case.batch / median:8.1f}")
-        print(f"{case.label:<24} {case.batch:>5}   {cells[0]}   {cells[1]}   {medians[1] / medians[0]:7.2f}x",
-              flush=True)
+        steps = {name: build(get_preset(case.preset).replace(**overrides), case.batch, device)
+                 for name, overrides in PATHS.items()}
+        times = time_paths(steps, case.warmup, args.repeats or case.repeats, device)
+        del steps  # free this case's models before the next case builds its own
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        cells = [f"{medians[name]:8.4f} {min(t):8.4f} {max(t):8.4f} {case.batch / medians[name]:8.1f}"
+                 for name, t in times.items()]
+        ratio = medians["reference"] / medians["fast"]
+        print(f"{case.label:<24} {case.batch:>5}   {cells[0]}   {cells[1]}   {ratio:7.2f}x", flush=True)
 
     print("\n" + RELEASED_NOTE)
     print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

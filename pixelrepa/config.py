@@ -127,6 +127,12 @@ class ObjectiveConfig:
     """1.0 at 256 px, 2.0 at 512 px."""
     label_drop_prob: float = 0.1
 
+    def __post_init__(self) -> None:
+        _check(self.P_std > 0, f"P_std must be positive, got {self.P_std}")
+        _check(0 < self.t_eps <= 1, f"t_eps must be in (0, 1], got {self.t_eps}")
+        _check(self.noise_scale > 0, f"noise_scale must be positive, got {self.noise_scale}")
+        _check(0 <= self.label_drop_prob <= 1, f"label_drop_prob {self.label_drop_prob} outside [0, 1]")
+
 
 @dataclass(frozen=True)
 class EMAConfig:
@@ -135,6 +141,10 @@ class EMAConfig:
     decays: tuple[float, ...] = (0.9999, 0.9996)
     warmup: bool = False
     """If set, decay_k = min(decay, (1 + step) / (10 + step)) for short runs."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.decays) >= 1, "at least one EMA decay is needed")
+        _check(all(0 <= d < 1 for d in self.decays), f"EMA decays must be in [0, 1), got {self.decays}")
 
 
 @dataclass(frozen=True)
@@ -152,6 +162,8 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         _check(self.method in ("heun", "euler"), f"unknown sampler method '{self.method}'")
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _check(0 <= self.interval_min <= self.interval_max <= 1,
+               f"CFG interval ({self.interval_min}, {self.interval_max}) must satisfy 0 <= min <= max <= 1")
 
 
 @dataclass(frozen=True)

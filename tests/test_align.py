@@ -161,6 +161,23 @@ def test_adapter_structure():
     assert not torch.allclose(adapter(tokens, t * 0.5, y), base)
 
 
+def test_adapter_in_context_tokens_prepended_then_removed():
+    cfg = tiny(feature_dim=64, skip_head_if_same_width=True)  # no head: output = last block's image tokens
+    adapter = randomize_(MaskedTransformerAdapter(cfg.model, cfg.align), seed=5)
+    L = cfg.align.adapter_in_context_len
+    seen = {}
+    adapter.blocks[0].register_forward_pre_hook(lambda m, args: seen.__setitem__("in", args))
+    adapter.blocks[-1].register_forward_hook(lambda m, args, out: seen.__setitem__("out", out.detach()))
+    tokens, t, y = head_inputs(cfg, n=3)
+    out = adapter(tokens, t, y)
+    x_in, c = seen["in"][0], seen["in"][1]
+    expected_ctx = adapter.y_embed.table.weight[y][:, None] + adapter.in_context.pos
+    torch.testing.assert_close(x_in[:, :L], expected_ctx.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(x_in[:, L:], tokens, rtol=0, atol=0)
+    torch.testing.assert_close(c, adapter.t_embed(t) + adapter.y_embed.table.weight[y])
+    torch.testing.assert_close(out, seen["out"][:, L:], rtol=0, atol=0)
+
+
 def test_adapter_at_init_zero_adaln():
     cfg = tiny()
     adapter = MaskedTransformerAdapter(cfg.model, cfg.align)

@@ -178,7 +178,7 @@ def test_init_distributions():
 
     def close_std(t, std, tol):
         assert abs(t.std().item() - std) < tol * std, (t.std().item(), std)
-        assert abs(t.mean().item()) < 0.05 * std * 10
+        assert abs(t.mean().item()) < 0.2 * std
 
     close_std(net.y_embed.table.weight, 0.02, 0.03)  # 1001 x 128 entries
     assert net.y_embed.table.weight.shape[0] == cfg.num_classes + 1
@@ -229,10 +229,6 @@ def test_reset_parameters_deterministic_under_seed():
     assert torch.all(a.final_layer.linear.weight == 0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "JiT.reset_parameters (init_jit_weights) never re-initialises RMSNorm weights (block norm1/norm2, "
-    "q_norm/k_norm, final_layer.norm): after training or any change they keep their old values, so "
-    "reset_parameters is not a full re-initialisation and its result depends on the prior state"))
 def test_reset_parameters_is_a_full_reinitialisation():
     cfg = micro()
     net = JiT(cfg)

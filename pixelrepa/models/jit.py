@@ -124,8 +124,8 @@ class JiT(nn.Module):
 
 
 def count_parameters(module: nn.Module, include_fixed_tables: bool = False) -> int:
-    """Learnable parameters; optionally plus the fixed sin-cos table the released code keeps
-    as a frozen parameter (so that 131.12M for JiT-B/16 compares with their count)."""
+    """Learnable parameters (131.12M for JiT-B/16); optionally plus the fixed sin-cos table,
+    which the released code keeps as a frozen parameter (131.32M)."""
     total = sum(p.numel() for p in module.parameters())
     if include_fixed_tables:
         total += sum(b.numel() for name, b in module.named_buffers() if name.endswith("pos_embed"))

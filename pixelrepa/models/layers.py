@@ -232,7 +232,8 @@ def init_jit_weights(module: nn.Module) -> None:
 
     xavier-uniform linear (and conv, viewed as linear) weights with zero biases; label
     tables, timestep-MLP weights and in-context embeddings N(0, 0.02); every adaLN output
-    layer zero. Final-layer output and mask token are handled by their owners.
+    layer zero; norms back to identity. Final-layer output and mask token are handled by
+    their owners.
     """
     for sub in module.modules():
         if isinstance(sub, (nn.Linear, nn.Conv2d)):
@@ -240,7 +241,11 @@ def init_jit_weights(module: nn.Module) -> None:
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
     for sub in module.modules():
-        if isinstance(sub, TimestepEmbedder):
+        if isinstance(sub, RMSNorm):
+            nn.init.ones_(sub.weight)
+        elif isinstance(sub, nn.LayerNorm):
+            sub.reset_parameters()
+        elif isinstance(sub, TimestepEmbedder):
             nn.init.normal_(sub.fc1.weight, std=0.02)
             nn.init.normal_(sub.fc2.weight, std=0.02)
         elif isinstance(sub, LabelEmbedder):

@@ -1,0 +1,222 @@
+"""Typed configuration: presets from the SPEC tables, recipe defaults, overrides, round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import pytest
+
+from pixelrepa.config import (
+    AlignConfig,
+    EMAConfig,
+    JiTConfig,
+    ObjectiveConfig,
+    OptimConfig,
+    RunConfig,
+    SamplerConfig,
+    get_preset,
+    list_presets,
+)
+
+# SPEC 3 table: depth, width, heads, bottleneck, in-context start.
+TABLE = {
+    "B": (12, 768, 12, 128, 4),
+    "L": (24, 1024, 16, 128, 8),
+    "H": (32, 1280, 16, 256, 10),
+    "G": (40, 1664, 16, 256, 10),
+}
+
+
+@pytest.mark.parametrize("family", ["JiT", "PixelREPA", "REPA"])
+@pytest.mark.parametrize("size", list(TABLE))
+@pytest.mark.parametrize("patch,resolution,noise", [(16, 256, 1.0), (32, 512, 2.0)])
+def test_presets_follow_spec_table(family, size, patch, resolution, noise):
+    cfg = get_preset(f"{family}-{size}/{patch}")
+    m = cfg.model
+    assert (m.depth, m.hidden_size, m.num_heads, m.bottleneck_dim, m.in_context_start) == TABLE[size]
+    assert (m.patch_size, m.input_size) == (patch, resolution)
+    assert m.in_context_len == 32 and m.mlp_ratio == 4.0 and m.in_channels == 3
+    assert m.num_classes == 1000
+    assert m.grid_size == resolution // patch == 16
+    assert cfg.objective.noise_scale == noise
+    drop = 0.2 if size == "H" else 0.0
+    assert m.attn_drop == drop and m.proj_drop == drop
+    assert cfg.tap_block == m.in_context_start
+    mode = {"JiT": "none", "PixelREPA": "pixelrepa", "REPA": "repa"}[family]
+    assert cfg.align.mode == mode
+    assert cfg.align.weight == {"none": 0.0, "pixelrepa": 0.1, "repa": 0.5}[mode]
+
+
+@pytest.mark.parametrize("size,cfg_pixelrepa,cfg_jit", [("B", 3.1, 3.0), ("L", 2.8, 2.4), ("H", 2.4, 2.2)])
+def test_released_cfg_scales(size, cfg_pixelrepa, cfg_jit):
+    assert get_preset(f"PixelREPA-{size}/16").sampler.cfg_scale == cfg_pixelrepa
+    assert get_preset(f"JiT-{size}/16").sampler.cfg_scale == cfg_jit
+
+
+def test_recipe_defaults():
+    cfg = get_preset("PixelREPA-B/16")
+    o = cfg.objective
+    assert (o.P_mean, o.P_std, o.t_eps, o.label_drop_prob, o.noise_scale) == (-0.8, 0.8, 0.05, 0.1, 1.0)
+    a = cfg.align
+    assert (a.mode, a.weight, a.mask_ratio, a.adapter_depth, a.adapter_in_context_len) == ("pixelrepa", 0.1, 0.2, 2, 32)
+    assert a.skip_head_if_same_width is True and a.projector_hidden == 2048
+    assert a.encoder.name == "vit_base_patch14_dinov2.lvd142m"
+    assert (a.encoder.img_size, a.encoder.patch_size, a.encoder.feature_dim) == (256, 16, 768)
+    assert cfg.ema.decays == (0.9999, 0.9996)
+    s = cfg.sampler
+    assert (s.method, s.steps, s.interval_min, s.interval_max, s.cfg_scale) == ("heun", 50, 0.1, 1.0, 3.1)
+    opt = cfg.optim
+    assert opt.betas == (0.9, 0.95) and opt.weight_decay == 0.0 and opt.warmup_epochs == 5
+    assert opt.global_batch == 1024 and opt.epochs == 600
+    assert opt.base_lr * opt.global_batch / 256 == pytest.approx(2e-4)
+    assert get_preset("REPA-B/16").align.weight == 0.5
+    assert get_preset("JiT-B/16").align.mode == "none"
+    # The bare RunConfig defaults are the PixelREPA-B/16 recipe too.
+    assert RunConfig().align.weight == 0.1 and RunConfig().sampler.steps == 50
+    assert RunConfig().model == get_preset("JiT-B/16").model
+
+
+def test_preset_lookup():
+    names = list_presets()
+    assert names == sorted(names)
+    for required in ("JiT-B/16", "JiT-H/32", "PixelREPA-L/16", "REPA-G/32", "PixelREPA-Micro/8"):
+        assert required in names
+    assert get_preset("MTA-B/16") == get_preset("PixelREPA-B/16")
+    assert get_preset("PixelREPA-B/16") == get_preset("PixelREPA-B/16")  # fresh, equal each time
+    with pytest.raises(KeyError, match="JiT-X/16"):
+        get_preset("JiT-X/16")
+
+
+def test_configs_are_frozen():
+    cfg = get_preset("JiT-B/16")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.depth = 3  # type: ignore[misc]
+    assert get_preset("JiT-B/16").model.depth == 12
+
+
+def test_dotted_overrides_with_string_coercion():
+    base = get_preset("PixelREPA-B/16")
+    cfg = base.replace(**{
+        "model.depth": "6",
+        "model.in_context_start": "2",
+        "objective.P_std": "1.5",
+        "objective.noise_scale": "2",
+        "sampler.batched_guidance": "false",
+        "sampler.method": "euler",
+        "ema.decays": "0.99, 0.9",
+        "optim.betas": "(0.8, 0.9)",
+        "align.tap_block": "3",
+        "align.encoder.feature_dim": "384",
+        "ema.warmup": "yes",
+    })
+    assert cfg.model.depth == 6 and isinstance(cfg.model.depth, int)
+    assert cfg.objective.P_std == 1.5 and isinstance(cfg.objective.P_std, float)
+    assert cfg.objective.noise_scale == 2.0 and isinstance(cfg.objective.noise_scale, float)
+    assert cfg.sampler.batched_guidance is False
+    assert cfg.ema.warmup is True
+    assert cfg.sampler.method == "euler"
+    assert cfg.ema.decays == (0.99, 0.9)
+    assert cfg.optim.betas == (0.8, 0.9)
+    assert cfg.align.tap_block == 3 and cfg.tap_block == 3
+    assert cfg.align.encoder.feature_dim == 384
+    # Untouched fields keep their values; the original is unchanged.
+    assert cfg.model.hidden_size == 768 and cfg.align.encoder.name == base.align.encoder.name
+    assert base.model.depth == 12 and base.sampler.batched_guidance is True
+    # Non-string values pass through.
+    assert base.replace(**{"model.depth": 8, "ema.decays": [0.5]}).ema.decays == (0.5,)
+    assert base.replace(**{"align.tap_block": "none"}).align.tap_block is None
+
+
+def test_overrides_to_one_component_are_validated_together():
+    base = RunConfig()
+    with pytest.raises(ValueError):
+        base.replace(**{"model.hidden_size": 80})  # 80 is not divisible by 12 heads
+    cfg = base.replace(**{"model.hidden_size": 80, "model.num_heads": 5})
+    assert (cfg.model.hidden_size, cfg.model.num_heads) == (80, 5)
+
+
+@pytest.mark.parametrize("path,named", [("model.dept", "model.dept"), ("sampler.cfg", "sampler.cfg"),
+                                        ("align.encoder.dim", "align.encoder.dim"), ("modle.depth", "modle"),
+                                        ("foo", "foo")])
+def test_unknown_override_names_the_field(path, named):
+    with pytest.raises(ValueError, match=f"'{re.escape(named)}'"):
+        RunConfig().replace(**{path: 1})
+
+
+def test_unparsable_override_value():
+    with pytest.raises(ValueError, match="model.depth"):
+        RunConfig().replace(**{"model.depth": "twelve"})
+    with pytest.raises(ValueError, match="sampler.batched_guidance"):
+        RunConfig().replace(**{"sampler.batched_guidance": "maybe"})
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_dict_round_trip(name):
+    cfg = get_preset(name).replace(**{"align.tap_block": 2, "ema.warmup": True})
+    data = cfg.to_dict()
+    assert data["model"]["depth"] == cfg.model.depth
+    assert data["align"]["encoder"]["name"] == cfg.align.encoder.name
+    assert RunConfig.from_dict(data) == cfg
+    assert RunConfig.from_dict(json.loads(json.dumps(data))) == cfg  # tuples survive JSON as lists
+
+
+def test_from_dict_partial_and_unknown():
+    cfg = RunConfig.from_dict({"model": {"depth": 6}, "sampler": {"steps": 10}})
+    assert cfg.model.depth == 6 and cfg.model.hidden_size == 768 and cfg.sampler.steps == 10
+    with pytest.raises(ValueError, match="bogus"):
+        RunConfig.from_dict({"bogus": 1})
+    with pytest.raises(ValueError, match="wdith"):
+        RunConfig.from_dict({"model": {"wdith": 1}})
+    with pytest.raises(ValueError, match="colour"):
+        RunConfig.from_dict({"align": {"encoder": {"colour": "red"}}})
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"model.hidden_size": 100}, "divisible"),
+    ({"model.input_size": 250}, "multiple"),
+    ({"model.hidden_size": 72, "model.num_heads": 12}, "RoPE"),  # head size 6
+    ({"model.in_context_start": 13}, "in_context_start"),
+    ({"model.attention": "flash"}, "flash"),
+    ({"align.mode": "dino"}, "dino"),
+    ({"align.mask_ratio": 1.0}, "mask_ratio"),
+    ({"align.mask_ratio": -0.1}, "mask_ratio"),
+    ({"align.tap_block": 0}, "tap_block"),
+    ({"align.tap_block": 13}, "tap_block"),
+    ({"sampler.steps": 0}, "steps"),
+    ({"sampler.method": "ddim"}, "ddim"),
+])
+def test_invalid_values_raise_clear_errors(overrides, needle):
+    with pytest.raises(ValueError, match=needle):
+        RunConfig().replace(**overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"objective.label_drop_prob": 1.5},
+    {"objective.t_eps": 0.0},  # v = (x - z) / max(1 - t, 0) divides by zero at t = 1
+    {"objective.P_std": -0.8},
+    {"ema.decays": (1.5,)},
+    {"sampler.interval_min": 0.9, "sampler.interval_max": 0.1},
+])
+def test_invalid_recipe_values_are_rejected(overrides):
+    with pytest.raises(ValueError):
+        RunConfig().replace(**overrides)
+
+
+def test_component_constructors_validate():
+    with pytest.raises(ValueError):
+        JiTConfig(hidden_size=64, num_heads=3)
+    with pytest.raises(ValueError):
+        AlignConfig(mode="clip")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        SamplerConfig(steps=-1)
+    with pytest.raises(ValueError):
+        RunConfig(model=JiTConfig(depth=2, in_context_start=2), align=AlignConfig(tap_block=3))
+    # Valid edge cases are accepted.
+    JiTConfig(depth=2, in_context_start=2)
+    AlignConfig(mask_ratio=0.0)
+    SamplerConfig(steps=1)
+    ObjectiveConfig()
+    EMAConfig(decays=(0.5,))
+    OptimConfig()
