@@ -90,6 +90,31 @@ class EncoderConfig:
     """For CNN encoders: which feature stage gives the tokens (-1 = last)."""
 
 
+# Named target encoders (SPEC 5). DINOv2 as released: built at the training resolution with
+# the patch embedding resampled to 16 (256 px -> 16 x 16 tokens); "-repa" variants as REPA:
+# resized to 224 with the native patch 14 (also 16 x 16 tokens).
+ENCODER_PRESETS: dict[str, EncoderConfig] = {
+    **{f"dinov2-{size}": EncoderConfig(name=f"vit_{width}_patch14_dinov2.lvd142m", feature_dim=dim)
+       for size, width, dim in (("s", "small", 384), ("b", "base", 768), ("l", "large", 1024),
+                                ("g", "giant", 1536))},
+    **{f"dinov2-{size}-repa": EncoderConfig(name=f"vit_{width}_patch14_dinov2.lvd142m", img_size=224,
+                                           patch_size=14, feature_dim=dim)
+       for size, width, dim in (("s", "small", 384), ("b", "base", 768), ("l", "large", 1024),
+                                ("g", "giant", 1536))},
+    "efficientnet-lite0": EncoderConfig(name="efficientnet-lite0", img_size=128, feature_dim=112, stage=3),
+}
+
+
+def get_encoder_preset(name: str, img_size: int | None = None) -> EncoderConfig:
+    """A named encoder; `img_size` rebuilds a released-style (patch 16) ViT at another resolution."""
+    if name not in ENCODER_PRESETS:
+        raise KeyError(f"unknown encoder preset '{name}'; known: {', '.join(sorted(ENCODER_PRESETS))}")
+    preset = ENCODER_PRESETS[name]
+    if img_size is not None and not name.endswith("-repa") and preset.name != "efficientnet-lite0":
+        preset = dataclasses.replace(preset, img_size=img_size)
+    return preset
+
+
 @dataclass(frozen=True)
 class AlignConfig:
     """Representation alignment: the switch and both heads (SPEC 5)."""

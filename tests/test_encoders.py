@@ -169,3 +169,14 @@ def test_lite0_package_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(encoders, "_LITE0_PACKAGE", "no_such_lite0_package")
     with pytest.raises(FileNotFoundError, match="--encoder-weights PATH"):
         build_encoder(LITE0_CFG)
+
+
+@pytest.mark.parametrize("preset, tokens, width", [("dinov2-s", 256, 384), ("dinov2-b-repa", 256, 768)])
+def test_encoder_presets_give_one_token_per_jit_token(preset, tokens, width):
+    from pixelrepa.config import get_encoder_preset
+
+    cfg = get_encoder_preset(preset, img_size=256)
+    encoder = build_encoder(cfg, random_init=True)
+    out = encoder(torch.zeros(1, 3, 256, 256), grid=(16, 16))
+    assert out.shape == (1, tokens, width)
+    assert encoder.model.patch_embed.grid_size == (16, 16)

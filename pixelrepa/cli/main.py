@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pixelrepa.cli import demo, import_checkpoint, info, sample
+from pixelrepa.cli import data, demo, import_checkpoint, info, sample
 
 
-COMMANDS = {"info": info, "import": import_checkpoint, "sample": sample, "demo": demo}
+COMMANDS = {"info": info, "import": import_checkpoint, "sample": sample, "demo": demo, "data": data}
 
 
 def main(argv: list[str] | None = None) -> int:
