@@ -17,14 +17,8 @@ from pixelrepa.align.heads import (
     draw_keep_mask,
 )
 from pixelrepa.config import AlignConfig, EncoderConfig, JiTConfig, RunConfig
+from helpers import randomize_
 
-
-def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
 
 
 def tiny(feature_dim: int = 48, mode: str = "pixelrepa", **align_changes) -> RunConfig:

@@ -14,14 +14,8 @@ from pixelrepa.config import JiTConfig, get_preset, list_presets
 from pixelrepa.models import create_model
 from pixelrepa.models.jit import JiT, count_parameters
 from pixelrepa.models.layers import sincos_pos_embed_2d
+from helpers import randomize_
 
-
-def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
 
 
 def micro(**changes) -> JiTConfig:

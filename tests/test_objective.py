@@ -10,14 +10,8 @@ from pixelrepa.align.heads import build_align_head
 from pixelrepa.config import RunConfig, get_preset
 from pixelrepa.models.jit import JiT
 from pixelrepa.objective import Draws, draw_randomness, training_loss, velocity
+from helpers import randomize_
 
-
-def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
 
 
 def setup(mode: str, seed: int = 0, randomize: bool = True, **overrides):
