@@ -201,7 +201,63 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_epochs: float = 5.0
     global_batch: int = 1024
+    """Images per optimiser step over all ranks and accumulation micro-steps."""
     epochs: int = 600
+    lr: float | None = None
+    """Absolute learning rate; None = base_lr * global_batch / 256."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """After warm-up: constant (the recipe) or cosine decay to min_lr."""
+    min_lr: float = 0.0
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value; None = no clipping (the recipe)."""
+
+    def __post_init__(self) -> None:
+        _check(self.global_batch >= 1, f"global_batch must be >= 1, got {self.global_batch}")
+        _check(self.schedule in ("constant", "cosine"), f"unknown lr schedule '{self.schedule}'")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else self.base_lr * self.global_batch / 256
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training images come from."""
+
+    source: str = ""
+    """A pack folder (`pixelrepa data pack`), an ImageNet-layout folder, or 'mnist' /
+    'fashion-mnist' (installed IDX files)."""
+    hflip: bool = True
+    """Random horizontal flips (the recipe); off for digits."""
+    num_workers: int = 4
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The run itself: length, batch split, parallelism, checkpoints, logging."""
+
+    out_dir: str = "runs/default"
+    steps: int | None = None
+    """Optimiser steps; None = optim.epochs over the data set."""
+    per_device_batch: int = 128
+    """Micro-batch per process; accumulation = global_batch / (per_device_batch * world)."""
+    seed: int = 0
+    parallel: Literal["ddp", "fsdp2"] = "ddp"
+    activation_checkpointing: bool = False
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    keep_every: int | None = None
+    """Also keep every checkpoint whose step is a multiple of this."""
+    sample_every: int | None = 5000
+    """Write a sample grid from EMA 1 every this many steps (None = never)."""
+    max_nonfinite_skips: int = 0
+    """Steps with a non-finite loss that may be skipped before the run stops."""
+
+    def __post_init__(self) -> None:
+        _check(self.parallel in ("ddp", "fsdp2"), f"unknown parallel mode '{self.parallel}' (ddp | fsdp2)")
+        _check(self.per_device_batch >= 1, f"per_device_batch must be >= 1, got {self.per_device_batch}")
+        _check(self.ckpt_every >= 1 and self.keep_last >= 1, "ckpt_every and keep_last must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -214,6 +270,8 @@ class RunConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
     def tap_block(self) -> int:

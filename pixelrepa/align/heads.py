@@ -55,6 +55,8 @@ class MaskedTransformerAdapter(nn.Module):
         self.head = nn.ModuleDict(dict(
             fc1=nn.Linear(dim, dim), norm=nn.LayerNorm(dim, eps=1e-5), fc2=nn.Linear(dim, out_dim),
         ))
+        if not self.use_head:
+            self.head.requires_grad_(False)  # kept for loading, never trained (no DDP unused params)
         cos, sin = rope_2d_tables(dim // backbone.num_heads, backbone.grid_size, num_prefix=self.in_context_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
