@@ -17,6 +17,7 @@ Two families:
 from __future__ import annotations
 
 import hashlib
+import logging
 import importlib.resources
 import os
 from pathlib import Path
@@ -142,7 +143,13 @@ def _create_lite0(weights: str | None, random_init: bool = False, **kw) -> nn.Mo
     if random_init:
         return timm.create_model(_LITE0_TIMM, pretrained=False, **kw)
     overlay = dict(file=str(lite0_weights(weights)))
-    return timm.create_model(_LITE0_TIMM, pretrained=True, pretrained_cfg_overlay=overlay, **kw)
+    builder_log = logging.getLogger("timm.models._builder")
+    level = builder_log.level
+    builder_log.setLevel(logging.ERROR)  # a features-only trunk has no head: its keys are expected extras
+    try:
+        return timm.create_model(_LITE0_TIMM, pretrained=True, pretrained_cfg_overlay=overlay, **kw)
+    finally:
+        builder_log.setLevel(level)
 
 
 def build_lite0_classifier(weights: str | None = None) -> nn.Module:

@@ -12,34 +12,67 @@ from pixelrepa.interop.released import config_from_constructor_kwargs
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | None = None) -> None:
     parser.add_argument("--preset", default=default_preset, help="named preset, e.g. PixelREPA-B/16")
-    parser.add_argument("--config", type=Path, help="a run config JSON (or a parity-fixture config.json)")
+    parser.add_argument("--config", type=Path, help="a run config (JSON, YAML or TOML; with --preset, changes to it), or a parity-fixture config.json")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. --set model.depth=6 (repeatable)")
 
 
-def config_from_file(path: Path) -> RunConfig:
+def read_config_file(path: Path) -> dict:
+    """A JSON, YAML or TOML file as a nested dict."""
     if not path.is_file():
         raise FileNotFoundError(f"no config file at {path}")
+    text = path.read_text()
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    if "net" in data:  # the released constructors' arguments, as in the parity fixtures
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:  # each parser has its own error type
+        raise ValueError(f"cannot parse {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a mapping of config fields")
+    return data
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, object]:
+    """{'model': {'depth': 6}} -> {'model.depth': 6}."""
+    flat: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_from_file(path: Path, base: RunConfig | None = None) -> RunConfig:
+    """A full or partial run config (JSON/YAML/TOML) applied onto `base` (default: RunConfig()),
+    or a parity-fixture config.json (the released constructors' arguments)."""
+    data = read_config_file(path)
+    if "net" in data:
         constants = {k: data[k] for k in ("P_mean", "P_std", "t_eps", "noise_scale", "mask_ratio", "align_weight")
                      if k in data}
         return config_from_constructor_kwargs(data["net"], data.get("adapter"), **constants)
-    return RunConfig.from_dict(data)
+    return apply_overrides(base or RunConfig(), flatten(data))
 
 
 def resolve_config(args: argparse.Namespace, required: bool = True) -> RunConfig | None:
-    if args.config is not None and args.preset is not None:
-        raise ValueError("give either --preset or --config, not both")
+    """--preset, then --config (a full config, or changes to the preset), then --set overrides."""
+    base = get_preset(args.preset) if args.preset is not None else None
     if args.config is not None:
-        config = config_from_file(args.config)
-    elif args.preset is not None:
-        config = get_preset(args.preset)
+        config = config_from_file(args.config, base)
+    elif base is not None:
+        config = base
     elif required:
-        raise ValueError("a configuration is needed: --preset NAME or --config FILE")
+        raise ValueError("a configuration is needed: --preset NAME and/or --config FILE")
     else:
         return None
     overrides = {}

@@ -22,7 +22,8 @@ from pixelrepa.config import EMAConfig, RunConfig, apply_overrides, get_preset
 from pixelrepa.data.idx import load_idx_dataset, to_model_range
 from pixelrepa.evaluation.images import save_labelled_grid
 from pixelrepa.models.jit import JiT, count_parameters
-from pixelrepa.training.loop import LoopSettings, build_state, pick_device, train
+from pixelrepa.training.device import pick_device
+from pixelrepa.training.loop import LoopSettings, build_state, train
 from pixelrepa.weights import save_model_file
 
 

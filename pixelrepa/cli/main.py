@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pixelrepa.cli import data, demo, import_checkpoint, info, sample
+from pixelrepa.cli import data, demo, export, import_checkpoint, info, sample, train
 
 
-COMMANDS = {"info": info, "import": import_checkpoint, "sample": sample, "demo": demo, "data": data}
+COMMANDS = {"info": info, "train": train, "export": export, "sample": sample, "import": import_checkpoint, "data": data, "demo": demo}
 
 
 def main(argv: list[str] | None = None) -> int:

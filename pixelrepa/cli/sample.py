@@ -1,65 +1,177 @@
-"""Sample a labelled image grid (PNG, one row per class) from a pixelrepa model file."""
+"""Generate samples from a model file: a folder of PNGs and / or an npz, or one grid.
+
+`pixelrepa sample MODEL OUT` writes OUT/images/{k:06d}.png and OUT/samples.npz (`arr_0`
+uint8 (N, H, W, 3) and `labels`, the ADM evaluation layout): by default 50 images of every
+class, class-major. Image k depends only on the model, the sampler settings, the seed and
+k, so a run can be split over processes (`torchrun --nproc_per_node G pixelrepa sample
+...`) and resumed: a rerun makes only the missing images. OUT/manifest.json records the
+settings; a rerun with other settings is refused unless --overwrite.
+
+With OUT ending in .png it writes just a labelled grid (one row per class, default the
+first 10 classes x 8), the same images as 0.. of a folder run with those classes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from pixelrepa.config import apply_overrides
-from pixelrepa.data.idx import to_uint8
+from pixelrepa.config import RunConfig, apply_overrides
+from pixelrepa.evaluation.generate import (
+    IMAGES_DIR,
+    NPZ_NAME,
+    ClassLayout,
+    class_layout,
+    file_sha256,
+    generate,
+    missing_pngs,
+    png_path,
+    prepare_output,
+    read_png,
+    run_settings,
+    sample_classes,
+    write_npz,
+    write_pngs,
+)
 from pixelrepa.evaluation.images import save_labelled_grid
 from pixelrepa.models.jit import JiT
-from pixelrepa.sampling import sample
-from pixelrepa.training.loop import autocast_for, pick_device
+from pixelrepa.training.device import pick_device
+from pixelrepa.training.parallel import DistInfo, broadcast_object, init_distributed, reduce_mean, shutdown_distributed
 from pixelrepa.weights import load_model_file
+
+MODEL_FILE_NAME = "model.safetensors"
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", type=Path, help="a pixelrepa model file (.safetensors)")
-    parser.add_argument("output", type=Path, help="PNG to write")
-    parser.add_argument("--classes", type=int, nargs="+", help="class indices (default: up to the first 10)")
-    parser.add_argument("--per-class", type=int, default=8)
+    parser.add_argument("model", type=Path, help=f"a pixelrepa model file, or a folder holding {MODEL_FILE_NAME}")
+    parser.add_argument("output", type=Path, help="output folder (or a .png path: just a labelled grid)")
+    parser.add_argument("--num-images", type=int,
+                        help="images to make (default: classes x per-class; more repeats the class layout)")
+    parser.add_argument("--classes", type=int, nargs="+", help="class indices (default: all; grid: the first 10)")
+    parser.add_argument("--per-class", type=int, help="consecutive images per class (default 50; grid: 8)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward batch, per process")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the model's config)")
     parser.add_argument("--method", choices=["heun", "euler"])
     parser.add_argument("--cfg", type=float, help="guidance scale")
-    parser.add_argument("--interval", type=float, nargs=2, metavar=("MIN", "MAX"))
+    parser.add_argument("--interval", type=float, nargs=2, metavar=("MIN", "MAX"), help="guidance interval")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", choices=["png", "npz", "both"], default="both",
+                        help="keep the PNGs, the npz or both (npz: the PNGs are removed once it is written)")
+    parser.add_argument("--grid", type=Path, metavar="PATH.png", help="also write a labelled grid of the first images")
+    parser.add_argument("--overwrite", action="store_true", help="replace samples made with other settings")
 
 
 def run(args: argparse.Namespace) -> int:
-    config, groups, _ = load_model_file(args.model)
-    overrides = {}
-    for field, value in (("steps", args.steps), ("method", args.method), ("cfg_scale", args.cfg)):
-        if value is not None:
-            overrides[f"sampler.{field}"] = value
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.output.suffix.lower() == ".png":
+        return run_grid(args)
+    info = init_distributed()
+    try:
+        return run_folder(args, info)
+    finally:
+        shutdown_distributed()
+
+
+def resolve_model_path(path: Path) -> Path:
+    """A model file, or the model file inside a folder."""
+    if path.is_dir():
+        if (path / MODEL_FILE_NAME).is_file():
+            return path / MODEL_FILE_NAME
+        raise FileNotFoundError(f"{path} is a folder without {MODEL_FILE_NAME}; pass a model file (a training "
+                                "run's folder needs its model file written first, with `pixelrepa export`)")
+    return path
+
+
+def load_for_sampling(path: Path, args: argparse.Namespace, device: torch.device) -> tuple[RunConfig, JiT]:
+    """The model file's config with the command's sampler overrides, and its backbone in eval mode."""
+    config, groups, _ = load_model_file(path)
+    if "net" not in groups:
+        raise ValueError(f"{path} holds no backbone ('net' group), only: {', '.join(groups)}")
+    overrides = {f"sampler.{field}": value
+                 for field, value in (("steps", args.steps), ("method", args.method), ("cfg_scale", args.cfg))
+                 if value is not None}
     if args.interval:
         overrides.update({"sampler.interval_min": args.interval[0], "sampler.interval_max": args.interval[1]})
     config = apply_overrides(config, overrides)
-    classes = args.classes or list(range(min(10, config.model.num_classes)))
-    bad = [c for c in classes if not 0 <= c < config.model.num_classes]
-    if bad:
-        raise ValueError(f"class {bad[0]} outside [0, {config.model.num_classes})")
-    device = pick_device()
     net = JiT(config.model)
     net.load_state_dict(groups["net"])
-    net.to(device).eval()
-    images = sample_classes(net, config, classes, args.per_class, args.seed, device)
+    return config, net.to(device).eval()
+
+
+def run_grid(args: argparse.Namespace) -> int:
+    device = pick_device()
+    config, net = load_for_sampling(resolve_model_path(args.model), args, device)
+    classes = args.classes or list(range(min(10, config.model.num_classes)))
+    per_class = 8 if args.per_class is None else args.per_class
+    images = sample_classes(net, config, classes, per_class, args.seed, device, args.batch_size)
     save_labelled_grid(images, [str(c) for c in classes], args.output)
-    print(f"wrote {args.output}: {len(classes)} classes x {args.per_class}, {config.sampler.method} "
-          f"{config.sampler.steps} steps, CFG {config.sampler.cfg_scale}")
+    print(f"wrote {args.output}: {len(classes)} classes x {per_class}, {describe_sampler(config)}")
     return 0
 
 
-def sample_classes(net: JiT, config, classes: list[int], per_class: int, seed: int,
-                   device: torch.device) -> torch.Tensor:
-    """uint8 (len(classes) * per_class, C, H, W), class-major, from fixed seeded noise."""
-    m = config.model
-    labels = torch.tensor(classes, device=device).repeat_interleave(per_class)
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(labels), m.in_channels, m.input_size, m.input_size, generator=generator)
-    noise = (noise * config.objective.noise_scale).to(device)
-    with autocast_for(device):
-        x = sample(net, noise, labels, m.num_classes, config.sampler, config.objective.t_eps)
-    return to_uint8(x).cpu()
+def run_folder(args: argparse.Namespace, info: DistInfo) -> int:
+    model_path = resolve_model_path(args.model)
+    config, net = load_for_sampling(model_path, args, info.device)
+    layout = class_layout(config.model.num_classes, args.classes,
+                          50 if args.per_class is None else args.per_class)
+    num_images = len(layout) if args.num_images is None else args.num_images
+    if num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {num_images}")
+    out = args.output
+    error = None
+    if info.is_main:
+        try:
+            settings = run_settings(file_sha256(model_path), config, layout, num_images, args.seed)
+            prepare_output(out, model_path, settings, args.overwrite)
+        except (ValueError, OSError) as err:
+            error = str(err)
+    error = broadcast_object(error, info)
+    if error is not None:
+        raise ValueError(error)
+
+    grid_rows = grid_indices(layout, num_images) if args.grid else []
+    npz_done = args.format != "png" and (out / NPZ_NAME).is_file()
+    # The PNGs are the working store; an npz-only run that is complete needs only the grid's.
+    wanted = [k for row in grid_rows for k in row] if args.format == "npz" and npz_done else range(num_images)
+    todo = missing_pngs(out, wanted[info.rank::info.world_size])
+    with tqdm(total=len(todo), desc="sampling", unit="img", dynamic_ncols=True, disable=not info.is_main) as bar:
+        for batch, images in generate(net, config, todo, layout, args.batch_size, info.device, args.seed):
+            write_pngs(out, batch, images)
+            bar.update(len(batch))
+    # A collective: it also waits for every process to finish before rank 0 assembles.
+    made = round(reduce_mean({"made": len(todo)}, info)["made"] * info.world_size)
+    if info.is_main:
+        finish(args, out, layout, num_images, grid_rows, npz_done)
+        print(f"{out}: {num_images} images ({made} made now, {num_images - made} already there), "
+              f"{describe_sampler(config)}, seed {args.seed}")
+    return 0
+
+
+def finish(args: argparse.Namespace, out: Path, layout: ClassLayout, num_images: int,
+           grid_rows: list[list[int]], npz_done: bool) -> None:
+    """Once every image exists: the grid, the npz, and the PNGs removed if only the npz is kept."""
+    if grid_rows:
+        images = torch.stack([torch.from_numpy(read_png(png_path(out, k))).permute(2, 0, 1)
+                              for row in grid_rows for k in row])
+        save_labelled_grid(images, [str(layout(row[0])) for row in grid_rows], args.grid)
+    if args.format != "png" and not npz_done:
+        write_npz(out, num_images, layout)
+    if args.format == "npz":
+        shutil.rmtree(out / IMAGES_DIR)
+
+
+def grid_indices(layout: ClassLayout, num_images: int, rows: int = 10, cols: int = 8) -> list[list[int]]:
+    """Image indices of a grid: the first `cols` images of each of the first `rows` class blocks."""
+    cols = min(cols, layout.per_class, num_images)
+    blocks = [[b * layout.per_class + j for j in range(cols)] for b in range(min(rows, len(layout.classes)))]
+    return [block for block in blocks if block[-1] < num_images]
+
+
+def describe_sampler(config: RunConfig) -> str:
+    s = config.sampler
+    return f"{s.method} {s.steps} steps, CFG {s.cfg_scale} on ({s.interval_min}, {s.interval_max})"

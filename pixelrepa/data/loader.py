@@ -2,7 +2,8 @@
 
 `make_loader` always samples through a `DistributedSampler` (one replica when
 `world_size == 1`), so the order is a function of (seed, epoch) and each rank reads a
-disjoint shard. Call `loader.set_epoch(epoch)` before each epoch. Batches are
+disjoint shard. Call `loader.set_epoch(epoch)` before each epoch (with `start_batch=k` to
+resume mid-epoch: the first k batches of that epoch's order are skipped). Batches are
 (uint8 images (N, 3, H, W), int64 labels); `batch_size` is per rank.
 
 Datasets with a `set_epoch` method (the folder data sets) receive `(index, epoch)` keys
@@ -12,14 +13,27 @@ persistent worker processes, whose copy of the dataset never sees `set_epoch` ca
 
 from __future__ import annotations
 
+import itertools
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
-class EpochTaggedSampler(DistributedSampler):
-    """A DistributedSampler that yields (index, epoch) instead of index."""
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler that can start part-way into an epoch's order (`start` indices)."""
+
+    start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start
+
+
+class EpochTaggedSampler(ResumableSampler):
+    """A ResumableSampler that yields (index, epoch) instead of index."""
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
@@ -29,8 +43,9 @@ class EpochTaggedSampler(DistributedSampler):
 class EpochDataLoader(DataLoader):
     """A DataLoader with `set_epoch`, passed on to its sampler."""
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch)
+        self.sampler.start = start_batch * self.batch_size
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, num_workers: int, seed: int, rank: int = 0,
@@ -44,7 +59,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, num_workers: int, seed: in
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
-    sampler_type = EpochTaggedSampler if hasattr(dataset, "set_epoch") else DistributedSampler
+    sampler_type = EpochTaggedSampler if hasattr(dataset, "set_epoch") else ResumableSampler
     sampler = sampler_type(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
                            drop_last=drop_last)
     return EpochDataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,

@@ -46,11 +46,17 @@ class BackboneEMA:
         return dict(zip(self.names, self.shadows[index]))
 
     def load_state_dict(self, index: int, state: dict[str, Tensor]) -> None:
+        """Load full tensors (also into FSDP2-sharded shadows; then collective)."""
         missing = [n for n in self.names if n not in state]
         if missing:
             raise KeyError(f"EMA {index + 1} state lacks parameter '{missing[0]}'")
         for dst, name in zip(self.shadows[index], self.names):
-            dst.copy_(state[name])
+            value = state[name].to(dst.device)
+            if hasattr(dst, "device_mesh"):  # FSDP2-sharded shadow: keep this rank's shard
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value, dst.device_mesh, dst.placements)
+            dst.copy_(value)
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module, index: int = 0) -> Iterator[nn.Module]:

@@ -1,8 +1,8 @@
-"""A single-process training loop over an in-memory data set (the demo and small runs).
+"""The demo's single-process loop over an in-memory data set with cached encoder targets.
 
-Network, objective and optimiser meet here and nowhere else: the step draws its
-randomness from a generator seeded by (seed, step), so a run is reproducible; the
-batch order comes from a per-epoch permutation seeded by (seed, epoch).
+`trainer.train` is the general run (any data source, torchrun, checkpoints, logs); this
+loop serves the offline demo, whose fixed data set lets the encoder targets be computed
+once instead of every step. Draws and batch order use the trainer's seeded generators.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from tqdm import tqdm
 from pixelrepa.config import RunConfig
 from pixelrepa.data.idx import to_model_range
 from pixelrepa.objective import draw_randomness, training_loss
+from pixelrepa.training.device import autocast_for
 from pixelrepa.training.ema import BackboneEMA
+from pixelrepa.training.trainer import step_generator
 
 
 @dataclass
@@ -41,26 +43,11 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on GPU; float32 (autocast disabled) on CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def build_state(config: RunConfig, net: nn.Module, head: nn.Module | None, lr: float) -> TrainState:
     params = list(net.parameters()) + (list(head.parameters()) if head is not None else [])
     optimizer = torch.optim.AdamW(params, lr=lr, betas=config.optim.betas,
                                   weight_decay=config.optim.weight_decay)
     return TrainState(net=net, head=head, ema=BackboneEMA(net, config.ema), optimizer=optimizer)
-
-
-def step_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed * 1_000_003 + index)
-    return generator
 
 
 def train(config: RunConfig, state: TrainState, images: Tensor, labels: Tensor, targets: Tensor | None,
@@ -83,7 +70,7 @@ def train(config: RunConfig, state: TrainState, images: Tensor, labels: Tensor, 
     started, start_step = time.perf_counter(), state.step
     while state.step < settings.steps:
         epoch, position = divmod(state.step, per_epoch)
-        order = torch.randperm(n, generator=step_generator(settings.seed, epoch, torch.device("cpu")))
+        order = torch.randperm(n, generator=step_generator(settings.seed, 0, epoch, 0, torch.device("cpu")))
         index = order[position * settings.batch_size:(position + 1) * settings.batch_size]
         x = to_model_range(images[index]).to(device, non_blocking=True)
         y = labels[index].to(device)
@@ -93,7 +80,7 @@ def train(config: RunConfig, state: TrainState, images: Tensor, labels: Tensor, 
         for group in state.optimizer.param_groups:
             group["lr"] = lr
         draws = draw_randomness(x, y, config.model.num_classes, config.model.num_patches, config.objective,
-                                config.align, step_generator(settings.seed, state.step, device))
+                                config.align, step_generator(settings.seed, 0, state.step, 0, device))
         with autocast_for(device):
             losses = training_loss(state.net, state.head, x, draws, config.objective, config.align,
                                    config.tap_block, target)

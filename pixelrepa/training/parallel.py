@@ -1,0 +1,305 @@
+"""Multi-process training: process-group set-up, DDP / FSDP2 wrapping, full state dicts.
+
+One process per device. `init_distributed` reads torchrun's or SLURM's environment;
+`wrap_for_training` puts the `TrainingModule` under DDP or FSDP2 (optionally with
+per-block activation checkpointing); `no_sync_context` skips gradient sync on the
+accumulation micro-steps; the `full_*state_dict` helpers give and take whole,
+unsharded, FQN-keyed state (the keys of `TrainingModule.state_dict()`), the same in
+every mode, so checkpoints do not depend on how a run was parallelised.
+
+Typical use::
+
+    info = init_distributed()
+    module = TrainingModule(config)          # same seed on every rank (see wrap_for_training)
+    wrapped = wrap_for_training(module, config.train.parallel, info, config.train.activation_checkpointing)
+    optimizer = torch.optim.AdamW(wrapped.parameters(), ...)   # after wrapping
+    for i, micro in enumerate(micro_batches):
+        with no_sync_context(wrapped, enabled=i < len(micro_batches) - 1):
+            (wrapped(*micro)["total"] / len(micro_batches)).backward()
+    optimizer.step()
+    ...
+    shutdown_distributed()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import re
+import types
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+
+from pixelrepa.training.module import TrainingModule
+
+ParallelMode = Literal["ddp", "fsdp2"]
+
+DEFAULT_MASTER_PORT = "29500"
+
+
+# ---------------------------------------------------------------------------
+# Process group
+# ---------------------------------------------------------------------------
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'node[01-04,07],gpu2' -> 'node01', 'a,b' -> 'a'."""
+    depth = 0
+    for i, ch in enumerate(nodelist):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            nodelist = nodelist[:i]
+            break
+    # Each bracket group contributes its first entry's first value, zero padding kept.
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], nodelist).strip()
+
+
+def _env_from_slurm(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from
+    a SLURM task's environment; None outside SLURM. An explicit MASTER_ADDR / MASTER_PORT wins;
+    otherwise the address is the step's (else the job's) first node and the port 29500.
+
+    One task per device is assumed (`srun --ntasks-per-node=<gpus>`); a script started
+    without srun in a multi-task allocation would see SLURM_NTASKS > 1 and wait for
+    tasks that never come, so launch through srun (or torchrun, which takes precedence).
+    """
+    if "SLURM_PROCID" not in environ:
+        return None
+    nodelist = next((environ[k] for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+                     if environ.get(k)), None)
+    master_addr = environ.get("MASTER_ADDR") or (_first_host(nodelist) if nodelist else "127.0.0.1")
+    return {
+        "RANK": environ["SLURM_PROCID"],
+        "WORLD_SIZE": environ.get("SLURM_NTASKS", "1"),
+        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": master_addr,
+        "MASTER_PORT": environ.get("MASTER_PORT") or DEFAULT_MASTER_PORT,
+    }
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or, failing that, SLURM's (written into the
+    environment in torchrun's form). With neither, or a world of one, this is a single
+    process and no group is created.
+
+    Backend NCCL with device cuda:LOCAL_RANK (made current) when CUDA is available,
+    gloo with the CPU otherwise.
+    """
+    if "RANK" not in os.environ and (slurm := _env_from_slurm(os.environ)) is not None:
+        os.environ.update(slurm)
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            dist.init_process_group("nccl", init_method="env://", rank=rank, world_size=world_size,
+                                    device_id=device)
+        else:
+            dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world_size)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def shutdown_distributed(barrier: bool = True) -> None:
+    """Barrier, then destroy the group (if any). Destroying without the barrier can abort
+    at exit ("terminate called without an active exception"), seen with gloo + FSDP2; after
+    an error on this rank pass barrier=False, since the other ranks may never reach it."""
+    if dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def _distributed(dist_info: DistInfo) -> bool:
+    return dist_info.world_size > 1 and dist.is_initialized()
+
+
+def reduce_mean(values: Mapping[str, Tensor | float], dist_info: DistInfo) -> dict[str, float]:
+    """Average scalars over ranks with one all-reduce. Every rank must pass the same keys
+    in the same order."""
+    if not values:
+        return {}
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dist_info.device).detach().reshape(())
+                           for v in values.values()])
+    if _distributed(dist_info):
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        stacked /= dist_info.world_size
+    return dict(zip(values.keys(), stacked.tolist()))
+
+
+def broadcast_object(obj: Any, dist_info: DistInfo) -> Any:
+    """Rank 0's `obj` (any picklable value) on every rank."""
+    if not _distributed(dist_info):
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+# ---------------------------------------------------------------------------
+# Wrapping
+# ---------------------------------------------------------------------------
+
+def _blocks(module: TrainingModule) -> list[nn.Module]:
+    """The transformer blocks of the backbone and of the alignment head (if it has any)."""
+    head_blocks = getattr(module.head, "blocks", None) if module.head is not None else None
+    return list(module.net.blocks) + (list(head_blocks) if head_blocks is not None else [])
+
+
+def _checkpointed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    # The class's forward, run under non-reentrant checkpointing: activations inside the
+    # block are recomputed in backward (with the same RNG state, so dropout matches).
+    return checkpoint(type(block).forward, block, *args, use_reentrant=False, **kwargs)
+
+
+def apply_activation_checkpointing(module: TrainingModule) -> None:
+    """Recompute each block's activations in backward instead of storing them.
+
+    Done by giving each block an instance-level `forward`, so module names and
+    state-dict keys are unchanged (unlike `checkpoint_wrapper`), hooks (FSDP2's) still
+    run around it, and a deep copy binds to its own block."""
+    for block in _blocks(module):
+        block.forward = types.MethodType(_checkpointed_forward, block)
+
+
+def _broadcast_module_state(module: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (what DDP does at construction)."""
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor, src=0)
+
+
+def wrap_for_training(module: TrainingModule, mode: ParallelMode, dist_info: DistInfo,
+                      activation_checkpointing: bool = False) -> nn.Module:
+    """Move `module` to `dist_info.device` and wrap it for data-parallel training.
+
+    - a single process: the module itself (no wrapper);
+    - 'ddp': DistributedDataParallel without unused-parameter search (the graph is static:
+      TrainingModule freezes what its mode does not use);
+    - 'fsdp2': `fully_shard` on every block of the backbone and the head, then on the root.
+      Parameters become sharded DTensors in place, so build the optimizer after wrapping.
+
+    Both modes start every rank from rank 0's weights. Activation checkpointing is per
+    block and leaves state-dict keys unchanged.
+    """
+    if mode not in ("ddp", "fsdp2"):
+        raise ValueError(f"unknown parallel mode '{mode}' (ddp | fsdp2)")
+    module.to(dist_info.device)
+    if activation_checkpointing:
+        apply_activation_checkpointing(module)
+    if not _distributed(dist_info):
+        return module
+    if mode == "ddp":
+        device_ids = [dist_info.local_rank] if dist_info.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True)
+    _broadcast_module_state(module)
+    for block in _blocks(module):
+        fully_shard(block)
+    fully_shard(module)
+    return module
+
+
+def unwrap(wrapped: nn.Module) -> TrainingModule:
+    """The TrainingModule inside (under FSDP2 it is the wrapped module itself)."""
+    return wrapped.module if isinstance(wrapped, DistributedDataParallel) else wrapped
+
+
+@contextlib.contextmanager
+def no_sync_context(wrapped: nn.Module, enabled: bool) -> Iterator[None]:
+    """While enabled, backward accumulates local gradients without syncing ranks (for
+    all but the last accumulation micro-step). Without a wrapper it does nothing."""
+    if not enabled:
+        yield
+    elif isinstance(wrapped, DistributedDataParallel):
+        with wrapped.no_sync():
+            yield
+    elif isinstance(wrapped, FSDPModule):
+        wrapped.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+# ---------------------------------------------------------------------------
+# Full (unsharded) state
+# ---------------------------------------------------------------------------
+
+def _gather_options() -> StateDictOptions:
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _snapshot(state: dict[str, Any], dist_info: DistInfo) -> dict[str, Any]:
+    # Offloading copies device tensors to the CPU, but CPU tensors come back as the live
+    # parameters / optimizer buffers themselves: copy them so later steps leave the result alone.
+    return copy.deepcopy(state) if dist_info.device.type == "cpu" else state
+
+
+def _load_options() -> StateDictOptions:
+    # A full state on rank 0 is broadcast (and sharded where needed) to the other ranks.
+    if dist.is_initialized():
+        return StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    return StateDictOptions()
+
+
+def full_state_dict(wrapped: nn.Module, dist_info: DistInfo) -> dict[str, Tensor] | None:
+    """A snapshot of the whole model state on the CPU under `TrainingModule.state_dict()`'s
+    keys, on rank 0; None on the other ranks. Collective: every rank must call it."""
+    state = get_model_state_dict(wrapped, options=_gather_options())
+    return _snapshot(state, dist_info) if dist_info.is_main else None
+
+
+def load_full_state_dict(wrapped: nn.Module, state: Mapping[str, Tensor] | None) -> None:
+    """Load a whole model state (as `full_state_dict` gives). In a process group only rank
+    0's `state` is read (others may pass None); it is broadcast and sharded as needed.
+    Keys must match exactly. Collective."""
+    set_model_state_dict(wrapped, dict(state or {}), options=_load_options())
+
+
+def full_optimizer_state_dict(wrapped: nn.Module, optimizer: torch.optim.Optimizer,
+                              dist_info: DistInfo) -> dict[str, Any] | None:
+    """A snapshot of the whole optimizer state on the CPU, keyed by parameter FQN (as the
+    model state), on rank 0; None on the other ranks. Collective."""
+    state = get_optimizer_state_dict(wrapped, optimizer, options=_gather_options())
+    return _snapshot(state, dist_info) if dist_info.is_main else None
+
+
+def load_full_optimizer_state_dict(wrapped: nn.Module, optimizer: torch.optim.Optimizer,
+                                   state: Mapping[str, Any] | None) -> None:
+    """Load an optimizer state from `full_optimizer_state_dict`; in a process group only rank
+    0's `state` is read. Collective. Like `Optimizer.load_state_dict`, the optimizer may keep
+    (and go on to update) tensors of `state`: pass a copy if `state` is used afterwards."""
+    set_optimizer_state_dict(wrapped, optimizer, dict(state or {}), options=_load_options())

@@ -1,0 +1,349 @@
+"""The training run: data -> encoder targets -> loss -> optimiser -> EMA -> logs and checkpoints.
+
+The same function runs on a CPU (float32), one GPU (bf16 autocast) and under torchrun or
+SLURM (DDP, or FSDP2 with `train.parallel=fsdp2`). Everything random in a step is drawn
+from generators seeded by (seed, rank, step, micro-step) and the data order is a function
+of (seed, epoch), so re-running the same command resumes exactly where the last
+checkpoint left off: on CPU the losses after a resume are bit-identical to an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pixelrepa.config import RunConfig
+from pixelrepa.data.idx import to_model_range
+from pixelrepa.data.loader import make_loader
+from pixelrepa.evaluation.images import save_labelled_grid
+from pixelrepa.models.jit import JiT
+from pixelrepa.objective import draw_randomness
+from pixelrepa.training import checkpoint as ckpt
+from pixelrepa.training.data import build_dataset
+from pixelrepa.training.device import autocast_for
+from pixelrepa.training.ema import BackboneEMA
+from pixelrepa.training.module import TrainingModule
+from pixelrepa.training.parallel import (
+    DistInfo,
+    full_optimizer_state_dict,
+    full_state_dict,
+    init_distributed,
+    load_full_optimizer_state_dict,
+    load_full_state_dict,
+    no_sync_context,
+    reduce_mean,
+    shutdown_distributed,
+    unwrap,
+    wrap_for_training,
+)
+
+logger = logging.getLogger("pixelrepa.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a step's loss is NaN or infinite and no more skips are allowed."""
+
+
+@dataclass
+class RunSummary:
+    out_dir: Path
+    steps: int
+    resumed_from: Path | None
+    last_checkpoint: Path | None
+    final_losses: dict[str, float]
+    rank: int = 0
+
+
+def learning_rate(step: int, config: RunConfig, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up from 0, then constant (SPEC 6) or cosine decay to min_lr."""
+    peak = config.optim.peak_lr
+    if warmup_steps and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if config.optim.schedule == "constant":
+        return peak
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return config.optim.min_lr + 0.5 * (peak - config.optim.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def accumulation_steps(config: RunConfig, world_size: int) -> int:
+    per_step = config.train.per_device_batch * world_size
+    if config.optim.global_batch % per_step:
+        raise ValueError(f"global_batch {config.optim.global_batch} is not a multiple of per_device_batch "
+                         f"{config.train.per_device_batch} x {world_size} processes")
+    return config.optim.global_batch // per_step
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device) -> torch.Generator:
+    """The generator for one micro-step's draws, a function of (seed, rank, step, micro)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((((seed * 1_000_003 + rank) * 1_000_003 + step) * 1024 + micro) % 2**63)
+    return generator
+
+
+def make_optimizer(module: torch.nn.Module, config: RunConfig, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(params, lr=config.optim.peak_lr, betas=config.optim.betas,
+                             weight_decay=config.optim.weight_decay, **fast)
+
+
+def train(config: RunConfig, resume: str | Path | None = None, progress: bool = True) -> RunSummary:
+    """Train `config` (resuming from `resume`, or from the run folder's latest checkpoint)."""
+    dist = init_distributed()
+    try:
+        summary = _train(config, dist, resume, progress)
+    except BaseException:
+        shutdown_distributed(barrier=False)
+        raise
+    shutdown_distributed()
+    return summary
+
+
+def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progress: bool) -> RunSummary:
+    out_dir = Path(config.train.out_dir)
+    device = dist.device
+    accum = accumulation_steps(config, dist.world_size)
+
+    resume_path = _resume_point(out_dir, resume)
+    if resume_path is not None:
+        loaded = ckpt.load_checkpoint(resume_path, rank=dist.rank)
+        _check_same_run(config, loaded.config, resume_path)
+
+    dataset = build_dataset(config, out_dir, dist)
+    loader = make_loader(dataset, config.train.per_device_batch, num_workers=config.data.num_workers,
+                         seed=config.train.seed, rank=dist.rank, world_size=dist.world_size)
+    steps_per_epoch = len(loader) // accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} images give no full step of {config.optim.global_batch} images")
+    total_steps = config.train.steps or config.optim.epochs * steps_per_epoch
+    warmup_steps = round(config.optim.warmup_epochs * steps_per_epoch)
+
+    torch.manual_seed(config.train.seed)
+    module = TrainingModule(config).to(device)
+    encoder = _build_encoder(config, device)
+    model = wrap_for_training(module, config.train.parallel, dist, config.train.activation_checkpointing)
+    optimizer = make_optimizer(model, config, device)
+    ema = BackboneEMA(unwrap(model).net, config.ema)
+    start_step, skipped_steps = 0, 0
+    if resume_path is not None:
+        # Rank 0's full states are broadcast (and sharded under FSDP2) to the other ranks.
+        load_full_state_dict(model, _join_groups(loaded.groups) if dist.is_main else None)
+        load_full_optimizer_state_dict(model, optimizer, loaded.optimizer_state if dist.is_main else None)
+        for k in range(len(config.ema.decays)):
+            ema.load_state_dict(k, loaded.groups[f"ema{k + 1}"])
+        ema.step = loaded.train_state["ema_step"]
+        start_step = loaded.train_state["step"]
+        skipped_steps = loaded.train_state.get("skipped_steps", 0)
+        ckpt.restore_rng_state(loaded.rng_state)
+
+    writer = _Logger(out_dir, dist, start_step, config) if dist.is_main else None
+    bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and dist.is_main), unit="step",
+               dynamic_ncols=True)
+    last_checkpoint = resume_path
+    window: list[dict[str, torch.Tensor]] = []
+    timer = time.perf_counter()
+    data_iter, data_epoch = None, -1
+    step = start_step
+    while step < total_steps:
+        epoch, position = divmod(step, steps_per_epoch)
+        if epoch != data_epoch:
+            loader.set_epoch(epoch, start_batch=position * accum)
+            data_iter, data_epoch = iter(loader), epoch
+        lr = learning_rate(step, config, warmup_steps, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        try:
+            losses = _accumulate(model, encoder, data_iter, config, dist, step, accum)
+        except torch.OutOfMemoryError as err:
+            raise RuntimeError(
+                f"out of memory at step {step} with per_device_batch {config.train.per_device_batch}: lower it "
+                f"(accumulation keeps the global batch {config.optim.global_batch}) or set "
+                "train.activation_checkpointing=true") from err
+        if not _all_finite(losses["total"], dist):
+            skipped_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            if skipped_steps > config.train.max_nonfinite_skips:
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step} ({values}); the last good checkpoint is "
+                    f"{last_checkpoint or 'none (no checkpoint written yet)'}; "
+                    f"{skipped_steps - 1} earlier steps were skipped (train.max_nonfinite_skips="
+                    f"{config.train.max_nonfinite_skips})")
+            logger.warning("skipping step %d: non-finite loss (%s)", step, values)
+            step += 1
+            continue
+        grad_norm = _clip(model, config.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(unwrap(model).net)
+        step += 1
+        window.append(losses | {"grad_norm": grad_norm})
+        bar.update(1)
+
+        if step % config.train.log_every == 0 or step == total_steps:
+            elapsed = time.perf_counter() - timer
+            metrics = reduce_mean({k: torch.stack([w[k] for w in window]).mean() for k in window[0]}, dist)
+            metrics.update(lr=lr, img_per_s=len(window) * config.optim.global_batch / elapsed,
+                           skipped_steps=skipped_steps)
+            if device.type == "cuda":
+                metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if writer is not None:
+                writer.log(step, epoch, metrics)
+            bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("total", "denoise", "align") if k in metrics}
+                            | {"img/s": f"{metrics['img_per_s']:.0f}"})
+            window, timer = [], time.perf_counter()
+        if step % config.train.ckpt_every == 0 or step == total_steps:
+            last_checkpoint = _save(out_dir, step, config, model, optimizer, ema, dist, skipped_steps, steps_per_epoch)
+        if config.train.sample_every and (step % config.train.sample_every == 0 or step == total_steps):
+            _sample_grid(out_dir / "samples" / f"step-{step:08d}.png", config, ema, unwrap(model).net, dist)
+    bar.close()
+    if writer is not None:
+        writer.close()
+    final = window[-1] if window else {}
+    return RunSummary(out_dir, step, resume_path, last_checkpoint, {k: float(v) for k, v in final.items()}, dist.rank)
+
+
+def _accumulate(model, encoder, data_iter, config: RunConfig, dist: DistInfo, step: int,
+                accum: int) -> dict[str, torch.Tensor]:
+    """Forward/backward over `accum` micro-batches; returns the mean of each loss term."""
+    totals: dict[str, torch.Tensor] = {}
+    grid = (config.model.grid_size, config.model.grid_size)
+    for micro in range(accum):
+        images, labels = next(data_iter)
+        x = to_model_range(images.to(dist.device, non_blocking=True))
+        y = labels.to(dist.device, non_blocking=True)
+        with autocast_for(dist.device):
+            target = encoder(x, grid) if encoder is not None else None
+        draws = draw_randomness(x, y, config.model.num_classes, config.model.num_patches, config.objective,
+                                config.align, step_generator(config.train.seed, dist.rank, step, micro, dist.device))
+        with no_sync_context(model, enabled=micro < accum - 1), autocast_for(dist.device):
+            losses = model(x, draws, target)
+            (losses["total"] / accum).backward()
+        for k, v in losses.items():
+            totals[k] = totals.get(k, 0) + v.detach().float() / accum
+    return totals
+
+
+def _all_finite(total: torch.Tensor, dist: DistInfo) -> bool:
+    flag = torch.isfinite(total).float()
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _clip(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def _build_encoder(config: RunConfig, device: torch.device):
+    if config.align.mode == "none":
+        return None
+    from pixelrepa.align.encoders import build_encoder
+
+    return build_encoder(config.align.encoder).to(device)
+
+
+def _resume_point(out_dir: Path, resume: str | Path | None) -> Path | None:
+    if resume is not None:
+        return ckpt.find_checkpoint(resume)
+    try:
+        return ckpt.find_checkpoint(out_dir)
+    except FileNotFoundError:
+        return None
+
+
+def _check_same_run(config: RunConfig, saved: RunConfig, path: Path) -> None:
+    """Resuming with another model or objective would silently mix two runs."""
+    for part in ("model", "align", "objective", "ema", "optim", "data"):
+        if getattr(config, part) != getattr(saved, part):
+            raise ValueError(f"the configuration's '{part}' differs from the checkpoint's at {path}; "
+                             "resume with the saved configuration or start a new out_dir")
+
+
+def _join_groups(groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {f"{g}.{k}": v for g in ("net", "head") if g in groups for k, v in groups[g].items()}
+
+
+def _ema_groups(ema: BackboneEMA) -> dict[str, dict[str, torch.Tensor]]:
+    """Full (unsharded) EMA parameters; a collective under FSDP2, so every rank calls it."""
+    return {f"ema{k + 1}": {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
+                            for n, t in ema.state_dict(k).items()}
+            for k in range(len(ema.shadows))}
+
+
+def _save(out_dir: Path, step: int, config: RunConfig, model, optimizer, ema: BackboneEMA, dist: DistInfo,
+          skipped_steps: int, steps_per_epoch: int) -> Path:
+    state = full_state_dict(model, dist)
+    optimizer_state = full_optimizer_state_dict(model, optimizer, dist) or {}
+    groups = _ema_groups(ema)
+    if state is not None:
+        groups["net"] = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+        head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
+        if head:
+            groups["head"] = head
+    epoch, position = divmod(step, steps_per_epoch)
+    train_state = {"step": step, "epoch": epoch, "data_position": {"epoch": epoch, "step_in_epoch": position},
+                   "ema_step": ema.step, "skipped_steps": skipped_steps}
+    return ckpt.save_checkpoint(out_dir, step, config=config, groups=groups, optimizer_state=optimizer_state,
+                                train_state=train_state, rank=dist.rank, world_size=dist.world_size,
+                                keep_last=config.train.keep_last, keep_every=config.train.keep_every,
+                                barrier=torch.distributed.barrier if dist.world_size > 1 else None)
+
+
+def _sample_grid(path: Path, config: RunConfig, ema: BackboneEMA, net: JiT, dist: DistInfo) -> None:
+    """A grid from EMA 1 with fixed noise and labels (rank 0, on a full copy of the backbone)."""
+    from pixelrepa.evaluation.generate import sample_classes
+
+    weights = _ema_groups(ema)["ema1"]
+    if not dist.is_main:
+        return
+    sampler_net = JiT(config.model)
+    buffers = {k: v for k, v in sampler_net.state_dict().items() if k not in weights}
+    sampler_net.load_state_dict(weights | buffers)
+    classes = list(range(min(10, config.model.num_classes)))
+    images = sample_classes(sampler_net.to(dist.device).eval(), config, classes, 4, config.train.seed, dist.device)
+    save_labelled_grid(images, [str(c) for c in classes], path)
+
+
+class _Logger:
+    """Rank 0's JSON-lines log and TensorBoard scalars; entries past the resume step are dropped."""
+
+    def __init__(self, out_dir: Path, dist: DistInfo, start_step: int, config: RunConfig):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        self.path = out_dir / "log.jsonl"
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = self.path.open("a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
+        except ImportError:
+            logger.warning("tensorboard is not installed: logging to %s only", self.path)
+            self.tensorboard = None
+
+    def log(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
+        self.file.write(json.dumps({"step": step, "epoch": epoch, **metrics}) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                group = "loss" if key in ("total", "denoise", "align") else "train"
+                self.tensorboard.add_scalar(f"{group}/{key}", value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

@@ -1,0 +1,256 @@
+"""Training checkpoints: round trip, pruning, `latest`, crash safety, export, multi-rank RNG."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pixelrepa.config import get_preset
+from pixelrepa.models.jit import JiT
+from pixelrepa.training.checkpoint import (
+    capture_rng_state,
+    checkpoint_groups,
+    export_sampling_checkpoint,
+    finalize_checkpoint,
+    find_checkpoint,
+    load_checkpoint,
+    restore_groups,
+    restore_rng_state,
+    save_checkpoint,
+    stage_checkpoint,
+    write_rank_rng,
+)
+from pixelrepa.training.ema import BackboneEMA
+from pixelrepa.training.module import TrainingModule
+from pixelrepa.weights import load_model_file
+
+from helpers import randomize_
+
+TRAIN_STATE = {"epoch": 3, "data": {"index": 17, "images": 1234}, "ema_step": 1,
+               "scheduler": {"last_lr": 1e-4}, "elapsed": 12.5}
+
+
+class Run:
+    """A tiny PixelREPA model one AdamW step and one EMA update into training."""
+
+    def __init__(self, seed: int = 0):
+        torch.manual_seed(seed)
+        self.config = get_preset("PixelREPA-Micro/8")
+        self.module = randomize_(TrainingModule(self.config), seed=seed)
+        self.optimizer = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad], lr=1e-3)
+        self.ema = BackboneEMA(self.module.net, self.config.ema)
+        sum(p.square().sum() for p in self.module.parameters()).backward()
+        self.optimizer.step()
+        self.ema.update(self.module.net)
+
+    def groups(self):
+        return checkpoint_groups(self.module.net, self.module.head, self.ema)
+
+    def save(self, out: Path, step: int, keep_last: int = 10, keep_every: int | None = None,
+             train_state: dict | None = None) -> Path:
+        return save_checkpoint(out, step, config=self.config, groups=self.groups(),
+                               optimizer_state=self.optimizer.state_dict(),
+                               train_state=TRAIN_STATE if train_state is None else train_state,
+                               keep_last=keep_last, keep_every=keep_every)
+
+
+@pytest.fixture(scope="module")
+def run() -> Run:
+    return Run()
+
+
+def names(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+def draws() -> tuple:
+    return random.random(), random.gauss(0, 1), np.random.standard_normal(), torch.rand(4).tolist()
+
+
+def assert_states_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_round_trip(run, tmp_path):
+    random.gauss(0, 1)  # leave cached Gaussians in Python's and NumPy's generators
+    np.random.standard_normal()
+    folder = run.save(tmp_path, 1200)
+    expected = draws()
+    assert folder == tmp_path / "checkpoints" / "step-00001200"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "model.safetensors", "optimizer.pt", "rng-rank0.pt", "state.json"]
+
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.path == folder and loaded.step == 1200
+    assert loaded.config == run.config
+    assert loaded.train_state == TRAIN_STATE
+    assert set(loaded.groups) == {"net", "head", "ema1", "ema2"}
+    restore_rng_state(loaded.rng_state)
+    assert draws() == expected
+
+    fresh = Run(seed=1)
+    restore_groups(loaded.groups, fresh.module.net, fresh.module.head, fresh.ema)
+    fresh.optimizer.load_state_dict(loaded.optimizer_state)
+    assert_states_equal(fresh.module.state_dict(), run.module.state_dict())
+    for k in range(2):
+        assert_states_equal(fresh.ema.state_dict(k), run.ema.state_dict(k))
+    for mine, theirs in zip(fresh.optimizer.state.values(), run.optimizer.state.values()):
+        assert_states_equal(mine, theirs)
+    assert fresh.optimizer.state_dict()["param_groups"] == run.optimizer.state_dict()["param_groups"]
+
+
+def test_pruning_keeps_last_and_every(run, tmp_path):
+    for step in range(1, 8):
+        run.save(tmp_path, step, keep_last=2, keep_every=3)
+    assert names(tmp_path) == ["latest", "step-00000003", "step-00000006", "step-00000007"]
+    for step in range(8, 10):
+        run.save(tmp_path, step, keep_last=1, keep_every=None)
+    assert names(tmp_path) == ["latest", "step-00000009"]
+
+
+def test_latest_pointer(run, tmp_path):
+    for step in (10, 20, 30):
+        run.save(tmp_path, step)
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == "step-00000030\n"
+    assert find_checkpoint(tmp_path) == find_checkpoint(root) == root / "step-00000030"
+    (root / "latest").write_text("step-00000020\n")  # e.g. after resuming from 20
+    assert find_checkpoint(tmp_path) == root / "step-00000020"
+    (root / "latest").write_text("step-00000040\n")  # names a missing folder: highest complete one
+    assert find_checkpoint(tmp_path) == root / "step-00000030"
+    (root / "step-00000030" / "optimizer.pt").unlink()  # incomplete: skipped
+    assert find_checkpoint(tmp_path) == root / "step-00000020"
+    assert find_checkpoint(root / "step-00000010") == root / "step-00000010"
+    with pytest.raises(FileNotFoundError, match="optimizer.pt"):
+        find_checkpoint(root / "step-00000030")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        find_checkpoint(tmp_path / "empty")
+
+
+def crash_on_folder_rename(monkeypatch):
+    original = os.replace
+
+    def replace(src, dst):
+        if Path(src).name.endswith(".tmp") and Path(src).is_dir():
+            raise OSError("simulated crash")
+        return original(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_interrupted_write_keeps_previous(run, tmp_path, monkeypatch):
+    run.save(tmp_path, 100)
+    with monkeypatch.context() as patch:
+        crash_on_folder_rename(patch)
+        with pytest.raises(OSError, match="simulated crash"):
+            run.save(tmp_path, 200)
+    assert names(tmp_path) == [".step-00000200.tmp", "latest", "step-00000100"]
+    assert find_checkpoint(tmp_path).name == "step-00000100"
+    assert load_checkpoint(tmp_path).step == 100
+    run.save(tmp_path, 300)
+    assert names(tmp_path) == ["latest", "step-00000100", "step-00000300"]
+
+
+def test_stale_tmp_folder_ignored_then_removed(run, tmp_path):
+    run.save(tmp_path, 100)
+    root = tmp_path / "checkpoints"
+    stale = stage_checkpoint(tmp_path, 900, config=run.config, groups=run.groups(),
+                             optimizer_state={}, train_state={})
+    write_rank_rng(stale, 0)  # complete except for the rename
+    (root / ".step-00000100.old-1").mkdir()
+    (root / ".latest.tmp-1").write_text("step-00000900\n")
+    assert find_checkpoint(tmp_path).name == "step-00000100"
+    run.save(tmp_path, 200)
+    assert names(tmp_path) == ["latest", "step-00000100", "step-00000200"]
+
+
+def test_resave_same_step(run, tmp_path, monkeypatch):
+    run.save(tmp_path, 100, train_state={"epoch": 1})
+    run.save(tmp_path, 100, train_state={"epoch": 2})
+    assert names(tmp_path) == ["latest", "step-00000100"]
+    assert load_checkpoint(tmp_path).train_state == {"epoch": 2}
+    with monkeypatch.context() as patch:  # a failed rename puts the old folder back
+        crash_on_folder_rename(patch)
+        with pytest.raises(OSError, match="simulated crash"):
+            run.save(tmp_path, 100, train_state={"epoch": 3})
+    assert names(tmp_path) == [".step-00000100.tmp", "latest", "step-00000100"]
+    assert load_checkpoint(tmp_path).train_state == {"epoch": 2}
+
+
+def test_corrupt_files_raise_naming_the_file(run, tmp_path):
+    run.save(tmp_path, 100)
+    newest = run.save(tmp_path, 200)
+    model = newest / "model.safetensors"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    assert find_checkpoint(tmp_path) == newest  # completeness is by files present
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_checkpoint(tmp_path)
+    assert load_checkpoint(tmp_path / "checkpoints" / "step-00000100").step == 100
+    newest = run.save(tmp_path, 300)
+    (newest / "optimizer.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="optimizer.pt"):
+        load_checkpoint(newest)
+    (newest / "state.json").write_text("{")
+    with pytest.raises(ValueError, match="state.json"):
+        load_checkpoint(newest)
+
+
+def test_export_keeps_only_the_ema_backbone(run, tmp_path):
+    folder = run.save(tmp_path, 100)
+    out = export_sampling_checkpoint(tmp_path, tmp_path / "ema2.safetensors", ema=2)
+    config, groups, metadata = load_model_file(out)
+    assert config == run.config and set(groups) == {"net"}
+    net = JiT(config.model)
+    net.load_state_dict(groups["net"])  # strict
+    assert_states_equal(dict(net.named_parameters()), run.ema.state_dict(1))
+    torch.testing.assert_close(net.pos_embed, run.module.net.pos_embed, rtol=0, atol=0)
+    assert metadata["provenance.ema"] == "2" and metadata["provenance.step"] == "100"
+    assert metadata["provenance.source"] == str(folder.resolve())
+    with pytest.raises(ValueError, match="no EMA 3"):
+        export_sampling_checkpoint(folder, tmp_path / "bad.safetensors", ema=3)
+
+
+def test_multi_rank_two_phase(run, tmp_path):
+    tmp = stage_checkpoint(tmp_path, 50, config=run.config, groups=run.groups(),
+                           optimizer_state=run.optimizer.state_dict(), train_state=TRAIN_STATE, world_size=2)
+    torch.manual_seed(0)
+    write_rank_rng(tmp, 0)
+    with pytest.raises(FileNotFoundError, match="rng-rank1.pt"):
+        finalize_checkpoint(tmp, keep_last=3, keep_every=None)
+    torch.manual_seed(1)  # rank 1 is another process with its own state
+    rank1 = capture_rng_state()["torch"]
+    write_rank_rng(tmp, 1)
+    folder = finalize_checkpoint(tmp, keep_last=3, keep_every=None)
+    assert load_checkpoint(folder, rank=0).rng_state["torch"].equal(torch.manual_seed(0).get_state())
+    assert load_checkpoint(folder, rank=1).rng_state["torch"].equal(rank1)
+    with pytest.raises(FileNotFoundError, match="rng-rank2.pt"):
+        load_checkpoint(folder, rank=2)
+
+
+def test_save_checkpoint_with_barrier(run, tmp_path):
+    barrier = threading.Barrier(2, timeout=30)
+
+    def rank(r: int) -> Path:
+        payload = (run.groups(), run.optimizer.state_dict(), TRAIN_STATE) if r == 0 else ({}, {}, {})
+        return save_checkpoint(tmp_path, 60, config=run.config, groups=payload[0], optimizer_state=payload[1],
+                               train_state=payload[2], keep_last=3, keep_every=None, rank=r, world_size=2,
+                               barrier=barrier.wait)
+
+    with ThreadPoolExecutor(2) as pool:
+        paths = [f.result() for f in [pool.submit(rank, r) for r in (0, 1)]]
+    assert paths[0] == paths[1] == tmp_path / "checkpoints" / "step-00000060"
+    assert sorted(p.name for p in paths[0].glob("rng-rank*.pt")) == ["rng-rank0.pt", "rng-rank1.pt"]
+    assert load_checkpoint(tmp_path, rank=1).train_state == TRAIN_STATE
+    with pytest.raises(ValueError, match="barrier"):
+        save_checkpoint(tmp_path, 70, config=run.config, groups={}, optimizer_state={}, train_state={},
+                        keep_last=3, keep_every=None, rank=0, world_size=2)

@@ -1,0 +1,197 @@
+"""Reproducible sample generation: per-index determinism, output folders, resume, `pixelrepa sample`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import randomize_
+
+import pixelrepa.cli.sample as sample_cli
+from pixelrepa.cli.main import main
+from pixelrepa.config import get_preset
+from pixelrepa.evaluation.generate import class_layout, generate, read_png, sample_classes
+from pixelrepa.models.jit import JiT
+from pixelrepa.weights import save_model_file
+
+CPU = torch.device("cpu")
+STEPS = ["--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(config with 2 sampler steps, randomised JiT-Micro/8, its model file)."""
+    config = get_preset("JiT-Micro/8").replace(**{"sampler.steps": 2})
+    net = randomize_(JiT(config.model)).eval()
+    path = save_model_file(tmp_path_factory.mktemp("model") / "model.safetensors", config, {"net": net.state_dict()})
+    return config, net, path
+
+
+def pngs(out: Path, n: int) -> np.ndarray:
+    return np.stack([read_png(out / "images" / f"{k:06d}.png") for k in range(n)])
+
+
+def assert_same_images(a: np.ndarray, b: np.ndarray) -> None:
+    """Equal up to float rounding of differently composed batches: a few values off by one."""
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).sum())
+
+
+def test_images_do_not_depend_on_the_batch_size(tiny):
+    config, net, _ = tiny
+    layout = class_layout(config.model.num_classes, per_class=3)  # 12 images over classes 0..3
+    by_size = {}
+    for batch_size in (1, 5, 12):
+        batches = list(generate(net, config, range(12), layout, batch_size, CPU, seed=7))
+        assert [len(b) for b, _ in batches] == [min(batch_size, 12 - s) for s in range(0, 12, batch_size)]
+        by_size[batch_size] = torch.cat([x for _, x in batches]).numpy()
+    assert by_size[1].dtype == np.uint8 and by_size[1].shape == (12, 3, 32, 32) and by_size[1].std() > 10
+    assert_same_images(by_size[1], by_size[5])
+    assert_same_images(by_size[1], by_size[12])
+    # An index's image does not depend on which other indices are generated with it.
+    (_, alone), = generate(net, config, [9], layout, 4, CPU, seed=7)
+    assert_same_images(alone[0].numpy(), by_size[1][9])
+    (_, other_seed), = generate(net, config, [9], layout, 4, CPU, seed=8)
+    assert not np.array_equal(other_seed[0].numpy(), by_size[1][9])
+
+
+def test_sample_classes_are_the_first_images_of_a_run(tiny, tmp_path):
+    config, net, path = tiny
+    grid = sample_classes(net, config, [3, 1], per_class=2, seed=5, device=CPU)
+    out = tmp_path / "run"
+    assert main(["sample", str(path), str(out), *STEPS, "--classes", "3", "1", "--per-class", "2",
+                 "--seed", "5", "--format", "png", "--grid", str(tmp_path / "grid.png")]) == 0
+    assert np.array_equal(pngs(out, 4), grid.permute(0, 2, 3, 1).numpy())
+    assert (tmp_path / "grid.png").is_file() and not (out / "samples.npz").exists()
+    # An OUT ending in .png is the quick grid alone.
+    assert main(["sample", str(path), str(tmp_path / "quick.png"), *STEPS, "--classes", "3", "1",
+                 "--per-class", "2", "--seed", "5"]) == 0
+    assert (tmp_path / "quick.png").read_bytes() == (tmp_path / "grid.png").read_bytes()
+
+
+def test_npz_layout_and_manifest(tiny, tmp_path, monkeypatch):
+    config, _, path = tiny
+    out = tmp_path / "run"
+    # A folder holding model.safetensors stands for the model file.
+    assert main(["sample", str(path.parent), str(out), *STEPS, "--num-images", "12", "--per-class", "5",
+                 "--batch-size", "5"]) == 0
+    with np.load(out / "samples.npz") as npz:
+        arr, labels = npz["arr_0"], npz["labels"]
+    assert arr.dtype == np.uint8 and arr.shape == (12, 32, 32, 3)
+    assert labels.tolist() == [0] * 5 + [1] * 5 + [2] * 2
+    assert np.array_equal(arr, pngs(out, 12))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"] == str(path.resolve())
+    assert manifest["settings"]["num_images"] == 12 and manifest["settings"]["sampler"]["steps"] == 2
+    assert manifest["settings"]["classes"] == list(range(config.model.num_classes))
+    # npz only: the PNGs are scratch, removed once the npz is written; a rerun has nothing to do.
+    npz_only = tmp_path / "npz-only"
+    args = ["sample", str(path), str(npz_only), *STEPS, "--num-images", "12", "--per-class", "5", "--batch-size", "5",
+            "--format", "npz"]
+    assert main(args) == 0 and not (npz_only / "images").exists()
+    with np.load(npz_only / "samples.npz") as npz:
+        assert np.array_equal(npz["arr_0"], arr)
+    made = count_generated(monkeypatch)
+    assert main(args) == 0 and made == []
+    # A grid asked for afterwards makes just its images (two rows of five) again.
+    assert main([*args, "--grid", str(tmp_path / "grid.png")]) == 0 and made == list(range(10))
+    assert (tmp_path / "grid.png").is_file() and not (npz_only / "images").exists()
+
+
+def count_generated(monkeypatch, fail_after: int | None = None) -> list[int]:
+    """Record the indices `pixelrepa sample` generates; optionally crash after some batches."""
+    made: list[int] = []
+
+    def recording(*args, **kwargs):
+        for i, (batch, images) in enumerate(generate(*args, **kwargs)):
+            if fail_after is not None and i == fail_after:
+                raise RuntimeError("interrupted")
+            made.extend(batch)
+            yield batch, images
+
+    monkeypatch.setattr(sample_cli, "generate", recording)
+    return made
+
+
+def test_resume_makes_only_the_missing_images(tiny, tmp_path, monkeypatch):
+    _, _, path = tiny
+    args = [*STEPS, "--num-images", "12", "--batch-size", "4", "--seed", "3"]
+    reference = tmp_path / "reference"
+    assert main(["sample", str(path), str(reference), *args]) == 0
+
+    out = tmp_path / "run"
+    made = count_generated(monkeypatch, fail_after=1)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        main(["sample", str(path), str(out), *args])
+    assert made == [0, 1, 2, 3] and not (out / "samples.npz").exists()
+    (out / "images" / "000002.png").write_bytes(b"\x89PNG truncated")  # a damaged file is made again
+
+    made = count_generated(monkeypatch)
+    assert main(["sample", str(path), str(out), *args]) == 0
+    assert made == [2, *range(4, 12)]
+    with np.load(reference / "samples.npz") as a, np.load(out / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+
+    made = count_generated(monkeypatch)
+    assert main(["sample", str(path), str(out), *args]) == 0 and made == []
+
+
+def test_other_settings_are_refused_unless_overwrite(tiny, tmp_path, capsys):
+    _, _, path = tiny
+    out = tmp_path / "run"
+    base = ["sample", str(path), str(out), *STEPS, "--num-images", "3"]
+    assert main(base) == 0
+    first = pngs(out, 3)
+    capsys.readouterr()
+    assert main([*base, "--seed", "1", "--cfg", "2.0"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings (differs in: sampler, seed)" in err and "--overwrite" in err
+    assert np.array_equal(pngs(out, 3), first)
+    assert main([*base, "--seed", "1", "--cfg", "2.0", "--overwrite"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["settings"]["seed"] == 1
+    assert not np.array_equal(pngs(out, 3), first)
+    # A non-empty folder without a manifest is not written into either.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(["sample", str(path), str(other), *STEPS, "--num-images", "1"]) == 2
+    assert "no readable manifest.json" in capsys.readouterr().err
+
+
+def test_clear_errors(tiny, tmp_path, capsys):
+    _, _, path = tiny
+    out = str(tmp_path / "run")
+    assert main(["sample", str(path), out, "--classes", "3", "10"]) == 2
+    assert "class 10 outside [0, 10)" in capsys.readouterr().err
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a model")
+    assert main(["sample", str(bad), out]) == 2
+    assert "not a readable safetensors file" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "missing.safetensors"), out]) == 2
+    assert "no model file at" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path), out]) == 2
+    assert "pixelrepa export" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.multiprocess
+def test_two_processes_write_the_same_images(tiny, tmp_path):
+    _, _, path = tiny
+    args = [str(path), *STEPS, "--num-images", "12", "--per-class", "4", "--batch-size", "4", "--seed", "2"]
+    assert main(["sample", args[0], str(tmp_path / "one"), *args[1:]]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "pixelrepa.cli.main", "sample", args[0], str(tmp_path / "two"), *args[1:]],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "12 images (12 made now, 0 already there)" in done.stdout
+    assert_same_images(pngs(tmp_path / "one", 12), pngs(tmp_path / "two", 12))
+    with np.load(tmp_path / "one" / "samples.npz") as a, np.load(tmp_path / "two" / "samples.npz") as b:
+        assert_same_images(a["arr_0"], b["arr_0"])
+        assert np.array_equal(a["labels"], b["labels"])

@@ -1,0 +1,254 @@
+"""The training run end to end on a tiny model: exact resume, kill -9, failure policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pixelrepa.config import get_preset
+from pixelrepa.data.packed import pack_arrays
+from pixelrepa.training import checkpoint as ckpt
+from pixelrepa.training.trainer import NonFiniteLossError, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory) -> Path:
+    """96 random 32-px images in 10 classes, packed."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(96, 3, 32, 32), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=96)
+    path = tmp_path_factory.mktemp("data") / "pack"
+    pack_arrays(images, labels, path, [str(c) for c in range(10)], source="random")
+    return path
+
+
+def tiny_config(pack: Path, out: Path, mode: str = "pixelrepa", **overrides):
+    preset = {"pixelrepa": "PixelREPA-Micro/8", "repa": "REPA-Micro/8", "none": "JiT-Micro/8"}[mode]
+    changes = {
+        "data.source": str(pack), "data.num_workers": 0, "data.hflip": True,
+        "train.out_dir": str(out), "train.steps": 8, "train.per_device_batch": 8, "train.log_every": 1,
+        "train.ckpt_every": 4, "train.sample_every": None, "optim.global_batch": 16, "optim.lr": 1e-3,
+        "optim.warmup_epochs": 0.5, "ema.warmup": True,
+        # Lite0 at 64 px gives a 4 x 4 grid of 112 channels: the Micro/8 token grid.
+        "align.encoder.img_size": 64,
+    }
+    changes.update(overrides)
+    return get_preset(preset).replace(**changes)
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    lines = (out / "log.jsonl").read_text().splitlines()
+    return [(r["step"], r["total"]) for r in map(json.loads, lines)]
+
+
+@pytest.mark.parametrize("mode", ["pixelrepa", "repa", "none"])
+def test_runs_and_writes_everything(pack, tmp_path, mode):
+    config = tiny_config(pack, tmp_path / "run", mode, **{"train.sample_every": 8})
+    summary = train(config, progress=False)
+    assert summary.steps == 8
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 9))
+    assert all(np.isfinite(r["total"]) for r in log) and ("align" in log[0]) == (mode != "none")
+    loaded = ckpt.load_checkpoint(ckpt.find_checkpoint(tmp_path / "run"))
+    assert loaded.train_state["step"] == 8 and {"net", "ema1", "ema2"} <= set(loaded.groups)
+    assert ("head" in loaded.groups) == (mode != "none")
+    assert (tmp_path / "run" / "samples" / "step-00000008.png").is_file()
+    assert json.loads((tmp_path / "run" / "classes.json").read_text()) == [str(c) for c in range(10)]
+
+
+def test_resume_is_bit_identical(pack, tmp_path):
+    full = tiny_config(pack, tmp_path / "full")
+    train(full, progress=False)
+    first = tiny_config(pack, tmp_path / "split", **{"train.steps": 4})
+    train(first, progress=False)
+    second = tiny_config(pack, tmp_path / "split")
+    summary = train(second, progress=False)
+    assert summary.resumed_from is not None and summary.resumed_from.name == "step-00000004"
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")
+
+
+def test_resume_refuses_a_different_model(pack, tmp_path):
+    train(tiny_config(pack, tmp_path / "run", **{"train.steps": 4}), progress=False)
+    with pytest.raises(ValueError, match="'align' differs"):
+        train(tiny_config(pack, tmp_path / "run", **{"align.mask_ratio": 0.5}), progress=False)
+
+
+def _train_command(config_path: Path) -> list[str]:
+    return [sys.executable, "-m", "pixelrepa.cli.main", "train", "--config", str(config_path), "--no-progress"]
+
+
+def _write_config(config, path: Path) -> Path:
+    path.write_text(json.dumps(config.to_dict()))
+    return path
+
+
+def _child_env() -> dict[str, str]:
+    """The child computes with this process's thread count: CPU results are bit-identical only
+    for the same build and thread count."""
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(REPO)}
+
+
+def test_kill_9_at_a_random_step_then_resume(pack, tmp_path):
+    steps = 12
+    reference = tiny_config(pack, tmp_path / "reference", **{"train.steps": steps, "train.ckpt_every": 3})
+    train(reference, progress=False)
+    killed = tiny_config(pack, tmp_path / "killed", **{"train.steps": steps, "train.ckpt_every": 3})
+    config_path = _write_config(killed, tmp_path / "killed.json")
+    kill_after = int(np.random.default_rng().integers(4, 10))
+    process = subprocess.Popen(_train_command(config_path), env=_child_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed" / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= kill_after:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(log.read_text().splitlines()) < steps, "the run was killed before it finished"
+    resumed = subprocess.run(_train_command(config_path), env=_child_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(tmp_path / "killed") == losses(tmp_path / "reference")
+
+
+_CRASH_IN_SAVE = """
+import os, signal, sys
+from pixelrepa.training import checkpoint
+from pixelrepa.cli.main import main
+real_replace = os.replace
+saves = []
+def replace(src, dst):
+    # kill -9 the second checkpoint write after its files are written, before the rename
+    if str(src).endswith(".tmp") and "step-" in str(src) and os.path.isdir(src):
+        saves.append(src)
+        if len(saves) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst)
+checkpoint.os.replace = replace
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_while_writing_a_checkpoint_keeps_the_previous_one(pack, tmp_path):
+    reference = tiny_config(pack, tmp_path / "reference")
+    train(reference, progress=False)
+    config = tiny_config(pack, tmp_path / "run")
+    config_path = _write_config(config, tmp_path / "run.json")
+    crashed = subprocess.run([sys.executable, "-c", _CRASH_IN_SAVE, "train", "--config", str(config_path),
+                              "--no-progress"], env=_child_env(), capture_output=True, text=True)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    survivor = ckpt.find_checkpoint(tmp_path / "run")
+    assert survivor.name == "step-00000004"
+    assert ckpt.load_checkpoint(survivor).train_state["step"] == 4
+    resumed = subprocess.run(_train_command(config_path), env=_child_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(tmp_path / "run") == losses(tmp_path / "reference")
+
+
+def _poison_step(monkeypatch, bad_steps: set[int]) -> None:
+    """Make the loss NaN at the given (0-based) steps."""
+    from pixelrepa.training import trainer
+
+    real = trainer._accumulate
+
+    def accumulate(model, encoder, data_iter, config, dist, step, accum):
+        out = real(model, encoder, data_iter, config, dist, step, accum)
+        if step in bad_steps:
+            out["total"] = out["total"] * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer, "_accumulate", accumulate)
+
+
+def test_non_finite_loss_stops_and_names_the_last_checkpoint(pack, tmp_path, monkeypatch):
+    _poison_step(monkeypatch, {5})
+    config = tiny_config(pack, tmp_path / "run")
+    with pytest.raises(NonFiniteLossError) as info:
+        train(config, progress=False)
+    message = str(info.value)
+    assert "step 5" in message and "step-00000004" in message
+    loaded = ckpt.load_checkpoint(ckpt.find_checkpoint(tmp_path / "run"))
+    assert loaded.train_state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in loaded.groups["net"].values())
+
+
+def test_non_finite_loss_may_be_skipped(pack, tmp_path, monkeypatch):
+    _poison_step(monkeypatch, {2})
+    config = tiny_config(pack, tmp_path / "run", **{"train.max_nonfinite_skips": 1})
+    summary = train(config, progress=False)
+    assert summary.steps == 8
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["skipped_steps"] == 1 and 3 not in [r["step"] for r in log]
+    loaded = ckpt.load_checkpoint(ckpt.find_checkpoint(tmp_path / "run"))
+    assert all(torch.isfinite(v).all() for v in loaded.groups["net"].values())
+
+
+def test_batch_split_must_divide(pack, tmp_path):
+    config = tiny_config(pack, tmp_path / "run", **{"train.per_device_batch": 5})
+    with pytest.raises(ValueError, match="not a multiple"):
+        train(config, progress=False)
+
+
+def test_class_count_mismatch_stops_before_training(pack, tmp_path):
+    config = tiny_config(pack, tmp_path / "run", **{"model.num_classes": 7})
+    with pytest.raises(ValueError, match="10 classes, 7 expected"):
+        train(config, progress=False)
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_cli_dry_run_prints_config(capsys, pack, tmp_path):
+    from pixelrepa.cli.main import main
+
+    config_file = tmp_path / "changes.yaml"
+    config_file.write_text("model:\n  depth: 2\ntrain:\n  steps: 3\n")
+    assert main(["train", "--preset", "PixelREPA-Micro/8", "--config", str(config_file), "--data", str(pack),
+                 "--set", "align.mask_ratio=0.3", "--dry-run"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["model"]["depth"] == 2 and resolved["train"]["steps"] == 3
+    assert resolved["align"]["mask_ratio"] == 0.3 and resolved["data"]["source"] == str(pack)
+
+
+def test_export_then_sample(pack, tmp_path):
+    from pixelrepa.cli.main import main
+    from pixelrepa.weights import load_model_file
+
+    train(tiny_config(pack, tmp_path / "run", **{"train.steps": 4}), progress=False)
+    model = tmp_path / "model.safetensors"
+    assert main(["export", str(tmp_path / "run"), str(model), "--ema", "2"]) == 0
+    config, groups, metadata = load_model_file(model)
+    assert set(groups) == {"net"} and config.align.mode == "pixelrepa"
+    assert main(["export", str(tmp_path / "run"), str(model)]) == 2, "no silent overwrite"
+    assert main(["sample", str(model), str(tmp_path / "samples"), "--num-images", "4", "--steps", "2",
+                 "--format", "npz"]) == 0
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_torchrun_two_processes(pack, tmp_path, parallel):
+    """Two gloo processes train, checkpoint and resume; rank 0 alone writes logs."""
+    config = tiny_config(pack, tmp_path / "run", **{"train.parallel": parallel, "train.steps": 4,
+                                                    "train.ckpt_every": 2, "train.per_device_batch": 4})
+    config_path = _write_config(config, tmp_path / "run.json")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "pixelrepa.cli.main", "train", "--config", str(config_path), "--no-progress"]
+    result = subprocess.run(command, env=_child_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = ckpt.load_checkpoint(ckpt.find_checkpoint(tmp_path / "run"), rank=1)
+    assert loaded.train_state["step"] == 4 and set(loaded.groups) >= {"net", "head", "ema1", "ema2"}
+    assert [step for step, _ in losses(tmp_path / "run")] == [1, 2, 3, 4]
+    longer = _write_config(config.replace(**{"train.steps": 6}), tmp_path / "longer.json")
+    command[command.index(str(config_path))] = str(longer)
+    result = subprocess.run(command, env=_child_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [step for step, _ in losses(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
