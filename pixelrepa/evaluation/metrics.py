@@ -1,0 +1,281 @@
+"""Sample-quality metrics on Inception features: FID, KID, precision / recall; image sources; reference statistics.
+
+Images are read in batches from a folder of PNGs (or a sample folder's `images/`), an ADM `.npz`
+(`arr_0` uint8 (N, H, W, 3)) or a pack folder, and only their features are kept in memory.
+KID and precision / recall call torch-fidelity's functions on the features (its defaults: KID
+with a cubic polynomial kernel, unbiased MMD, 100 subsets of up to 1000; precision / recall with
+k = 3 neighbours, input 1 = generated, input 2 = real).
+
+Sample counts: the statistics need at least 2 samples. With n <= feature dimension the
+covariance is singular (rank <= n - 1); FID is still computed, through the eps fix of
+`frechet_distance`, but is strongly biased, so `feature_statistics` warns (as a
+`SmallSampleWarning`). Reference files hold `mu` (D,), `sigma` (D, D) float64 and optionally
+`features` (N, D) for KID and precision / recall against them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch import nn
+
+from pixelrepa.data.packed import MANIFEST as PACK_MANIFEST
+from pixelrepa.data.packed import PackedDataset
+from pixelrepa.evaluation.generate import IMAGES_DIR, read_png
+
+FID_EPS = 1e-6
+IMAG_TOLERANCE = 1e-3  # largest |imaginary part| of sqrtm's diagonal taken as rounding noise
+
+
+class SmallSampleWarning(UserWarning):
+    """Fewer samples than the feature dimension: the covariance is singular and FID biased."""
+
+
+# ---------------------------------------------------------------------------
+# Statistics and distances
+# ---------------------------------------------------------------------------
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D), float64, of features (N, D); N >= 2, warns when N <= D."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2:
+        raise ValueError(f"features must be (N, D), got shape {features.shape}")
+    n, dim = features.shape
+    if n < 2:
+        raise ValueError(f"{n} sample(s): the covariance needs at least 2")
+    if n <= dim:
+        warnings.warn(f"{n} samples for {dim}-d features: the covariance is singular (rank <= {n - 1}) "
+                      "and FID is strongly biased; use more samples than the feature dimension",
+                      SmallSampleWarning, stacklevel=2)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = FID_EPS) -> float:
+    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), in float64.
+
+    When the product's square root is not finite (nearly singular covariances), eps * I is added
+    to both covariances; an imaginary part up to `IMAG_TOLERANCE` on the diagonal is dropped."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"statistics do not match: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(mu1)) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        largest = np.max(np.abs(covmean.diagonal().imag))
+        if largest > IMAG_TOLERANCE:
+            raise ValueError(f"sqrt(sigma1 sigma2) has an imaginary component of {largest:.3g}; "
+                             "the covariances are not valid (not symmetric positive semi-definite)")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def kernel_inception_distance(generated: np.ndarray, real: np.ndarray, subsets: int = 100,
+                              subset_size: int = 1000, seed: int = 2020) -> dict:
+    """KID through torch-fidelity (unbiased MMD^2, polynomial kernel degree 3, gamma 1/D, coef 1)
+    over `subsets` random subsets of min(subset_size, N1, N2) samples: mean, std and the settings."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    size = min(subset_size, len(generated), len(real))
+    if size < 2:
+        raise ValueError(f"KID needs at least 2 samples in each set, got {len(generated)} and {len(real)}")
+    out = kid_features_to_metric(torch.as_tensor(generated), torch.as_tensor(real), kid_subsets=subsets,
+                                 kid_subset_size=size, rng_seed=seed, verbose=False)
+    return {"mean": out[KEY_METRIC_KID_MEAN], "std": out[KEY_METRIC_KID_STD], "subsets": subsets,
+            "subset_size": size, "seed": seed, "kernel": "polynomial degree 3, gamma 1/D, coef0 1"}
+
+
+def precision_recall(generated: np.ndarray, real: np.ndarray, neighborhood: int = 3) -> dict:
+    """Improved precision / recall (Kynkäänniemi et al.) through torch-fidelity: k-NN balls in feature space."""
+    from torch_fidelity.metric_prc import (KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION, KEY_METRIC_RECALL,
+                                           prc_features_to_metric)
+
+    if min(len(generated), len(real)) <= neighborhood:
+        raise ValueError(f"precision / recall with k = {neighborhood} needs more than {neighborhood} samples "
+                         f"in each set, got {len(generated)} and {len(real)}")
+    out = prc_features_to_metric(torch.as_tensor(generated, dtype=torch.float32),
+                                 torch.as_tensor(real, dtype=torch.float32), prc_neighborhood=neighborhood,
+                                 prc_batch_size=10000, save_cpu_ram=True, verbose=False)
+    return {"precision": out[KEY_METRIC_PRECISION], "recall": out[KEY_METRIC_RECALL],
+            "f_score": out[KEY_METRIC_F_SCORE], "neighborhood": neighborhood}
+
+
+# ---------------------------------------------------------------------------
+# Reference statistics files
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Reference:
+    """Statistics of a reference set; `features` only when stored (needed for KID, precision / recall)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: np.ndarray | None = None
+    meta: dict | None = None
+
+
+def save_reference(path: str | Path, reference: Reference) -> Path:
+    """Write `mu`, `sigma` (and `features`, `meta` as JSON) to an `.npz`, atomically."""
+    path = Path(path)
+    arrays = {"mu": reference.mu, "sigma": reference.sigma}
+    if reference.features is not None:
+        arrays["features"] = reference.features
+    if reference.meta is not None:
+        arrays["meta"] = np.array(json.dumps(reference.meta))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_reference(path: str | Path, dim: int | None = None) -> Reference:
+    """Read and check a reference `.npz`: `mu` (D,), `sigma` (D, D), optional `features` (N, D)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no reference statistics file at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} is not a readable .npz file: {err}") from None
+    missing = [key for key in ("mu", "sigma") if key not in arrays]
+    if missing:
+        raise ValueError(f"{path} lacks {' and '.join(repr(k) for k in missing)} (has: {', '.join(arrays) or 'nothing'}); "
+                         "a reference file holds 'mu' (D,) and 'sigma' (D, D)")
+    mu, sigma, features = arrays["mu"], arrays["sigma"], arrays.get("features")
+    expected = mu.shape[0] if dim is None and mu.ndim == 1 else dim
+    if mu.shape != (expected,):
+        raise ValueError(f"{path}: 'mu' has shape {mu.shape}, expected ({expected},)")
+    if sigma.shape != (expected, expected):
+        raise ValueError(f"{path}: 'sigma' has shape {sigma.shape}, expected ({expected}, {expected})")
+    if features is not None and (features.ndim != 2 or features.shape[1] != expected):
+        raise ValueError(f"{path}: 'features' has shape {features.shape}, expected (N, {expected})")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{path}: 'mu' or 'sigma' holds non-finite values")
+    meta = json.loads(str(arrays["meta"])) if "meta" in arrays else None
+    return Reference(mu.astype(np.float64), sigma.astype(np.float64), features, meta)
+
+
+# ---------------------------------------------------------------------------
+# Image sources and feature extraction
+# ---------------------------------------------------------------------------
+
+class ImageSource:
+    """uint8 (B, 3, H, W) batches from a PNG folder, a sample folder, an ADM `.npz` or a pack folder.
+
+    All images must have one size. `max_images` keeps only the first ones."""
+
+    def __init__(self, path: str | Path, max_images: int | None = None):
+        self.path = Path(path)
+        if max_images is not None and max_images < 1:
+            raise ValueError(f"--max-images must be positive, got {max_images}")
+        if not self.path.exists():
+            raise FileNotFoundError(f"no image source at {self.path}")
+        if self.path.is_file():
+            if self.path.suffix != ".npz":
+                raise ValueError(f"{self.path}: an image source is a folder of PNGs, a pack folder or an .npz")
+            self.kind, total = "npz", self._npz_header()[0][0]
+        elif (self.path / PACK_MANIFEST).is_file() and (self.path / "images.u8").is_file():
+            self.kind, self._pack = "pack", PackedDataset(self.path)
+            total = len(self._pack)
+        else:
+            folder = self.path / IMAGES_DIR if (self.path / IMAGES_DIR).is_dir() else self.path
+            self.kind, self._pngs = "png-folder", sorted(folder.glob("*.png"))
+            total = len(self._pngs)
+            if not total:
+                raise ValueError(f"{folder} holds no .png images")
+        self.total = total
+        self.count = total if max_images is None else min(total, max_images)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def describe(self) -> dict:
+        return {"path": str(self.path.resolve()), "kind": self.kind, "available": self.total, "used": self.count}
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """uint8 (B, H, W, 3) arrays, checked to share one size."""
+        first_shape, index = None, 0
+        for batch in self._chunks(batch_size):
+            if first_shape is None:
+                first_shape = batch[0].shape
+            for image in batch:
+                if image.shape != first_shape:
+                    raise ValueError(f"{self._name(index)} is {image.shape[1]}x{image.shape[0]}, but the first "
+                                     f"image is {first_shape[1]}x{first_shape[0]}: images of mixed sizes")
+                index += 1
+            yield np.stack(batch)
+
+    def _name(self, index: int) -> str:
+        return str(self._pngs[index]) if self.kind == "png-folder" else f"{self.path} image {index}"
+
+    def _chunks(self, batch_size: int) -> Iterator[list[np.ndarray]]:
+        starts = range(0, self.count, batch_size)
+        if self.kind == "png-folder":
+            for start in starts:
+                yield [read_png(p) for p in self._pngs[start:start + batch_size]]
+        elif self.kind == "pack":
+            for start in starts:
+                yield list(np.asarray(self._pack.images[start:min(start + batch_size, self.count)]))
+        else:  # one sequential pass through the (possibly compressed) zip member
+            (_, height, width, _), offset = self._npz_header()
+            image_bytes = height * width * 3
+            with zipfile.ZipFile(self.path) as archive, archive.open("arr_0.npy") as f:
+                f.read(offset)
+                for start in starts:
+                    n = min(batch_size, self.count - start)
+                    data = np.frombuffer(f.read(n * image_bytes), dtype=np.uint8)
+                    if data.size != n * image_bytes:
+                        raise ValueError(f"{self.path}: 'arr_0' is truncated at image {start + data.size // image_bytes}")
+                    yield list(data.reshape(n, height, width, 3))
+
+    def _npz_header(self) -> tuple[tuple[int, ...], int]:
+        """Shape of `arr_0` and where its data start in the member; checks it is uint8 (N, H, W, 3)."""
+        try:
+            with zipfile.ZipFile(self.path) as archive, archive.open("arr_0.npy") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                    else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(f)
+                offset = f.tell()
+        except KeyError:
+            raise ValueError(f"{self.path} has no 'arr_0' (the ADM sample layout: uint8 (N, H, W, 3))") from None
+        except (zipfile.BadZipFile, ValueError) as err:
+            raise ValueError(f"{self.path} is not a readable .npz file: {err}") from None
+        if dtype != np.uint8 or fortran or len(shape) != 4 or shape[3] != 3:
+            raise ValueError(f"{self.path}: 'arr_0' is {dtype} {shape}{' (Fortran order)' if fortran else ''}, "
+                             "expected uint8 (N, H, W, 3)")
+        return shape, offset
+
+
+@torch.no_grad()
+def extract_features(source: ImageSource, extractor: nn.Module, batch_size: int = 50,
+                     device: torch.device | str = "cpu", progress=None) -> np.ndarray:
+    """float32 (N, D) features of every image of `source`, batch by batch; `progress(n)` after each batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
+    features = []
+    for batch in source.batches(batch_size):
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous().to(device)
+        features.append(extractor(x)[0].float().cpu().numpy())
+        if progress is not None:
+            progress(len(batch))
+    return np.concatenate(features)
