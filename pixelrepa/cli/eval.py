@@ -4,11 +4,12 @@
   pixelrepa eval ref-stats SRC OUT.npz [--keep-features]
 
 SAMPLES and SRC are a folder of PNGs, a `pixelrepa sample` output folder (its images/), an ADM
-.npz (`arr_0` uint8 (N, H, W, 3)) or a pack folder; REF is a statistics .npz (from `ref-stats`:
-`mu`, `sigma`, and `features` with --keep-features, which KID and precision / recall need) or
-an image source. Images are read in batches; only features stay in memory. The result is one
-JSON record (stdout, and --out) with every setting, the sources, the feature network and its
-weights. The Inception Score is reported as unavailable: the offline network has no classifier.
+.npz (`arr_0` uint8 (N, H, W, 3)) or a pack folder; REF is a statistics .npz (`mu` (2048,),
+`sigma` (2048, 2048): from `ref-stats`, with `features` under --keep-features, which KID and
+precision / recall need; an ADM reference batch works too) or an image source. Images are read
+in batches; only features stay in memory. The result is one JSON record (stdout, and --out) with
+every setting, the sources, the feature network and its weights. The Inception Score is reported
+as unavailable: the offline network has no classifier.
 (A sample folder literally named `ref-stats` is given as ./ref-stats.)
 """
 
@@ -20,6 +21,7 @@ import os
 import sys
 import time
 import warnings
+import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -88,7 +90,7 @@ def reference_stats(src: Path, out: Path, args: argparse.Namespace, device: torc
     """Features of SRC -> `mu`, `sigma` (and `features`) in OUT, with a `meta` record."""
     source = ImageSource(src, args.max_images)
     check_count(len(source), "SRC")
-    features, seconds = features_of(source, args.batch_size, device, "reference")
+    features, seconds = features_of(source, inception.load_extractor(device), args.batch_size, device, "reference")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mu, sigma = feature_statistics(features)
@@ -124,12 +126,13 @@ def evaluate(samples_path: Path, ref_path: Path, args: argparse.Namespace, devic
     elif reference.features is not None:
         check_count(len(reference.features), "REF features", metrics)
 
-    features, seconds = features_of(samples, args.batch_size, device, "samples")
+    extractor = inception.load_extractor(device)
+    features, seconds = features_of(samples, extractor, args.batch_size, device, "samples")
     timing = {"samples_seconds": round(seconds, 3), "seconds_per_image": round(seconds / len(features), 4)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if reference is None:
-            ref_features, ref_seconds = features_of(ref_source, args.batch_size, device, "reference")
+            ref_features, ref_seconds = features_of(ref_source, extractor, args.batch_size, device, "reference")
             timing["reference_seconds"] = round(ref_seconds, 3)
             reference = Reference(*feature_statistics(ref_features), ref_features)
         mu, sigma = feature_statistics(features)
@@ -160,18 +163,18 @@ def evaluate(samples_path: Path, ref_path: Path, args: argparse.Namespace, devic
     }
 
 
-def check_count(count: int, name: str, metrics: list[str] = ("fid",)) -> None:
+def check_count(count: int, name: str, metrics: list[str] | None = None) -> None:
     """Refuse, before any network pass, a source too small for the statistics or the metrics."""
-    needed = max([2] + [PR_NEIGHBORHOOD + 1 for m in metrics if m == "pr"])
-    if count < needed:
-        raise ValueError(f"{name} has {count} image(s); the covariance needs at least 2"
-                         + (f" and precision / recall (k = {PR_NEIGHBORHOOD}) {PR_NEIGHBORHOOD + 1}"
-                            if "pr" in metrics else ""))
+    if metrics and "pr" in metrics and count <= PR_NEIGHBORHOOD:
+        raise ValueError(f"{name} has {count} image(s); precision / recall (k = {PR_NEIGHBORHOOD}) needs at least "
+                         f"{PR_NEIGHBORHOOD + 1}")
+    if count < 2:
+        raise ValueError(f"{name} has {count} image(s); the covariance needs at least 2")
 
 
-def features_of(source: ImageSource, batch_size: int, device: torch.device, label: str) -> tuple[np.ndarray, float]:
+def features_of(source: ImageSource, extractor: torch.nn.Module, batch_size: int, device: torch.device,
+                label: str) -> tuple[np.ndarray, float]:
     """Features of a source with the offline Inception-v3, and the seconds spent."""
-    extractor = inception.load_extractor(device)
     start = time.perf_counter()
     with tqdm(total=len(source), desc=f"features ({label})", unit="img", dynamic_ncols=True, disable=None) as bar:
         features = extract_features(source, extractor, batch_size, device, bar.update)
@@ -179,12 +182,11 @@ def features_of(source: ImageSource, batch_size: int, device: torch.device, labe
 
 
 def _is_image_npz(path: Path) -> bool:
-    """An ADM sample file (`arr_0`) rather than reference statistics."""
-    import zipfile
-
+    """Images (`arr_0`) rather than statistics; a file with both (the ADM reference batches) counts as statistics."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return "arr_0.npy" in archive.namelist()
+            names = archive.namelist()
+        return "arr_0.npy" in names and "mu.npy" not in names
     except zipfile.BadZipFile:
         return False
 

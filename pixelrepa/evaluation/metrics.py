@@ -68,7 +68,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
-        raise ValueError(f"statistics do not match: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}")
+        raise ValueError(f"statistics do not match: mu {mu1.shape} / {mu2.shape}, "
+                         f"sigma {sigma1.shape} / {sigma2.shape}")
     diff = mu1 - mu2
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
@@ -158,10 +159,11 @@ def load_reference(path: str | Path, dim: int | None = None) -> Reference:
         raise ValueError(f"{path} is not a readable .npz file: {err}") from None
     missing = [key for key in ("mu", "sigma") if key not in arrays]
     if missing:
-        raise ValueError(f"{path} lacks {' and '.join(repr(k) for k in missing)} (has: {', '.join(arrays) or 'nothing'}); "
+        raise ValueError(f"{path} lacks {' and '.join(repr(k) for k in missing)} "
+                         f"(has: {', '.join(arrays) or 'nothing'}); "
                          "a reference file holds 'mu' (D,) and 'sigma' (D, D)")
     mu, sigma, features = arrays["mu"], arrays["sigma"], arrays.get("features")
-    expected = mu.shape[0] if dim is None and mu.ndim == 1 else dim
+    expected = dim if dim is not None else mu.shape[0] if mu.ndim == 1 else "D"
     if mu.shape != (expected,):
         raise ValueError(f"{path}: 'mu' has shape {mu.shape}, expected ({expected},)")
     if sigma.shape != (expected, expected):
@@ -186,7 +188,7 @@ class ImageSource:
     def __init__(self, path: str | Path, max_images: int | None = None):
         self.path = Path(path)
         if max_images is not None and max_images < 1:
-            raise ValueError(f"--max-images must be positive, got {max_images}")
+            raise ValueError(f"the image limit must be positive, got {max_images}")
         if not self.path.exists():
             raise FileNotFoundError(f"no image source at {self.path}")
         if self.path.is_file():
@@ -244,7 +246,8 @@ class ImageSource:
                     n = min(batch_size, self.count - start)
                     data = np.frombuffer(f.read(n * image_bytes), dtype=np.uint8)
                     if data.size != n * image_bytes:
-                        raise ValueError(f"{self.path}: 'arr_0' is truncated at image {start + data.size // image_bytes}")
+                        raise ValueError(f"{self.path}: 'arr_0' is truncated at image "
+                                         f"{start + data.size // image_bytes}")
                     yield list(data.reshape(n, height, width, 3))
 
     def _npz_header(self) -> tuple[tuple[int, ...], int]:
@@ -272,10 +275,14 @@ def extract_features(source: ImageSource, extractor: nn.Module, batch_size: int 
     """float32 (N, D) features of every image of `source`, batch by batch; `progress(n)` after each batch."""
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
-    features = []
-    for batch in source.batches(batch_size):
-        x = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous().to(device)
-        features.append(extractor(x)[0].float().cpu().numpy())
-        if progress is not None:
-            progress(len(batch))
+    features, tf32 = [], torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # full float32 convolutions on GPU, as on CPU
+    try:
+        for batch in source.batches(batch_size):
+            x = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous().to(device)
+            features.append(extractor(x)[0].float().cpu().numpy())
+            if progress is not None:
+                progress(len(batch))
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     return np.concatenate(features)

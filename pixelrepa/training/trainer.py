@@ -58,7 +58,8 @@ class RunSummary:
     steps: int
     resumed_from: Path | None
     last_checkpoint: Path | None
-    final_losses: dict[str, float]
+    last_metrics: dict[str, float]
+    """The last logged (rank-averaged) metrics."""
     rank: int = 0
 
 
@@ -149,6 +150,7 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
                dynamic_ncols=True)
     last_checkpoint = resume_path
     window: list[dict[str, torch.Tensor]] = []
+    last_metrics: dict[str, float] = {}
     timer = time.perf_counter()
     data_iter, data_epoch = None, -1
     step = start_step
@@ -167,9 +169,13 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
                 f"out of memory at step {step} with per_device_batch {config.train.per_device_batch}: lower it "
                 f"(accumulation keeps the global batch {config.optim.global_batch}) or set "
                 "train.activation_checkpointing=true") from err
-        if not _all_finite(losses["total"], dist):
+        if _all_finite(losses["total"], dist):
+            grad_norm = _clip(model, config.optim.grad_clip)
+            optimizer.step()
+            ema.update(unwrap(model).net)
+            window.append(losses | {"grad_norm": grad_norm})
+        else:
             skipped_steps += 1
-            optimizer.zero_grad(set_to_none=True)
             values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
             if skipped_steps > config.train.max_nonfinite_skips:
                 raise NonFiniteLossError(
@@ -178,17 +184,11 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
                     f"{skipped_steps - 1} earlier steps were skipped (train.max_nonfinite_skips="
                     f"{config.train.max_nonfinite_skips})")
             logger.warning("skipping step %d: non-finite loss (%s)", step, values)
-            step += 1
-            continue
-        grad_norm = _clip(model, config.optim.grad_clip)
-        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ema.update(unwrap(model).net)
         step += 1
-        window.append(losses | {"grad_norm": grad_norm})
         bar.update(1)
 
-        if step % config.train.log_every == 0 or step == total_steps:
+        if window and (step % config.train.log_every == 0 or step == total_steps):
             elapsed = time.perf_counter() - timer
             metrics = reduce_mean({k: torch.stack([w[k] for w in window]).mean() for k in window[0]}, dist)
             metrics.update(lr=lr, img_per_s=len(window) * config.optim.global_batch / elapsed,
@@ -199,7 +199,7 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
                 writer.log(step, epoch, metrics)
             bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("total", "denoise", "align") if k in metrics}
                             | {"img/s": f"{metrics['img_per_s']:.0f}"})
-            window, timer = [], time.perf_counter()
+            window, timer, last_metrics = [], time.perf_counter(), metrics
         if step % config.train.ckpt_every == 0 or step == total_steps:
             last_checkpoint = _save(out_dir, step, config, model, optimizer, ema, dist, skipped_steps, steps_per_epoch)
         if config.train.sample_every and (step % config.train.sample_every == 0 or step == total_steps):
@@ -207,8 +207,7 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
     bar.close()
     if writer is not None:
         writer.close()
-    final = window[-1] if window else {}
-    return RunSummary(out_dir, step, resume_path, last_checkpoint, {k: float(v) for k, v in final.items()}, dist.rank)
+    return RunSummary(out_dir, step, resume_path, last_checkpoint, last_metrics, dist.rank)
 
 
 def _accumulate(model, encoder, data_iter, config: RunConfig, dist: DistInfo, step: int,
