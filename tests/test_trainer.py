@@ -231,6 +231,11 @@ def test_export_then_sample(pack, tmp_path):
     assert main(["export", str(tmp_path / "run"), str(model)]) == 2, "no silent overwrite"
     assert main(["sample", str(model), str(tmp_path / "samples"), "--num-images", "4", "--steps", "2",
                  "--format", "npz"]) == 0
+    # A run folder directly: its latest checkpoint's EMA 2, the same weights as the export.
+    assert main(["sample", str(tmp_path / "run"), str(tmp_path / "from-run"), "--ema", "2", "--num-images", "4",
+                 "--steps", "2", "--format", "npz"]) == 0
+    with np.load(tmp_path / "samples" / "samples.npz") as a, np.load(tmp_path / "from-run" / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
 
 
 @pytest.mark.multiprocess

@@ -39,6 +39,7 @@ from pixelrepa.evaluation.generate import (
 )
 from pixelrepa.evaluation.images import save_labelled_grid
 from pixelrepa.models.jit import JiT
+from pixelrepa.training.checkpoint import export_sampling_checkpoint, find_checkpoint
 from pixelrepa.training.device import pick_device
 from pixelrepa.training.parallel import DistInfo, broadcast_object, init_distributed, reduce_mean, shutdown_distributed
 from pixelrepa.weights import load_model_file
@@ -47,7 +48,9 @@ MODEL_FILE_NAME = "model.safetensors"
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", type=Path, help=f"a pixelrepa model file, or a folder holding {MODEL_FILE_NAME}")
+    parser.add_argument("model", type=Path, help=f"a pixelrepa model file, a folder holding {MODEL_FILE_NAME}, "
+                        "or a training run / checkpoint folder (its EMA backbone)")
+    parser.add_argument("--ema", type=int, default=1, help="with a training run: EMA 1 (default) or 2")
     parser.add_argument("output", type=Path, help="output folder (or a .png path: just a labelled grid)")
     parser.add_argument("--num-images", type=int,
                         help="images to make (default: classes x per-class; more repeats the class layout)")
@@ -77,14 +80,21 @@ def run(args: argparse.Namespace) -> int:
         shutdown_distributed()
 
 
-def resolve_model_path(path: Path) -> Path:
-    """A model file, or the model file inside a folder."""
-    if path.is_dir():
-        if (path / MODEL_FILE_NAME).is_file():
-            return path / MODEL_FILE_NAME
-        raise FileNotFoundError(f"{path} is a folder without {MODEL_FILE_NAME}; pass a model file (a training "
-                                "run's folder needs its model file written first, with `pixelrepa export`)")
-    return path
+def resolve_model_path(path: Path, ema: int = 1) -> Path:
+    """A model file; the model file inside a folder; or, for a training run or checkpoint
+    folder, its latest checkpoint's EMA backbone, exported once next to that checkpoint."""
+    if not path.is_dir():
+        return path
+    if (path / MODEL_FILE_NAME).is_file():
+        return path / MODEL_FILE_NAME
+    try:
+        checkpoint = find_checkpoint(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} holds neither {MODEL_FILE_NAME} nor a training checkpoint") from None
+    exported = checkpoint / f"sampling-ema{ema}.safetensors"
+    if not exported.is_file():
+        export_sampling_checkpoint(checkpoint, exported, ema=ema)
+    return exported
 
 
 def load_for_sampling(path: Path, args: argparse.Namespace, device: torch.device) -> tuple[RunConfig, JiT]:
@@ -105,7 +115,7 @@ def load_for_sampling(path: Path, args: argparse.Namespace, device: torch.device
 
 def run_grid(args: argparse.Namespace) -> int:
     device = pick_device()
-    config, net = load_for_sampling(resolve_model_path(args.model), args, device)
+    config, net = load_for_sampling(resolve_model_path(args.model, args.ema), args, device)
     classes = args.classes or list(range(min(10, config.model.num_classes)))
     per_class = 8 if args.per_class is None else args.per_class
     images = sample_classes(net, config, classes, per_class, args.seed, device, args.batch_size)
@@ -115,7 +125,7 @@ def run_grid(args: argparse.Namespace) -> int:
 
 
 def run_folder(args: argparse.Namespace, info: DistInfo) -> int:
-    model_path = resolve_model_path(args.model)
+    model_path = resolve_model_path(args.model, args.ema)
     config, net = load_for_sampling(model_path, args, info.device)
     layout = class_layout(config.model.num_classes, args.classes,
                           50 if args.per_class is None else args.per_class)
