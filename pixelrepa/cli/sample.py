@@ -90,7 +90,8 @@ def resolve_model_path(path: Path, ema: int = 1) -> Path:
     try:
         checkpoint = find_checkpoint(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} holds neither {MODEL_FILE_NAME} nor a training checkpoint") from None
+        raise FileNotFoundError(f"{path} holds neither {MODEL_FILE_NAME} nor a training checkpoint (model files "
+                                "come from `pixelrepa export` or `pixelrepa import`)") from None
     exported = checkpoint / f"sampling-ema{ema}.safetensors"
     if not exported.is_file():
         export_sampling_checkpoint(checkpoint, exported, ema=ema)
