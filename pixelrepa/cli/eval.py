@@ -2,6 +2,7 @@
 
   pixelrepa eval SAMPLES --ref REF [--metrics fid kid pr is] [--out result.json]
   pixelrepa eval ref-stats SRC OUT.npz [--keep-features]
+  pixelrepa eval sweep MODEL --ref REF.npz --cfg 1.0 1.5 2.0 [--ema 1 2] [--steps 50 ...] --num-images N --out DIR
 
 SAMPLES and SRC are a folder of PNGs, a `pixelrepa sample` output folder (its images/), an ADM
 .npz (`arr_0` uint8 (N, H, W, 3)) or a pack folder; REF is a statistics .npz (`mu` (2048,),
@@ -10,7 +11,13 @@ precision / recall need; an ADM reference batch works too) or an image source. I
 in batches; only features stay in memory. The result is one JSON record (stdout, and --out) with
 every setting, the sources, the feature network and its weights. The Inception Score is reported
 as unavailable: the offline network has no classifier.
-(A sample folder literally named `ref-stats` is given as ./ref-stats.)
+`--features encoder:NAME [--encoder-weights PATH]` uses a representation encoder preset (the mean of
+its patch tokens; see `pixelrepa.evaluation.features`) instead of Inception; reference files record
+their feature network and are refused by another one. Under torchrun the images are split across
+the ranks and rank 0 computes and writes the result.
+`sweep` samples N images per (EMA, steps, CFG) setting in memory and writes FID / KID tables and
+a plot to DIR (see `pixelrepa.evaluation.sweep`).
+(A sample folder literally named `ref-stats` or `sweep` is given as ./ref-stats or ./sweep.)
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ import torch
 from tqdm import tqdm
 
 from pixelrepa import __version__
-from pixelrepa.evaluation import inception
+from pixelrepa.evaluation import features as feature_networks
+from pixelrepa.evaluation import inception, sweep
 from pixelrepa.evaluation.metrics import (
     FID_EPS,
     ImageSource,
@@ -52,20 +60,29 @@ PR_NEIGHBORHOOD = 3
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("samples", metavar="SAMPLES", help="images to evaluate, or `ref-stats`")
-    parser.add_argument("paths", nargs="*", metavar="SRC OUT.npz", help="for `ref-stats`: image source and output file")
+    parser.add_argument("samples", metavar="SAMPLES", help="images to evaluate, or `ref-stats` or `sweep`")
+    parser.add_argument("paths", nargs="*", metavar="SRC OUT.npz",
+                        help="for `ref-stats`: image source and output file; for `sweep`: the model")
     parser.add_argument("--ref", type=Path, help="reference statistics .npz or image source (evaluation)")
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=["fid"], help="default: fid")
     parser.add_argument("--batch-size", type=int, default=50, help="images per network batch (default 50)")
     parser.add_argument("--max-images", type=int, help="use only the first N images of each source")
-    parser.add_argument("--out", type=Path, help="also write the JSON record here")
+    parser.add_argument("--out", type=Path, help="also write the JSON record here (sweep: the output folder)")
     parser.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
     parser.add_argument("--kid-subset-size", type=int, default=1000,
                         help="KID subset size, capped at the smaller set (default 1000)")
-    parser.add_argument("--seed", type=int, default=2020, help="KID subset draws (default 2020, as torch-fidelity)")
+    parser.add_argument("--seed", type=int, help="KID subset draws (default 2020, as torch-fidelity); "
+                        "sweep: the sampling seed (default 0)")
     parser.add_argument("--keep-features", action="store_true",
                         help="ref-stats: also store the features (N x 2048 float32), for KID and precision / recall")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--features", default="inception", metavar="NET",
+                        help="feature network: `inception` (default) or `encoder:NAME`, NAME an encoder preset "
+                             "(dinov2-b, efficientnet-lite0, ...): the mean of its patch tokens (see "
+                             "pixelrepa.evaluation.features)")
+    parser.add_argument("--encoder-weights", metavar="PATH",
+                        help="local weights file for --features encoder:NAME (needed offline for DINOv2)")
+    sweep.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,12 +90,20 @@ def run(args: argparse.Namespace) -> int:
     if args.samples == "ref-stats":
         if len(args.paths) != 2:
             raise ValueError("usage: pixelrepa eval ref-stats SRC OUT.npz")
-        return reference_stats(Path(args.paths[0]), Path(args.paths[1]), args, device)
+        return in_process_group(args, device,
+                                lambda d: reference_stats(Path(args.paths[0]), Path(args.paths[1]), args, d))
+    if args.samples == "sweep":
+        args.seed = 0 if args.seed is None else args.seed
+        return sweep.run(args, device)
+    if args.seed is None:
+        args.seed = 2020
     if args.paths:
         raise ValueError(f"unexpected arguments: {' '.join(args.paths)}")
     if args.ref is None:
         raise ValueError("--ref REF is required: a reference statistics .npz or an image source")
-    record = evaluate(Path(args.samples), args.ref, args, device)
+    record = in_process_group(args, device, lambda d: evaluate(Path(args.samples), args.ref, args, d))
+    if record is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     text = json.dumps(record, indent=2)
     print(text)
     if args.out is not None:
@@ -86,15 +111,37 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def in_process_group(args: argparse.Namespace, device: torch.device, work):
+    """`work(device)` inside torchrun's process group (none for a single process), as `args.dist_info`:
+    feature extraction is split across the ranks, rank 0 computes and writes (the others get None)."""
+    from pixelrepa.training.parallel import init_distributed, shutdown_distributed
+
+    args.dist_info = init_distributed()
+    if args.dist_info.world_size > 1 and not args.device:
+        device = args.dist_info.device
+    try:
+        result = work(device)
+    except BaseException:
+        shutdown_distributed(barrier=False)
+        raise
+    shutdown_distributed()
+    return result
+
+
 def reference_stats(src: Path, out: Path, args: argparse.Namespace, device: torch.device) -> int:
     """Features of SRC -> `mu`, `sigma` (and `features`) in OUT, with a `meta` record."""
     source = ImageSource(src, args.max_images)
     check_count(len(source), "SRC")
-    features, seconds = features_of(source, inception.load_extractor(device), args.batch_size, device, "reference")
+    extractor, network = feature_networks.build_feature_extractor(
+        getattr(args, "features", "inception"), device, getattr(args, "encoder_weights", None))
+    features, seconds = features_of(source, extractor, args.batch_size, device, "reference",
+                                    getattr(args, "dist_info", None))
+    if features is None:  # not rank 0
+        return 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mu, sigma = feature_statistics(features)
-    meta = {"format": RESULT_FORMAT, "source": source.describe(), "feature_network": inception.describe(),
+    meta = {"format": RESULT_FORMAT, "source": source.describe(), "feature_network": network,
             "created": created()}
     save_reference(out, Reference(mu, sigma, features if args.keep_features else None, meta))
     report_warnings(caught)
@@ -108,8 +155,11 @@ def evaluate(samples_path: Path, ref_path: Path, args: argparse.Namespace, devic
     metrics = list(dict.fromkeys(args.metrics))
     samples = ImageSource(samples_path, args.max_images)
     needs_features = bool({"kid", "pr"} & set(metrics))
+    spec, weights = getattr(args, "features", "inception"), getattr(args, "encoder_weights", None)
+    network_id, feature_dim = feature_networks.identify(spec, weights)
     if ref_path.is_file() and ref_path.suffix == ".npz" and not _is_image_npz(ref_path):
-        reference, ref_source = load_reference(ref_path, inception.FEATURE_DIM), None
+        reference, ref_source = load_reference(ref_path), None
+        feature_networks.check_reference(ref_path, reference, network_id, feature_dim)
         if needs_features and reference.features is None:
             raise ValueError(f"{ref_path} holds only mu and sigma; KID and precision / recall need reference "
                              "features: make it with `pixelrepa eval ref-stats SRC OUT.npz --keep-features`, "
@@ -126,13 +176,18 @@ def evaluate(samples_path: Path, ref_path: Path, args: argparse.Namespace, devic
     elif reference.features is not None:
         check_count(len(reference.features), "REF features", metrics)
 
-    extractor = inception.load_extractor(device)
-    features, seconds = features_of(samples, extractor, args.batch_size, device, "samples")
+    extractor, network = feature_networks.build_feature_extractor(spec, device, weights)
+    dist_info = getattr(args, "dist_info", None)
+    features, seconds = features_of(samples, extractor, args.batch_size, device, "samples", dist_info)
+    if reference is None:
+        ref_features, ref_seconds = features_of(ref_source, extractor, args.batch_size, device, "reference",
+                                                dist_info)
+    if features is None:  # not rank 0
+        return None
     timing = {"samples_seconds": round(seconds, 3), "seconds_per_image": round(seconds / len(features), 4)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if reference is None:
-            ref_features, ref_seconds = features_of(ref_source, extractor, args.batch_size, device, "reference")
             timing["reference_seconds"] = round(ref_seconds, 3)
             reference = Reference(*feature_statistics(ref_features), ref_features)
         mu, sigma = feature_statistics(features)
@@ -152,10 +207,11 @@ def evaluate(samples_path: Path, ref_path: Path, args: argparse.Namespace, devic
         "format": RESULT_FORMAT,
         "samples": samples.describe(),
         "reference": ref_info,
-        "feature_network": inception.describe(),
-        "settings": {"metrics": metrics, "batch_size": args.batch_size, "max_images": args.max_images,
+        "feature_network": network,
+        "settings": {"metrics": metrics, "features": spec, "batch_size": args.batch_size, "max_images": args.max_images,
                      "device": str(device), "fid_eps": FID_EPS, "kid_subsets": args.kid_subsets,
-                     "kid_subset_size": args.kid_subset_size, "seed": args.seed, "pr_neighborhood": PR_NEIGHBORHOOD},
+                     "kid_subset_size": args.kid_subset_size, "seed": args.seed, "pr_neighborhood": PR_NEIGHBORHOOD,
+                     "world_size": dist_info.world_size if dist_info is not None else 1},
         "metrics": values,
         "warnings": [str(w.message) for w in caught],
         "timing": timing,
@@ -173,11 +229,17 @@ def check_count(count: int, name: str, metrics: list[str] | None = None) -> None
 
 
 def features_of(source: ImageSource, extractor: torch.nn.Module, batch_size: int, device: torch.device,
-                label: str) -> tuple[np.ndarray, float]:
-    """Features of a source with the offline Inception-v3, and the seconds spent."""
+                label: str, dist_info=None) -> tuple[np.ndarray | None, float]:
+    """Features of a source with the feature network, and the seconds spent. Under torchrun (`dist_info`)
+    each rank extracts its slice and rank 0 gets all features in image order; the others get None."""
     start = time.perf_counter()
-    with tqdm(total=len(source), desc=f"features ({label})", unit="img", dynamic_ncols=True, disable=None) as bar:
-        features = extract_features(source, extractor, batch_size, device, bar.update)
+    quiet = True if dist_info is not None and not dist_info.is_main else None
+    with tqdm(total=len(source), desc=f"features ({label})", unit="img", dynamic_ncols=True, disable=quiet) as bar:
+        if dist_info is None:
+            features = extract_features(source, extractor, batch_size, device, bar.update)
+        else:
+            features = feature_networks.extract_features_distributed(source, extractor, batch_size, dist_info,
+                                                                     device, bar.update)
     return features, time.perf_counter() - start
 
 

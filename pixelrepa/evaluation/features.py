@@ -1,0 +1,289 @@
+"""Feature networks for the sample-quality metrics, and feature extraction split across ranks.
+
+`build_feature_extractor(spec, device, encoder_weights)` gives the network that maps uint8
+(N, 3, H, W) batches to `((N, D) float features,)`, the form `metrics.extract_features` expects,
+together with a record that names it (`describe`, whose `id` tells networks apart):
+
+* ``inception`` (default): the offline FID Inception-v3 (`evaluation.inception`), 2048-d.
+* ``encoder:NAME``: a representation encoder preset (`config.ENCODER_PRESETS`: 'dinov2-b',
+  'efficientnet-lite0', ...) through `align.encoders.build_encoder`, with `encoder_weights`
+  a local weights file (needed offline for DINOv2; Lite0 ships with its package). The feature of
+  an image is the **mean of its patch tokens**: `TargetEncoder(x, grid=<the encoder's own grid>)`
+  averaged over the tokens, with x = uint8 / 127.5 - 1 in [-1, 1] (the encoder resizes it to its
+  own resolution). FD_DINOv2 in the literature (Stein et al. 2023) uses DINOv2's pooled CLS
+  output instead; `TargetEncoder` drops all prefix tokens, so this FD is on mean-pooled patch
+  tokens and is not numerically the published FD_DINOv2.
+
+`extract_features_distributed(source, extractor, batch_size, dist_info)`: under torchrun each
+rank takes a contiguous slice of the images (rank r: images [r N / W, (r + 1) N / W)), and the
+features are gathered to rank 0 in the original image order; other ranks get None. With a single
+process it is `metrics.extract_features` unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from pixelrepa.evaluation import inception
+from pixelrepa.evaluation.generate import read_png
+from pixelrepa.evaluation.metrics import ImageSource, extract_features
+
+INCEPTION = "inception"
+ENCODER_PREFIX = "encoder:"
+POOLING = "mean of patch tokens"
+
+
+# ---------------------------------------------------------------------------
+# Feature networks
+# ---------------------------------------------------------------------------
+
+class EncoderFeatures(nn.Module):
+    """uint8 (N, 3, H, W) -> ((N, C),): the mean of a `TargetEncoder`'s patch tokens on its own grid."""
+
+    def __init__(self, encoder: nn.Module, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.grid = tuple(grid)
+        self.feature_dim = encoder.feature_dim
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> tuple[Tensor]:
+        x = images.float() / 127.5 - 1.0
+        return (self.encoder(x, grid=self.grid).mean(dim=1),)
+
+
+class InceptionFeatures(nn.Module):
+    """The offline FID Inception-v3 as a feature network: uint8 (N, 3, H, W) -> ((N, 2048),)."""
+
+    feature_dim = inception.FEATURE_DIM
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, images: Tensor) -> tuple[Tensor]:
+        return (self.network(images)[0],)
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """'inception' -> ('inception', None); 'encoder:NAME' -> ('encoder', NAME), NAME a known preset."""
+    from pixelrepa.config import ENCODER_PRESETS
+
+    if spec == INCEPTION:
+        return INCEPTION, None
+    if spec.startswith(ENCODER_PREFIX):
+        name = spec[len(ENCODER_PREFIX):]
+        if name not in ENCODER_PRESETS:
+            raise ValueError(f"unknown encoder preset '{name}' in --features {spec}; known: "
+                             f"{', '.join(sorted(ENCODER_PRESETS))}")
+        return "encoder", name
+    raise ValueError(f"--features {spec}: expected 'inception' or 'encoder:NAME' "
+                     f"(NAME an encoder preset, e.g. encoder:dinov2-b or encoder:efficientnet-lite0)")
+
+
+def _sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _own_grid(encoder: nn.Module) -> tuple[int, int]:
+    """The encoder's token grid at its own resolution (ViT: patch grid; CNN: one probe pass)."""
+    patch_embed = getattr(encoder.model, "patch_embed", None)
+    if patch_embed is not None:
+        return tuple(patch_embed.grid_size)
+    with torch.no_grad():
+        fmap = encoder._feature_map(torch.zeros(1, 3, encoder.img_size, encoder.img_size))
+    return tuple(fmap.shape[-2:])
+
+
+def identify(spec: str = INCEPTION, encoder_weights: str | Path | None = None) -> tuple[str, int]:
+    """The `id` and feature dimension of a feature network, without building it."""
+    kind, name = parse_spec(spec)
+    if kind == INCEPTION:
+        if encoder_weights is not None:
+            raise ValueError("--encoder-weights needs --features encoder:NAME")
+        return INCEPTION, inception.FEATURE_DIM
+    from pixelrepa.config import get_encoder_preset
+
+    identity = f"{ENCODER_PREFIX}{name}"
+    if encoder_weights is not None:
+        if not Path(encoder_weights).is_file():
+            raise FileNotFoundError(f"encoder weights file not found: {encoder_weights}")
+        identity += f"@sha256:{_sha256(encoder_weights)[:16]}"
+    return identity, get_encoder_preset(name).feature_dim
+
+
+def build_feature_extractor(spec: str = INCEPTION, device: torch.device | str = "cpu",
+                            encoder_weights: str | Path | None = None) -> tuple[nn.Module, dict]:
+    """The feature network named by `spec` on `device` (eval mode) and its `describe` record.
+
+    The module maps uint8 (N, 3, H, W) to `((N, D),)` and has `feature_dim` = D. The record's
+    `id` identifies the network (and a local weights file by its SHA-256), so reference files made
+    with another network can be refused. Raises (from `build_encoder`) when an encoder's weights are
+    not reachable offline: pass `encoder_weights`."""
+    identity, _ = identify(spec, encoder_weights)
+    kind, name = parse_spec(spec)
+    if kind == INCEPTION:
+        return InceptionFeatures(inception.load_extractor(device)).eval(), {"id": INCEPTION, **inception.describe()}
+
+    from pixelrepa.align.encoders import LITE0, build_encoder, lite0_weights
+    from pixelrepa.config import get_encoder_preset
+
+    cfg = get_encoder_preset(name)
+    weights_sha = None
+    if encoder_weights is not None:
+        cfg = dataclasses.replace(cfg, weights=str(Path(encoder_weights).resolve()))
+        weights_sha = _sha256(encoder_weights)
+    try:
+        encoder = build_encoder(cfg)
+    except RuntimeError as err:  # weights not reachable (offline): a usage error, reported as such
+        raise ValueError(f"--features {spec}: {err}") from err
+    grid = _own_grid(encoder)
+    if cfg.name == LITE0:
+        weights_source = str(lite0_weights(cfg.weights))
+    else:
+        weights_source = cfg.weights or f"timm hub pretrained weights of {cfg.name}"
+    record = {
+        "id": identity,
+        "network": f"encoder preset '{name}' ({cfg.name}, built at {cfg.img_size} px"
+                   + (f", stage {cfg.stage})" if cfg.name == LITE0 else f", patch {cfg.patch_size})"),
+        "features": f"{encoder.feature_dim}-d {POOLING} (TargetEncoder output on its own {grid[0]}x{grid[1]} "
+                    f"grid, prefix / CLS tokens dropped), images in [-1, 1] resized (bilinear) to "
+                    f"{cfg.img_size}x{cfg.img_size}",
+        "pooling": POOLING,
+        "encoder": dataclasses.asdict(cfg),
+        "weights_source": weights_source,
+        "weights_sha256": weights_sha,
+    }
+    return EncoderFeatures(encoder, grid).to(device).eval(), record
+
+
+def network_id(meta: dict | None) -> str:
+    """The feature network that made a reference, from its `meta`; files without one (ADM
+    reference batches, older files) count as Inception."""
+    network = (meta or {}).get("feature_network")
+    if not isinstance(network, dict):
+        return INCEPTION
+    if "id" in network:
+        return str(network["id"])
+    return INCEPTION if "inception" in str(network.get("network", "")).lower() else "unknown"
+
+
+def check_reference(path: str | Path, reference, identity: str, dim: int) -> None:
+    """Refuse a loaded reference made with another feature network than `identity` (naming both),
+    or with statistics of another dimension than `dim`."""
+    made_with = network_id(reference.meta)
+    if made_with != identity:
+        raise ValueError(f"{path} was made with feature network '{made_with}', but this evaluation uses "
+                         f"'{identity}': statistics of different networks are not comparable; make the "
+                         f"reference with the same --features (pixelrepa eval ref-stats SRC OUT.npz --features ...)")
+    if reference.mu.shape != (dim,):
+        raise ValueError(f"{path}: 'mu' has shape {reference.mu.shape}, expected ({dim},)")
+
+
+# ---------------------------------------------------------------------------
+# Feature extraction across ranks
+# ---------------------------------------------------------------------------
+
+class SourceSlice:
+    """Images [start, stop) of an `ImageSource`, read in batches (what `extract_features` needs)."""
+
+    def __init__(self, source: ImageSource, start: int, stop: int) -> None:
+        self.source, self.start, self.stop = source, start, stop
+        self.first_shape: tuple[int, ...] | None = None
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        for index, batch in zip(range(self.start, self.stop, batch_size), self._chunks(batch_size)):
+            for k, image in enumerate(batch):
+                if self.first_shape is None:
+                    self.first_shape = image.shape
+                if image.shape != self.first_shape:
+                    raise ValueError(f"{self.source._name(index + k)} is {image.shape[1]}x{image.shape[0]}, but "
+                                     f"image {self.start} is {self.first_shape[1]}x{self.first_shape[0]}: "
+                                     "images of mixed sizes")
+            yield np.stack(batch)
+
+    def _chunks(self, batch_size: int) -> Iterator[list[np.ndarray]]:
+        src, starts = self.source, range(self.start, self.stop, batch_size)
+        if src.kind == "png-folder":
+            for s in starts:
+                yield [read_png(p) for p in src._pngs[s:min(s + batch_size, self.stop)]]
+        elif src.kind == "pack":
+            for s in starts:
+                yield list(np.asarray(src._pack.images[s:min(s + batch_size, self.stop)]))
+        else:  # a compressed zip member does not seek: read past the images before the slice
+            (_, height, width, _), offset = src._npz_header()
+            image_bytes = height * width * 3
+            with zipfile.ZipFile(src.path) as archive, archive.open("arr_0.npy") as f:
+                f.read(offset)
+                for skip in range(0, self.start, batch_size):
+                    f.read(min(batch_size, self.start - skip) * image_bytes)
+                for s in starts:
+                    n = min(batch_size, self.stop - s)
+                    data = np.frombuffer(f.read(n * image_bytes), dtype=np.uint8)
+                    if data.size != n * image_bytes:
+                        raise ValueError(f"{src.path}: 'arr_0' is truncated at image {s + data.size // image_bytes}")
+                    yield list(data.reshape(n, height, width, 3))
+
+
+def rank_slice(count: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous image range [start, stop) of `rank`."""
+    return rank * count // world_size, (rank + 1) * count // world_size
+
+
+def extract_features_distributed(source: ImageSource, extractor: nn.Module, batch_size: int, dist_info,
+                                 device: torch.device | str | None = None, progress=None) -> np.ndarray | None:
+    """float32 (N, D) features of every image of `source` on rank 0 (in image order), None elsewhere.
+
+    Each rank extracts its contiguous slice; the slices are gathered to rank 0 (`gather_object`).
+    A failure on any rank (e.g. an unreadable image) is raised on every rank, as is a size
+    mismatch between slices. Collective: every rank must call it. A single process (world size 1
+    or no process group) is `extract_features(source, extractor, batch_size, device, progress)`."""
+    device = dist_info.device if device is None else device
+    if dist_info.world_size <= 1 or not dist.is_initialized():
+        return extract_features(source, extractor, batch_size, device, progress)
+    start, stop = rank_slice(len(source), dist_info.rank, dist_info.world_size)
+    part = SourceSlice(source, start, stop)
+    payload: dict = {"rank": dist_info.rank, "start": start, "features": None, "shape": None, "error": None}
+    try:
+        if len(part):
+            payload["features"] = extract_features(part, extractor, batch_size, device, progress)
+            payload["shape"] = part.first_shape
+    except Exception as err:  # reported on every rank below, so no rank waits forever
+        payload["error"] = f"rank {dist_info.rank}: {err}"
+    gathered = [None] * dist_info.world_size if dist_info.is_main else None
+    dist.gather_object(payload, gathered, dst=0)
+    message = None
+    if dist_info.is_main:
+        errors = [p["error"] for p in gathered if p["error"]]
+        shapes = {tuple(p["shape"]) for p in gathered if p["shape"] is not None}
+        if errors:
+            message = "; ".join(errors)
+        elif len(shapes) > 1:
+            message = f"{source.path}: images of mixed sizes across ranks ({sorted(shapes)})"
+    holder = [message]
+    dist.broadcast_object_list(holder, src=0)
+    if holder[0] is not None:
+        raise ValueError(holder[0])
+    if not dist_info.is_main:
+        return None
+    parts = [p["features"] for p in sorted(gathered, key=lambda p: p["start"]) if p["features"] is not None]
+    features = np.concatenate(parts)
+    if len(features) != len(source):
+        raise RuntimeError(f"gathered {len(features)} feature rows for {len(source)} images")
+    return features

@@ -1,0 +1,427 @@
+"""Sampler sweeps: FID / KID of a model over EMA x steps x CFG scale, in one process.
+
+  pixelrepa eval sweep MODEL --ref REF.npz --cfg 1.0 1.5 2.0 [--ema 1 2] [--steps 50 ...]
+                       --num-images N [--per-class K] [--batch-size B] [--seed S] --out DIR [--metrics fid kid]
+
+MODEL is a training run (or checkpoint) folder, whose EMAs `--ema` picks, or a model file (or a
+folder holding `model.safetensors`), which has only its own weights. For every setting the same N
+images are drawn (image k from the noise of index k and `--seed`, labels class-major with K per
+class: see `pixelrepa.evaluation.generate`), so settings differ only in the setting. Images are made
+and turned into Inception features batch by batch; only features stay in memory. The backbone and
+the feature network are built once, and each EMA's weights are loaded once for all its settings.
+
+DIR gets sweep.csv, sweep.md (one row per setting), sweep.json (settings, results, the best
+setting: lowest FID, or lowest KID when FID is not computed) and sweep.png (FID, and KID, against
+the CFG scale, one line per EMA and step count). They are rewritten after every setting, so an
+interrupted sweep keeps what it finished. The Inception Score is never reported: the offline
+feature network has no classifier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pixelrepa.config import RunConfig, apply_overrides
+from pixelrepa.evaluation import inception
+from pixelrepa.evaluation.generate import class_layout, generate
+from pixelrepa.evaluation.metrics import (
+    FID_EPS,
+    ImageSource,
+    Reference,
+    extract_features,
+    feature_statistics,
+    frechet_distance,
+    kernel_inception_distance,
+    load_reference,
+)
+
+SWEEP_FORMAT = "pixelrepa-sweep/1"
+SWEEP_METRICS = ("fid", "kid")
+COLUMNS = ("ema", "steps", "method", "cfg", "interval", "num_images", "fid", "kid_mean", "kid_std", "seconds")
+KID_SEED = 2020  # KID subset draws (torch-fidelity's default); --seed is the sampling seed here
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options only `eval sweep` uses (it shares --ref, --metrics, --batch-size, --seed, --out, --device)."""
+    group = parser.add_argument_group("sweep", "options of `pixelrepa eval sweep MODEL`")
+    group.add_argument("--cfg", type=float, nargs="+", help="sweep: CFG scales (default: the model's)")
+    group.add_argument("--ema", type=int, nargs="+", help="sweep: EMAs of a training run (default 1)")
+    group.add_argument("--steps", type=int, nargs="+", help="sweep: sampler step counts (default: the model's)")
+    group.add_argument("--method", choices=["heun", "euler"], help="sweep: sampler (default: the model's)")
+    group.add_argument("--interval", type=float, nargs=2, metavar=("MIN", "MAX"),
+                       help="sweep: guidance interval (default: the model's)")
+    group.add_argument("--num-images", type=int, help="sweep: images per setting")
+    group.add_argument("--per-class", type=int,
+                       help="sweep: consecutive images per class (default: N spread over every class)")
+
+
+# ---------------------------------------------------------------------------
+# The sweep
+# ---------------------------------------------------------------------------
+
+class GeneratedImages:
+    """An image source (`batches`, as `extract_features` reads) that samples the images on the fly."""
+
+    def __init__(self, net, config: RunConfig, num_images: int, layout, batch_size: int, device, seed: int):
+        self.net, self.config, self.num_images, self.layout = net, config, num_images, layout
+        self.batch_size, self.device, self.seed = batch_size, device, seed
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def batches(self, batch_size: int):
+        for _, images in generate(self.net, self.config, range(self.num_images), self.layout, self.batch_size,
+                                  self.device, self.seed):
+            yield images.permute(0, 2, 3, 1).numpy()
+
+
+def run(args: argparse.Namespace, device: torch.device) -> int:
+    """`pixelrepa eval sweep MODEL`: checks everything it can before any network is built."""
+    from pixelrepa.cli.eval import created, write_text_atomic  # noqa: late: cli.eval imports this module
+    from pixelrepa.cli.sample import MODEL_FILE_NAME, resolve_model_path
+    from pixelrepa.models.jit import JiT
+    from pixelrepa.weights import load_model_file
+
+    if len(args.paths) != 1:
+        raise ValueError("usage: pixelrepa eval sweep MODEL --ref REF.npz --cfg ... --num-images N --out DIR")
+    model = Path(args.paths[0])
+    if not model.exists():
+        raise FileNotFoundError(f"no model file or training run at {model}")
+    metrics = list(dict.fromkeys(args.metrics))
+    if "is" in metrics:
+        raise ValueError(f"the Inception Score is not available: {inception.INCEPTION_SCORE_UNAVAILABLE}")
+    unsupported = [m for m in metrics if m not in SWEEP_METRICS]
+    if unsupported:
+        raise ValueError(f"a sweep computes {' and '.join(SWEEP_METRICS)}, not {', '.join(unsupported)}; "
+                         "evaluate a sample folder with `pixelrepa eval` for that")
+    if args.ref is None:
+        raise ValueError("--ref REF.npz is required: reference statistics (from `pixelrepa eval ref-stats`)")
+    if getattr(args, "features", "inception") != "inception":
+        raise ValueError(f"a sweep uses the Inception features, not --features {args.features}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("a sweep runs in one process: start it without torchrun")
+    if args.out is None:
+        raise ValueError("--out DIR is required: the folder for sweep.csv, sweep.md, sweep.json and sweep.png")
+    if args.num_images is None or args.num_images < 2:
+        raise ValueError(f"--num-images N >= 2 is required (the covariance needs 2 images), got {args.num_images}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.per_class is not None and args.per_class < 1:
+        raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
+    emas = list(dict.fromkeys(args.ema or [1]))
+    if any(e < 1 for e in emas):
+        raise ValueError(f"EMA indices start at 1, got {emas}")
+    is_model_file = not model.is_dir() or (model / MODEL_FILE_NAME).is_file()
+    if is_model_file and emas != [1]:
+        raise ValueError(f"{model} is a model file with one set of weights: --ema {' '.join(map(str, emas))} "
+                         "picks EMAs of a training run folder; pass the run folder, or leave --ema out")
+    steps_list = list(dict.fromkeys(args.steps)) if args.steps else None
+    if steps_list and any(s < 1 for s in steps_list):
+        raise ValueError(f"steps must be >= 1, got {steps_list}")
+
+    reference, ref_info = _reference(args.ref, "kid" in metrics, args.batch_size, device)
+    if reference.features is not None and "kid" in metrics and len(reference.features) < 2:
+        raise ValueError(f"{args.ref} holds {len(reference.features)} feature row(s); KID needs at least 2")
+
+    paths = {e: resolve_model_path(model, e) for e in emas} if not is_model_file else \
+        {None: resolve_model_path(model, 1)}
+    extractor = inception.load_extractor(device)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"format": SWEEP_FORMAT, "model": str(model.resolve()),
+              "model_files": {("model" if e is None else str(e)): str(p.resolve()) for e, p in paths.items()},
+              "reference": ref_info, "feature_network": inception.describe(), "settings": None, "results": [],
+              "best": None, "warnings": [], "created": created()}
+    net = base = None
+    for ema, path in paths.items():
+        config, groups, _ = load_model_file(path)
+        if "net" not in groups:
+            raise ValueError(f"{path} holds no backbone ('net' group), only: {', '.join(groups)}")
+        if net is None or config.model != base.model:
+            net = JiT(config.model).to(device).eval()
+        net.load_state_dict(groups["net"])
+        del groups
+        base = config
+        if record["settings"] is None:
+            layout = class_layout(config.model.num_classes, None,
+                                  args.per_class or max(1, math.ceil(args.num_images / config.model.num_classes)))
+            record["settings"] = {
+                "emas": list(paths), "steps": steps_list or [config.sampler.steps],
+                "cfg": list(dict.fromkeys(args.cfg or [config.sampler.cfg_scale])),
+                "method": args.method or config.sampler.method,
+                "interval": list(args.interval) if args.interval else [config.sampler.interval_min,
+                                                                       config.sampler.interval_max],
+                "num_images": args.num_images, "per_class": layout.per_class, "seed": args.seed,
+                "metrics": metrics, "batch_size": args.batch_size, "device": str(device), "fid_eps": FID_EPS,
+                "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size, "kid_seed": KID_SEED}
+        s = record["settings"]
+        for steps in s["steps"]:
+            for cfg in s["cfg"]:
+                setting = apply_overrides(config, {"sampler.steps": steps, "sampler.cfg_scale": cfg,
+                                                   "sampler.method": s["method"],
+                                                   "sampler.interval_min": s["interval"][0],
+                                                   "sampler.interval_max": s["interval"][1]})
+                row = evaluate_setting(net, setting, layout, args, reference, extractor, device, metrics, record)
+                row["ema"] = ema
+                record["results"].append({k: row[k] for k in COLUMNS} | {"kid": row.get("kid")})
+                record["best"] = best_setting(record["results"])
+                write_outputs(out, record, write_text_atomic)
+    best = record["best"]
+    print(format_markdown(record["results"]))
+    print(f"best: {describe_row(best)} ({'FID' if best['fid'] is not None else 'KID'} lowest)")
+    print(f"wrote {out / 'sweep.csv'}, sweep.md, sweep.json, sweep.png")
+    return 0
+
+
+def evaluate_setting(net, config: RunConfig, layout, args, reference: Reference, extractor, device,
+                     metrics: list[str], record: dict) -> dict:
+    """Sample the images of one setting, their features batch by batch, and the metrics."""
+    s = config.sampler
+    start = time.perf_counter()
+    source = GeneratedImages(net, config, args.num_images, layout, args.batch_size, device, args.seed)
+    label = f"{s.method} {s.steps} steps, CFG {s.cfg_scale:g}"
+    with tqdm(total=args.num_images, desc=label, unit="img", dynamic_ncols=True, disable=None) as bar:
+        features = extract_features(source, extractor, args.batch_size, device, bar.update)
+    row = {"steps": s.steps, "method": s.method, "cfg": s.cfg_scale,
+           "interval": f"{s.interval_min:g}-{s.interval_max:g}", "num_images": len(features),
+           "fid": None, "kid_mean": None, "kid_std": None, "kid": None}
+    if "fid" in metrics:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mu, sigma = feature_statistics(features)
+        for w in caught:
+            if str(w.message) not in record["warnings"]:
+                record["warnings"].append(str(w.message))
+                print(f"warning: {w.message}", file=sys.stderr)
+        row["fid"] = frechet_distance(mu, sigma, reference.mu, reference.sigma)
+    if "kid" in metrics:
+        kid = kernel_inception_distance(features, reference.features, args.kid_subsets, args.kid_subset_size,
+                                        KID_SEED)
+        row.update(kid=kid, kid_mean=float(kid["mean"]), kid_std=float(kid["std"]))
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    return row
+
+
+def _reference(path: Path, needs_features: bool, batch_size: int, device) -> tuple[Reference, dict]:
+    """Reference statistics from a stats .npz (checked for features when KID needs them) or an image source."""
+    from pixelrepa.cli.eval import _is_image_npz, check_count, features_of
+
+    if path.is_file() and path.suffix == ".npz" and not _is_image_npz(path):
+        reference = load_reference(path, inception.FEATURE_DIM)
+        made_with = ((reference.meta or {}).get("feature_network") or {}).get("id")
+        if made_with not in (None, "inception"):
+            raise ValueError(f"{path} holds statistics of the {made_with} features; a sweep needs Inception ones")
+        if needs_features and reference.features is None:
+            raise ValueError(f"{path} holds only mu and sigma; KID needs reference features: make it with "
+                             "`pixelrepa eval ref-stats SRC OUT.npz --keep-features`, or pass the reference images")
+        return reference, {"path": str(path.resolve()), "kind": "statistics",
+                           "count": None if reference.features is None else len(reference.features),
+                           "made_by": reference.meta}
+    source = ImageSource(path)
+    check_count(len(source), "REF")
+    features, _ = features_of(source, inception.load_extractor(device), batch_size, device, "reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mu, sigma = feature_statistics(features)
+    return Reference(mu, sigma, features), source.describe()
+
+
+# ---------------------------------------------------------------------------
+# Results: best setting, tables, plot
+# ---------------------------------------------------------------------------
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def best_setting(rows: list[dict]) -> dict | None:
+    """The row with the lowest FID, or the lowest KID mean when no FID was computed."""
+    key = "fid" if any(_finite(r["fid"]) for r in rows) else "kid_mean"
+    candidates = [r for r in rows if _finite(r[key])]
+    return min(candidates, key=lambda r: r[key]) if candidates else None
+
+
+def describe_row(row: dict | None) -> str:
+    if row is None:
+        return "none"
+    ema = "model" if row["ema"] is None else f"EMA {row['ema']}"
+    values = [f"FID {row['fid']:.4g}" if row["fid"] is not None else "",
+              f"KID {row['kid_mean']:.4g}" if row["kid_mean"] is not None else ""]
+    return f"{ema}, {row['method']} {row['steps']} steps, CFG {row['cfg']:g}: " + ", ".join(v for v in values if v)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def format_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for row in rows:
+        writer.writerow([_cell(row[c]) for c in COLUMNS])
+    return buffer.getvalue()
+
+
+def format_markdown(rows: list[dict], best: dict | None = None) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = [_cell(row[c]) or "-" for c in COLUMNS]
+        if best is not None and row is best:
+            cells = [f"**{c}**" for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: Path, record: dict, write_text) -> None:
+    rows, best = record["results"], record["best"]
+    write_text(out / "sweep.csv", format_csv(rows))
+    write_text(out / "sweep.md", "# Sampler sweep\n\n" + format_markdown(rows, best)
+               + f"\nBest: {describe_row(best)}\n")
+    write_text(out / "sweep.json", json.dumps(record, indent=2) + "\n")
+    plot(rows, out / "sweep.png")
+
+
+def _series(rows: list[dict], key: str) -> list[tuple[str, list[tuple[float, float]]]]:
+    """One (label, sorted (cfg, value) points) per (ema, steps) with values of `key`."""
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        if _finite(r[key]):
+            groups.setdefault((r["ema"], r["steps"]), []).append((float(r["cfg"]), float(r[key])))
+    return [(("model" if ema is None else f"EMA {ema}") + f", {steps} steps", sorted(points))
+            for (ema, steps), points in groups.items()]
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """FID (and KID when computed) against the CFG scale: matplotlib when installed, else PIL."""
+    panels = [(key, title) for key, title in (("fid", "FID"), ("kid_mean", "KID")) if _series(rows, key)]
+    if not panels:
+        return
+    try:
+        import matplotlib
+    except ImportError:
+        _plot_pil(rows, panels, path)
+    else:
+        matplotlib.use("Agg")
+        _plot_matplotlib(rows, panels, path)
+
+
+def _plot_matplotlib(rows, panels, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        for label, points in _series(rows, key):
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", label=label)
+        ax.set_xlabel("CFG scale")
+        ax.set_ylabel(title)
+        ax.set_title(f"{title} against CFG scale")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """Round tick values covering [low, high] (the 1-2-5 rule)."""
+    if not high > low:
+        pad = abs(low) * 0.1 or 1.0
+        low, high = low - pad, high + pad
+    raw = (high - low) / max(1, count - 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    first = math.floor(low / step) * step
+    ticks, value = [], first
+    while value < high + step * 0.999:
+        ticks.append(round(value, 12))
+        value += step
+    return ticks
+
+
+def _format_tick(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _plot_pil(rows, panels, path: Path) -> None:
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height = 520, 400
+    left, right, top, bottom = 70, 20, 36, 56
+    image = Image.new("RGB", (width * len(panels), height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    for p, (key, title) in enumerate(panels):
+        series = _series(rows, key)
+        xs = [x for _, pts in series for x, _ in pts]
+        ys = [y for _, pts in series for _, y in pts]
+        headroom = 0.08 * (14 * len(series) + 20) / 14 * ((max(ys) - min(ys)) or abs(max(ys)) * 0.1 or 1.0)
+        xticks, yticks = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys) + headroom)  # room for the legend
+        x0, x1, y0, y1 = xticks[0], xticks[-1], yticks[0], yticks[-1]
+        ox = p * width
+        px0, px1, py0, py1 = ox + left, ox + width - right, height - bottom, top  # plot box in pixels
+
+        def to_px(x: float, y: float) -> tuple[float, float]:
+            return (px0 + (x - x0) / (x1 - x0) * (px1 - px0), py0 + (y - y0) / (y1 - y0) * (py1 - py0))
+
+        for t in xticks:
+            x, _ = to_px(t, y0)
+            draw.line([(x, py1), (x, py0)], fill=(230, 230, 230))
+            draw.line([(x, py0), (x, py0 + 4)], fill="black")
+            text = _format_tick(t)
+            draw.text((x - draw.textlength(text, font=font) / 2, py0 + 6), text, fill="black", font=font)
+        for t in yticks:
+            _, y = to_px(x0, t)
+            draw.line([(px0, y), (px1, y)], fill=(230, 230, 230))
+            draw.line([(px0 - 4, y), (px0, y)], fill="black")
+            text = _format_tick(t)
+            draw.text((px0 - 6 - draw.textlength(text, font=font), y - 5), text, fill="black", font=font)
+        draw.rectangle([px0, py1, px1, py0], outline="black")
+        label = "CFG scale"
+        draw.text(((px0 + px1 - draw.textlength(label, font=font)) / 2, height - 22), label, fill="black", font=font)
+        draw.text((ox + 8, top - 14), title, fill="black", font=font)
+        heading = f"{title} against CFG scale"
+        draw.text(((px0 + px1 - draw.textlength(heading, font=font)) / 2, 8), heading, fill="black", font=font)
+        for i, (name, points) in enumerate(series):
+            color = COLORS[i % len(COLORS)]
+            pixels = [to_px(x, y) for x, y in points]
+            if len(pixels) > 1:
+                draw.line(pixels, fill=color, width=2)
+            for x, y in pixels:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        # Legend, top right inside the plot box.
+        entries = [name for name, _ in series]
+        box_w = 34 + max(draw.textlength(e, font=font) for e in entries)
+        bx, by = px1 - box_w - 6, py1 + 6
+        draw.rectangle([bx, by, bx + box_w, by + 14 * len(entries) + 6], fill="white", outline=(160, 160, 160))
+        for i, name in enumerate(entries):
+            color = COLORS[i % len(COLORS)]
+            ly = by + 10 + 14 * i
+            draw.line([(bx + 6, ly), (bx + 24, ly)], fill=color, width=2)
+            draw.text((bx + 30, ly - 6), name, fill="black", font=font)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
