@@ -15,6 +15,8 @@ from typing import Any, Callable, Literal
 AlignMode = Literal["none", "repa", "pixelrepa"]
 AttentionImpl = Literal["sdpa", "reference"]
 SamplerMethod = Literal["heun", "euler"]
+CompileMode = Literal["auto", "none", "blocks", "model"]
+LinearKernel = Literal["onednn", "aten"]
 
 
 def _check(ok: bool, message: str) -> None:
@@ -183,6 +185,9 @@ class SamplerConfig:
     interval_max: float = 1.0
     batched_guidance: bool = True
     """Conditional and unconditional passes in one forward (False: two calls, as released)."""
+    skip_unguided: bool = True
+    """Where the scale is 1 (outside the interval) run the conditional pass only (False: both
+    passes at every step, as released; the velocity is the same)."""
 
     def __post_init__(self) -> None:
         _check(self.method in ("heun", "euler"), f"unknown sampler method '{self.method}'")
@@ -261,6 +266,50 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class KernelConfig:
+    """How the same math is executed (issue 7): kernels, compilation, optimizer and wrapper
+    choices that change float32 rounding at most, never the function. The defaults are the
+    fast path; `REFERENCE_PATH` selects what the released code does."""
+
+    cpu_linear: LinearKernel = "onednn"
+    """Float32 Linear layers on the CPU: 'onednn' (oneDNN's AVX-512 GEMM, about 2x MKL's
+    sgemm on AMD CPUs) or 'aten' (torch's default BLAS call)."""
+    compile: CompileMode = "auto"
+    """torch.compile: 'model' (the whole network as one graph), 'blocks' (each block on its
+    own, as released), 'none'; 'auto' = 'model' on a GPU, 'none' on the CPU (where compiling
+    costs a minute or more before the first step)."""
+    cuda_graphs: bool = True
+    """Sampling on a GPU with a compiled network: capture it in CUDA graphs
+    (torch.compile mode 'reduce-overhead')."""
+    fused_optimizer: bool = True
+    """AdamW's fused kernel (CPU and GPU); False: torch's default implementation."""
+    ddp_find_unused_parameters: bool = False
+    """DDP's search for unused parameters after every backward (True as released; not
+    needed here, the training module freezes what its mode does not use)."""
+
+    def __post_init__(self) -> None:
+        _check(self.cpu_linear in ("onednn", "aten"), f"unknown cpu_linear '{self.cpu_linear}' (onednn | aten)")
+        _check(self.compile in ("auto", "none", "blocks", "model"),
+               f"unknown compile mode '{self.compile}' (auto | none | blocks | model)")
+
+
+REFERENCE_PATH: dict[str, Any] = {
+    "model.attention": "reference",
+    "sampler.batched_guidance": False,
+    "sampler.skip_unguided": False,
+    "kernels.cpu_linear": "aten",
+    "kernels.compile": "blocks",
+    "kernels.cuda_graphs": False,
+    "kernels.fused_optimizer": False,
+    "kernels.ddp_find_unused_parameters": True,
+}
+"""Overrides that make a run do what the released code does: float32 logits and softmax by
+explicit matmuls, separate conditional and unconditional passes at every sampling step,
+torch's BLAS linear, per-block torch.compile (on GPU), default AdamW, DDP with
+find_unused_parameters. It is the comparison point of the benchmarks and the parity path."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs, composed from the component configs."""
 
@@ -272,6 +321,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
 
     @property
     def tap_block(self) -> int:

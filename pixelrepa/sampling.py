@@ -1,8 +1,9 @@
 """Euler / Heun sampling of the flow from noise (t = 0) to image (t = 1) with guidance (SPEC 7).
 
-Numerically the released sampler, with two savings: the conditional and unconditional
-passes share one batched forward, and where the effective guidance scale is 1 (outside
-the interval, or cfg = 1) the unconditional pass is skipped.
+Numerically the released sampler, with two savings (both switchable, SamplerConfig): the
+conditional and unconditional passes share one batched forward (`batched_guidance`), and
+where the effective guidance scale is 1 (outside the interval, or cfg = 1) the
+unconditional pass is skipped (`skip_unguided`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class GuidedVelocity:
         n = z.shape[0]
         t_vec = torch.full((n,), t, dtype=torch.float32, device=z.device)
         scale = guidance_scale(t, self.sampler)
-        if scale == 1.0:
+        if scale == 1.0 and self.sampler.skip_unguided:
             self.network_images += n
             return velocity(self.net(z, t_vec, self.labels), z, t_vec, self.t_eps)
         self.network_images += 2 * n

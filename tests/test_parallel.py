@@ -262,7 +262,7 @@ def test_resume_from_full_states_continues_identically(results):
 @pytest.mark.multiprocess
 def test_ddp_no_sync_keeps_gradients_local(ddp_results):
     for rank, result in enumerate(ddp_results):
-        module = build_module("pixelrepa")
+        module = wrap_for_training(build_module("pixelrepa"), "ddp", SINGLE)  # the same kernels as the workers
         module(*local_rows(rank))["total"].backward()
         assert_states_close(result["no_sync_grads"], full_grads(module))
 

@@ -40,7 +40,7 @@ from pixelrepa.evaluation.generate import (
 from pixelrepa.evaluation.images import save_labelled_grid
 from pixelrepa.models.jit import JiT
 from pixelrepa.training.checkpoint import export_sampling_checkpoint, find_checkpoint
-from pixelrepa.training.device import pick_device
+from pixelrepa.training.device import apply_kernels, pick_device
 from pixelrepa.training.parallel import DistInfo, broadcast_object, init_distributed, reduce_mean, shutdown_distributed
 from pixelrepa.weights import load_model_file
 
@@ -111,7 +111,9 @@ def load_for_sampling(path: Path, args: argparse.Namespace, device: torch.device
     config = apply_overrides(config, overrides)
     net = JiT(config.model)
     net.load_state_dict(groups["net"])
-    return config, net.to(device).eval()
+    net = net.to(device).eval()
+    apply_kernels(net, net.blocks, config.kernels, device, sampling=True)
+    return config, net
 
 
 def run_grid(args: argparse.Namespace) -> int:

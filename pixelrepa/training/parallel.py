@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import re
 import types
@@ -45,6 +46,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
+from pixelrepa.config import KernelConfig
+from pixelrepa.training.device import apply_kernels, resolve_compile
 from pixelrepa.training.module import TrainingModule
 
 ParallelMode = Literal["ddp", "fsdp2"]
@@ -201,28 +204,35 @@ def _broadcast_module_state(module: nn.Module) -> None:
 
 
 def wrap_for_training(module: TrainingModule, mode: ParallelMode, dist_info: DistInfo,
-                      activation_checkpointing: bool = False) -> nn.Module:
+                      activation_checkpointing: bool = False, kernels: KernelConfig | None = None) -> nn.Module:
     """Move `module` to `dist_info.device` and wrap it for data-parallel training.
 
     - a single process: the module itself (no wrapper);
-    - 'ddp': DistributedDataParallel without unused-parameter search (the graph is static:
-      TrainingModule freezes what its mode does not use);
+    - 'ddp': DistributedDataParallel, by default without unused-parameter search (the graph
+      is static: TrainingModule freezes what its mode does not use);
     - 'fsdp2': `fully_shard` on every block of the backbone and the head, then on the root.
       Parameters become sharded DTensors in place, so build the optimizer after wrapping.
 
     Both modes start every rank from rank 0's weights. Activation checkpointing is per
-    block and leaves state-dict keys unchanged.
+    block and leaves state-dict keys unchanged. `kernels` (default: KernelConfig()) picks
+    the CPU linear kernel and torch.compile ('model' compiles the module inside the DDP
+    wrapper; under FSDP2 it compiles each block, as FSDP2's per-block hooks split the graph).
     """
+    kernels = kernels or KernelConfig()
     if mode not in ("ddp", "fsdp2"):
         raise ValueError(f"unknown parallel mode '{mode}' (ddp | fsdp2)")
     module.to(dist_info.device)
     if activation_checkpointing:
         apply_activation_checkpointing(module)
+    if mode == "fsdp2" and resolve_compile(kernels, dist_info.device) == "model" and _distributed(dist_info):
+        kernels = dataclasses.replace(kernels, compile="blocks")
+    apply_kernels(module, _blocks(module), kernels, dist_info.device)
     if not _distributed(dist_info):
         return module
     if mode == "ddp":
         device_ids = [dist_info.local_rank] if dist_info.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True)
+        return DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True,
+                                       find_unused_parameters=kernels.ddp_find_unused_parameters)
     _broadcast_module_state(module)
     for block in _blocks(module):
         fully_shard(block)

@@ -28,9 +28,10 @@ from pixelrepa.models.jit import JiT
 from pixelrepa.objective import draw_randomness
 from pixelrepa.training import checkpoint as ckpt
 from pixelrepa.training.data import build_dataset
-from pixelrepa.training.device import autocast_for
+from pixelrepa.training.device import apply_kernels, autocast_for
 from pixelrepa.training.ema import BackboneEMA
 from pixelrepa.training.module import TrainingModule
+from pixelrepa.training.optim import make_optimizer
 from pixelrepa.training.parallel import (
     DistInfo,
     full_optimizer_state_dict,
@@ -89,13 +90,6 @@ def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.de
     return generator
 
 
-def make_optimizer(module: torch.nn.Module, config: RunConfig, device: torch.device) -> torch.optim.Optimizer:
-    params = [p for p in module.parameters() if p.requires_grad]
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(params, lr=config.optim.peak_lr, betas=config.optim.betas,
-                             weight_decay=config.optim.weight_decay, **fast)
-
-
 def train(config: RunConfig, resume: str | Path | None = None, progress: bool = True) -> RunSummary:
     """Train `config` (resuming from `resume`, or from the run folder's latest checkpoint)."""
     dist = init_distributed()
@@ -130,8 +124,9 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
     torch.manual_seed(config.train.seed)
     module = TrainingModule(config).to(device)
     encoder = _build_encoder(config, device)
-    model = wrap_for_training(module, config.train.parallel, dist, config.train.activation_checkpointing)
-    optimizer = make_optimizer(model, config, device)
+    model = wrap_for_training(module, config.train.parallel, dist, config.train.activation_checkpointing,
+                              config.kernels)
+    optimizer = make_optimizer(model, config)
     ema = BackboneEMA(unwrap(model).net, config.ema)
     start_step, skipped_steps = 0, 0
     if resume_path is not None:
@@ -249,7 +244,9 @@ def _build_encoder(config: RunConfig, device: torch.device):
         return None
     from pixelrepa.align.encoders import build_encoder
 
-    return build_encoder(config.align.encoder).to(device)
+    encoder = build_encoder(config.align.encoder).to(device)
+    apply_kernels(encoder, [], config.kernels, device)  # oneDNN linears on the CPU; compiled as a whole or not at all
+    return encoder
 
 
 def _resume_point(out_dir: Path, resume: str | Path | None) -> Path | None:

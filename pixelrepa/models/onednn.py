@@ -1,0 +1,81 @@
+"""Float32 linear layers on the CPU through oneDNN's GEMM (issue 7, CPU fast path).
+
+torch sends a float32 `F.linear` on the CPU to MKL's sgemm, which runs AVX2 code on AMD
+CPUs; oneDNN (bundled with torch, used by inductor for frozen inference graphs) picks the
+AVX-512 kernels there and is about 2x faster for every GEMM of a training step (forward,
+input gradient, weight gradient). The function is the same float32 product; only the
+summation order differs (relative differences around 1e-6).
+
+`use_onednn_linears(module)` switches every `nn.Linear` of a module in place (an
+instance-level `forward`, so parameter names and state-dict keys stay the same). The
+model code does not know about it: the trainer and the sampler apply it from outside,
+as chosen by `KernelConfig.cpu_linear`.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@torch.library.custom_op("pixelrepa::onednn_linear", mutates_args=())
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ weight.T (+ bias) through oneDNN; x is (..., K), weight (N, K), any strides. A custom
+    op, so that torch.compile keeps it as one opaque call instead of lowering it."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    x, weight = ctx.saved_tensors
+    grad2d = grad.reshape(-1, grad.shape[-1])  # (M, out)
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _linear(grad, weight.t(), None)  # (..., in) = grad @ W
+    if ctx.needs_input_grad[1]:
+        grad_w = _linear(grad2d.t(), x.reshape(-1, x.shape[-1]).t(), None)  # (out, in) = grad^T @ x
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = grad2d.sum(0)
+    return grad_x, grad_w, grad_b
+
+
+_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear for float32 CPU tensors through oneDNN; anything else goes to F.linear."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return F.linear(x, weight, bias)
+    return _linear(x, weight, bias)
+
+
+def _forward(self: nn.Linear, x: Tensor) -> Tensor:
+    return onednn_linear(x, self.weight, self.bias)
+
+
+def use_onednn_linears(module: nn.Module) -> int:
+    """Route every nn.Linear inside `module` through oneDNN; returns how many. A no-op
+    (returning 0) where torch was built without oneDNN."""
+    if not onednn_available():
+        return 0
+    linears = [sub for sub in module.modules() if isinstance(sub, nn.Linear)]
+    for linear in linears:
+        linear.forward = types.MethodType(_forward, linear)
+    return len(linears)

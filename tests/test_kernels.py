@@ -1,0 +1,112 @@
+"""Fast paths against the reference path (issue 7): same function to float32 tolerance."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import randomize_
+
+from pixelrepa.config import REFERENCE_PATH, KernelConfig, get_preset
+from pixelrepa.models.jit import JiT
+from pixelrepa.models.onednn import onednn_available, onednn_linear, use_onednn_linears
+from pixelrepa.objective import draw_randomness
+from pixelrepa.sampling import sample
+from pixelrepa.training.device import resolve_compile
+from pixelrepa.training.module import TrainingModule
+from pixelrepa.training.parallel import DistInfo, wrap_for_training
+from pixelrepa.training.optim import make_optimizer
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+# The reference path as it runs on a CPU: the released code's per-block compile is for GPUs.
+CPU_REFERENCE = {**REFERENCE_PATH, "kernels.compile": "none"}
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 2e-5) -> None:
+    scale = b.abs().max().clamp_min(1e-12)
+    assert (a - b).abs().max() <= rtol * scale, f"relative difference {((a - b).abs().max() / scale).item():.2e}"
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_matches_f_linear_and_its_gradients(bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 48, generator=g).transpose(0, 1)  # non-contiguous (7, 3, 48)
+    w = torch.randn(40, 48, generator=g)
+    b = torch.randn(40, generator=g) if bias else None
+    grad = torch.randn(7, 3, 40, generator=g)
+    outs, grads = [], []
+    for fn in (onednn_linear, F.linear):
+        leaves = [t.clone().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+        out = fn(leaves[0], leaves[1], leaves[2] if bias else None)
+        out.backward(grad)
+        outs.append(out.detach())
+        grads.append([leaf.grad for leaf in leaves])
+    assert_close(outs[0], outs[1])
+    for fast, ref in zip(*grads):
+        assert_close(fast, ref)
+
+
+@needs_onednn
+def test_use_onednn_linears_keeps_names_and_outputs():
+    net = randomize_(JiT(get_preset("JiT-Micro/8").model), seed=1).eval()
+    keys = list(net.state_dict())
+    z, t, y = torch.randn(2, 3, 32, 32), torch.tensor([0.3, 0.8]), torch.tensor([1, 10])
+    with torch.no_grad():
+        before = net(z, t, y)
+        assert use_onednn_linears(net) > 0
+        after = net(z, t, y)
+    assert list(net.state_dict()) == keys
+    assert_close(after, before)
+
+
+def test_compile_resolution():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_compile(KernelConfig(), cpu) == "none"
+    assert resolve_compile(KernelConfig(), gpu) == "model"
+    assert resolve_compile(KernelConfig(compile="blocks"), cpu) == "blocks"
+
+
+def _train_step(overrides: dict) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """One PixelREPA-Micro/8 step through the trainer's wrapper and optimizer: the losses and
+    the updated parameters."""
+    config = get_preset("PixelREPA-Micro/8").replace(**overrides)
+    module = randomize_(TrainingModule(config), seed=2)
+    wrapped = wrap_for_training(module, "ddp", CPU, kernels=config.kernels)
+    optimizer = make_optimizer(wrapped, config)
+    g = torch.Generator().manual_seed(3)
+    m = config.model
+    x = torch.rand(4, 3, m.input_size, m.input_size, generator=g) * 2 - 1
+    y = torch.randint(0, m.num_classes, (4,), generator=g)
+    draws = draw_randomness(x, y, m.num_classes, m.num_patches, config.objective, config.align, g)
+    target = torch.randn(4, m.num_patches, config.align.encoder.feature_dim, generator=g)
+    losses = wrapped(x, draws, target)
+    losses["total"].backward()
+    optimizer.step()
+    return {k: v.item() for k, v in losses.items()}, [p.detach().clone() for p in module.parameters()]
+
+
+def test_training_step_fast_equals_reference():
+    fast_losses, fast_params = _train_step({})
+    ref_losses, ref_params = _train_step(CPU_REFERENCE)
+    for name in ref_losses:
+        assert fast_losses[name] == pytest.approx(ref_losses[name], rel=1e-5)
+    for fast, ref in zip(fast_params, ref_params):
+        assert_close(fast, ref, rtol=1e-5)
+
+
+def test_sampling_fast_equals_reference():
+    config = get_preset("JiT-Micro/8").replace(**{"sampler.steps": 4})
+    reference = config.replace(**CPU_REFERENCE)
+    net = randomize_(JiT(config.model), seed=4).eval()
+    g = torch.Generator().manual_seed(5)
+    noise, labels = torch.randn(3, 3, 32, 32, generator=g), torch.tensor([0, 4, 9])
+    ref = sample(net, noise, labels, 10, reference.sampler)
+    use_onednn_linears(net)  # after the reference run: the fast net differs only in its kernels
+    fast = sample(net, noise, labels, 10, config.sampler)
+    assert_close(fast, ref)
+    unguided_too = sample(net, noise, labels, 10, dataclasses.replace(config.sampler, skip_unguided=False))
+    assert_close(unguided_too, fast)
