@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from pixelrepa.models.jit import JiT
 from pixelrepa.models.onednn import onednn_available, onednn_linear, use_onednn_linears
 from pixelrepa.objective import draw_randomness
 from pixelrepa.sampling import sample
-from pixelrepa.training.device import resolve_compile
+from pixelrepa.training.device import apply_kernels, resolve_compile
 from pixelrepa.training.module import TrainingModule
 from pixelrepa.training.parallel import DistInfo, wrap_for_training
 from pixelrepa.training.optim import make_optimizer
@@ -68,6 +69,30 @@ def test_compile_resolution():
     assert resolve_compile(KernelConfig(), cpu) == "none"
     assert resolve_compile(KernelConfig(), gpu) == "model"
     assert resolve_compile(KernelConfig(compile="blocks"), cpu) == "blocks"
+
+
+@pytest.mark.skipif(not os.environ.get("PIXELREPA_COMPILE_TESTS"),
+                    reason="compiles for about a minute; set PIXELREPA_COMPILE_TESTS=1")
+def test_compiled_model_with_onednn_linears_equals_eager_reference():
+    """kernels.compile='model' (inductor around the oneDNN custom op) against eager BLAS."""
+    config = get_preset("PixelREPA-Micro/8")
+    g = torch.Generator().manual_seed(3)
+    m = config.model
+    x = torch.rand(4, 3, m.input_size, m.input_size, generator=g) * 2 - 1
+    y = torch.randint(0, m.num_classes, (4,), generator=g)
+    draws = draw_randomness(x, y, m.num_classes, m.num_patches, config.objective, config.align, g)
+    target = torch.randn(4, m.num_patches, config.align.encoder.feature_dim, generator=g)
+    results = []
+    for kernels in (KernelConfig(compile="none", cpu_linear="aten"), KernelConfig(compile="model")):
+        module = randomize_(TrainingModule(config), seed=2)
+        apply_kernels(module, module.net.blocks, kernels, torch.device("cpu"))
+        loss = module(x, draws, target)["total"]
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in module.parameters() if p.grad is not None]))
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert_close(loss, ref_loss, rtol=1e-5)
+    for fast, ref in zip(grads, ref_grads):
+        assert_close(fast, ref, rtol=5e-5)
 
 
 def _train_step(overrides: dict) -> tuple[dict[str, float], list[torch.Tensor]]:
