@@ -18,6 +18,7 @@ from pixelrepa.cli.main import main
 from pixelrepa.config import get_preset
 from pixelrepa.evaluation.generate import class_layout, generate, read_png, sample_classes
 from pixelrepa.models.jit import JiT
+from pixelrepa.training.device import apply_kernels
 from pixelrepa.weights import save_model_file
 
 CPU = torch.device("cpu")
@@ -30,6 +31,7 @@ def tiny(tmp_path_factory):
     config = get_preset("JiT-Micro/8").replace(**{"sampler.steps": 2})
     net = randomize_(JiT(config.model)).eval()
     path = save_model_file(tmp_path_factory.mktemp("model") / "model.safetensors", config, {"net": net.state_dict()})
+    apply_kernels(net, net.blocks, config.kernels, CPU, sampling=True)  # as `pixelrepa sample` does
     return config, net, path
 
 

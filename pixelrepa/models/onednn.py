@@ -60,8 +60,10 @@ _linear.register_autograd(_backward, setup_context=_setup_context)
 
 
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear for float32 CPU tensors through oneDNN; anything else goes to F.linear."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+    """F.linear for float32 CPU tensors through oneDNN; anything else (other devices or
+    dtypes, CPU autocast) goes to F.linear."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or torch.is_autocast_enabled("cpu")):
         return F.linear(x, weight, bias)
     return _linear(x, weight, bias)
 
