@@ -46,11 +46,14 @@ def add_kernel_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", choices=["auto", "none", "blocks", "model"], default=None,
                         help="fast path torch.compile (default: kernels.compile = auto)")
     parser.add_argument("--cpu-linear", choices=["onednn", "aten"], default=None, help="fast path CPU linear kernel")
+    parser.add_argument("--adamw", choices=["fused", "default"], default=None,
+                        help="fast path AdamW: the fused kernel or torch's default (training only)")
 
 
 def fast_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    fused = None if args.adamw is None else args.adamw == "fused"
     chosen = {"model.attention": args.attention, "kernels.compile": args.compile,
-              "kernels.cpu_linear": args.cpu_linear}
+              "kernels.cpu_linear": args.cpu_linear, "kernels.fused_optimizer": fused}
     return {key: value for key, value in chosen.items() if value is not None}
 
 
