@@ -129,7 +129,7 @@ def main() -> None:
             ratio = f"{stats['reference'].median / s.median:.2f}x" if "reference" in stats else "-"
             rows.append([case.preset, name, str(case.batch), s.cell(), f"{case.batch / s.median:.1f}",
                          *rate_cells(flops, s.median, peak), peaks[name], ratio])
-        print(f"{case.preset}: {flops / 1e9:.1f} GFLOP per step (FlopCounterMode)", flush=True)
+        print(f"{case.preset}: {flops / 1e9:.3g} GFLOP per step (FlopCounterMode)", flush=True)
 
     print()
     print(markdown_table(["training step", "path", "batch", "s/step median (min-max)", "img/s", "TFLOP/s", "MFU",

@@ -24,6 +24,9 @@ needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built wi
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 # The reference path as it runs on a CPU: the released code's per-block compile is for GPUs.
 CPU_REFERENCE = {**REFERENCE_PATH, "kernels.compile": "none"}
+# Micro/8 images give 16 + 4 tokens of width 64: at this batch the token-wise linears are above
+# the size from which the oneDNN kernel is used.
+BATCH = 16
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 2e-5) -> None:
@@ -35,10 +38,10 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 2e-5) -> None:
 @pytest.mark.parametrize("bias", [True, False])
 def test_onednn_linear_matches_f_linear_and_its_gradients(bias):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 7, 48, generator=g).transpose(0, 1)  # non-contiguous (7, 3, 48)
-    w = torch.randn(40, 48, generator=g)
-    b = torch.randn(40, generator=g) if bias else None
-    grad = torch.randn(7, 3, 40, generator=g)
+    x = torch.randn(3, 70, 96, generator=g).transpose(0, 1)  # non-contiguous (70, 3, 96)
+    w = torch.randn(64, 96, generator=g)  # 70 * 3 * 96 * 64 multiply-adds: above the oneDNN threshold
+    b = torch.randn(64, generator=g) if bias else None
+    grad = torch.randn(70, 3, 64, generator=g)
     outs, grads = [], []
     for fn in (onednn_linear, F.linear):
         leaves = [t.clone().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
@@ -55,7 +58,8 @@ def test_onednn_linear_matches_f_linear_and_its_gradients(bias):
 def test_use_onednn_linears_keeps_names_and_outputs():
     net = randomize_(JiT(get_preset("JiT-Micro/8").model), seed=1).eval()
     keys = list(net.state_dict())
-    z, t, y = torch.randn(2, 3, 32, 32), torch.tensor([0.3, 0.8]), torch.tensor([1, 10])
+    n = BATCH
+    z, t, y = torch.randn(n, 3, 32, 32), torch.rand(n), torch.arange(n) % 11
     with torch.no_grad():
         before = net(z, t, y)
         assert use_onednn_linears(net) > 0
@@ -78,10 +82,10 @@ def test_compiled_model_with_onednn_linears_equals_eager_reference():
     config = get_preset("PixelREPA-Micro/8")
     g = torch.Generator().manual_seed(3)
     m = config.model
-    x = torch.rand(4, 3, m.input_size, m.input_size, generator=g) * 2 - 1
-    y = torch.randint(0, m.num_classes, (4,), generator=g)
+    x = torch.rand(BATCH, 3, m.input_size, m.input_size, generator=g) * 2 - 1
+    y = torch.randint(0, m.num_classes, (BATCH,), generator=g)
     draws = draw_randomness(x, y, m.num_classes, m.num_patches, config.objective, config.align, g)
-    target = torch.randn(4, m.num_patches, config.align.encoder.feature_dim, generator=g)
+    target = torch.randn(BATCH, m.num_patches, config.align.encoder.feature_dim, generator=g)
     results = []
     for kernels in (KernelConfig(compile="none", cpu_linear="aten"), KernelConfig(compile="model")):
         module = randomize_(TrainingModule(config), seed=2)
@@ -104,10 +108,10 @@ def _train_step(overrides: dict) -> tuple[dict[str, float], list[torch.Tensor]]:
     optimizer = make_optimizer(wrapped, config)
     g = torch.Generator().manual_seed(3)
     m = config.model
-    x = torch.rand(4, 3, m.input_size, m.input_size, generator=g) * 2 - 1
-    y = torch.randint(0, m.num_classes, (4,), generator=g)
+    x = torch.rand(BATCH, 3, m.input_size, m.input_size, generator=g) * 2 - 1
+    y = torch.randint(0, m.num_classes, (BATCH,), generator=g)
     draws = draw_randomness(x, y, m.num_classes, m.num_patches, config.objective, config.align, g)
-    target = torch.randn(4, m.num_patches, config.align.encoder.feature_dim, generator=g)
+    target = torch.randn(BATCH, m.num_patches, config.align.encoder.feature_dim, generator=g)
     losses = wrapped(x, draws, target)
     losses["total"].backward()
     optimizer.step()
@@ -128,7 +132,7 @@ def test_sampling_fast_equals_reference():
     reference = config.replace(**CPU_REFERENCE)
     net = randomize_(JiT(config.model), seed=4).eval()
     g = torch.Generator().manual_seed(5)
-    noise, labels = torch.randn(3, 3, 32, 32, generator=g), torch.tensor([0, 4, 9])
+    noise, labels = torch.randn(BATCH, 3, 32, 32, generator=g), torch.arange(BATCH) % 10
     ref = sample(net, noise, labels, 10, reference.sampler)
     use_onednn_linears(net)  # after the reference run: the fast net differs only in its kernels
     fast = sample(net, noise, labels, 10, config.sampler)
