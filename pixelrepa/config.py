@@ -374,6 +374,8 @@ for _size, (_depth, _width, _heads, _bottleneck, _start) in {
 # Tiny backbones for CPU: same architecture, seconds per step on 2 cores.
 _register_backbone("JiT-Tiny/4", input_size=32, patch_size=4, hidden_size=128, depth=4, num_heads=4,
                    num_classes=10, bottleneck_dim=32, in_context_len=8, in_context_start=1)
+_register_backbone("JiT-S/4", input_size=32, patch_size=4, hidden_size=384, depth=12, num_heads=6,
+                   num_classes=10, bottleneck_dim=64, in_context_len=16, in_context_start=4)
 _register_backbone("JiT-Micro/8", input_size=32, patch_size=8, hidden_size=64, depth=4, num_heads=4,
                    num_classes=10, bottleneck_dim=16, in_context_len=4, in_context_start=1)
 
@@ -407,11 +409,13 @@ for _backbone in list(_BACKBONES):
         _preset(f"PixelREPA-{_suffix}", _backbone, "pixelrepa", _PIXELREPA_CFG[_size])
         _preset(f"REPA-{_suffix}", _backbone, "repa", _JIT_CFG[_size])
 
-for _tiny in ("Tiny/4", "Micro/8"):
+# 32-px presets aligned to the offline EfficientNet-Lite0 (CPU demo, tests, the convergence benchmark).
+for _small, _projector in (("Tiny/4", 256), ("Micro/8", 256), ("S/4", 1024)):
     _enc = dict(encoder=EncoderConfig(name="efficientnet-lite0", img_size=128, feature_dim=112, stage=3))
-    _preset(f"JiT-{_tiny}", f"JiT-{_tiny}", "none", 3.0, adapter_in_context_len=8, **_enc)
-    _preset(f"PixelREPA-{_tiny}", f"JiT-{_tiny}", "pixelrepa", 3.0, adapter_in_context_len=8, **_enc)
-    _preset(f"REPA-{_tiny}", f"JiT-{_tiny}", "repa", 3.0, projector_hidden=256, **_enc)
+    _context = _BACKBONES[f"JiT-{_small}"].in_context_len
+    _preset(f"JiT-{_small}", f"JiT-{_small}", "none", 3.0, adapter_in_context_len=_context, **_enc)
+    _preset(f"PixelREPA-{_small}", f"JiT-{_small}", "pixelrepa", 3.0, adapter_in_context_len=_context, **_enc)
+    _preset(f"REPA-{_small}", f"JiT-{_small}", "repa", 3.0, projector_hidden=_projector, **_enc)
 
 # The Masked Transformer Adapter sizes (SPEC 5): depth 2 at the backbone's width.
 MTA_PRESETS: dict[str, str] = {

@@ -15,7 +15,7 @@ import pixelrepa.cli.sample as sample_cli
 from pixelrepa.cli.main import main
 from pixelrepa.config import get_preset
 from pixelrepa.data.packed import pack_arrays
-from pixelrepa.evaluation import sweep
+from pixelrepa.evaluation import plots, sweep
 from pixelrepa.models.jit import JiT
 from pixelrepa.weights import save_model_file
 
@@ -124,8 +124,8 @@ def test_sweep_errors(setup, tmp_path, capsys):
 
 
 def test_nice_ticks_and_best():
-    assert sweep.nice_ticks(1.0, 2.0) == [1.0, 1.25, 1.5, 1.75, 2.0]
-    ticks = sweep.nice_ticks(3.0, 3.0)
+    assert plots.nice_ticks(1.0, 2.0) == [1.0, 1.25, 1.5, 1.75, 2.0]
+    ticks = plots.nice_ticks(3.0, 3.0)
     assert ticks[0] <= 3.0 <= ticks[-1] and len(ticks) >= 2
     rows = [{"fid": None, "kid_mean": 0.2}, {"fid": None, "kid_mean": 0.1}]
     assert sweep.best_setting(rows) is rows[1]

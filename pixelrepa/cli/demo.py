@@ -12,18 +12,14 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-from tqdm import tqdm
-
-from pixelrepa.align.encoders import build_encoder
 from pixelrepa.align.heads import build_align_head
 from pixelrepa.cli.sample import sample_classes
 from pixelrepa.config import EMAConfig, RunConfig, apply_overrides, get_preset
-from pixelrepa.data.idx import load_idx_dataset, to_model_range
+from pixelrepa.data.idx import load_idx_dataset
 from pixelrepa.evaluation.images import save_labelled_grid
 from pixelrepa.models.jit import JiT, count_parameters
 from pixelrepa.training.device import pick_device
-from pixelrepa.training.loop import LoopSettings, build_state, train
+from pixelrepa.training.loop import LoopSettings, build_state, cached_encoder_targets, train
 from pixelrepa.weights import save_model_file
 
 
@@ -59,24 +55,6 @@ def demo_config(args: argparse.Namespace) -> RunConfig:
     return apply_overrides(config, overrides)
 
 
-def encoder_targets(config: RunConfig, images: torch.Tensor, cache: Path, device: torch.device) -> torch.Tensor:
-    """Encoder features of every training image on the backbone's grid, cached as float16."""
-    if cache.is_file():
-        cached = load_file(str(cache))["targets"]
-        if len(cached) == len(images):
-            return cached
-    encoder = build_encoder(config.align.encoder).to(device)
-    grid = (config.model.grid_size, config.model.grid_size)
-    chunks = []
-    for start in tqdm(range(0, len(images), 256), desc="encoder targets", unit="batch", dynamic_ncols=True):
-        x = to_model_range(images[start:start + 256]).to(device)
-        chunks.append(encoder(x, grid).to(torch.float16).cpu())
-    targets = torch.cat(chunks)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"targets": targets}, str(cache))
-    return targets
-
-
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config = demo_config(args)
@@ -94,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if config.align.mode != "none":
         enc = config.align.encoder
         cache = args.out / f"targets-{args.dataset}-{len(images)}-seed{args.seed}-{enc.name}-{enc.img_size}-s{enc.stage}.safetensors"
-        targets = encoder_targets(config, images, cache, device)
+        targets = cached_encoder_targets(config, images, cache, device)
         print(f"targets       {enc.name} at {enc.img_size} px, stage {enc.stage}: {tuple(targets.shape[1:])} per image")
 
     net = JiT(config.model).to(device)

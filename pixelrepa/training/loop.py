@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
+
+from pixelrepa.align.encoders import build_encoder
 
 from pixelrepa.config import RunConfig
 from pixelrepa.data.idx import to_model_range
@@ -50,6 +54,38 @@ def build_state(config: RunConfig, net: nn.Module, head: nn.Module | None, lr: f
     return TrainState(net=net, head=head, ema=BackboneEMA(net, config.ema), optimizer=optimizer)
 
 
+def cached_encoder_targets(config: RunConfig, images: Tensor, cache: Path, device: torch.device,
+                           batch_size: int = 256) -> Tensor:
+    """Encoder features (N, T, C) of uint8 images (N, 3, H, W) on the backbone's token grid, as
+    float16, computed once and kept in `cache` (reused while its image count matches)."""
+    if cache.is_file():
+        cached = load_file(str(cache))["targets"]
+        if len(cached) == len(images):
+            return cached
+    encoder = build_encoder(config.align.encoder).to(device)
+    grid = (config.model.grid_size, config.model.grid_size)
+    chunks = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(images), batch_size), desc="encoder targets", unit="batch",
+                          dynamic_ncols=True):
+            x = to_model_range(images[start:start + batch_size]).to(device)
+            chunks.append(encoder(x, grid).to(torch.float16).cpu())
+    targets = torch.cat(chunks)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.tmp")
+    save_file({"targets": targets}, str(tmp))
+    tmp.replace(cache)
+    return targets
+
+
+def batch_indices(num_images: int, batch_size: int, seed: int, step: int) -> Tensor:
+    """The images of optimiser step `step`: a permutation per epoch drawn from (seed, epoch)."""
+    per_epoch = num_images // batch_size
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(num_images, generator=step_generator(seed, 0, epoch, 0, torch.device("cpu")))
+    return order[position * batch_size:(position + 1) * batch_size]
+
+
 def train(config: RunConfig, state: TrainState, images: Tensor, labels: Tensor, targets: Tensor | None,
           settings: LoopSettings, on_step: Callable[[TrainState, dict[str, float]], None] | None = None,
           ) -> TrainState:
@@ -61,7 +97,6 @@ def train(config: RunConfig, state: TrainState, images: Tensor, labels: Tensor, 
         raise ValueError(f"data set has {n} images, fewer than one batch of {settings.batch_size}")
     if config.align.mode != "none" and targets is None:
         raise ValueError(f"alignment mode '{config.align.mode}' needs encoder targets")
-    per_epoch = n // settings.batch_size
     state.net.train()
     if state.head is not None:
         state.head.train()
@@ -69,9 +104,7 @@ def train(config: RunConfig, state: TrainState, images: Tensor, labels: Tensor, 
                dynamic_ncols=True)
     started, start_step = time.perf_counter(), state.step
     while state.step < settings.steps:
-        epoch, position = divmod(state.step, per_epoch)
-        order = torch.randperm(n, generator=step_generator(settings.seed, 0, epoch, 0, torch.device("cpu")))
-        index = order[position * settings.batch_size:(position + 1) * settings.batch_size]
+        index = batch_indices(n, settings.batch_size, settings.seed, state.step)
         x = to_model_range(images[index]).to(device, non_blocking=True)
         y = labels[index].to(device)
         target = targets[index].to(device).float() if targets is not None else None

@@ -1,0 +1,483 @@
+"""The three-way convergence benchmark: plain JiT vs REPA vs PixelREPA, trained identically and scored.
+
+The paper's figure 1 in miniature, at a scale one CPU can run. One backbone preset is trained
+three times, with alignment `none`, `repa` and `pixelrepa` (the presets' recipe: tap block =
+in-context start, REPA's MLP with weight 0.5, the adapter with mask ratio 0.2 and weight 0.1),
+and nothing else differs: the same seed builds the same initial backbone (the heads are built
+after it), the data order is a function of (seed, epoch) only, and a step's draws of t, noise and
+label drop come first from the same generator (the PixelREPA keep-mask is drawn last), so the
+three runs see the same batches and the same noisy inputs. Alignment targets are the offline
+ImageNet EfficientNet-Lite0's features of the training images, computed once.
+
+At each step of `eval_steps` the EMA backbone samples a class-balanced set from fixed noise
+(image k of sampling seed s always starts from the same noise) and is scored against Inception
+features of real training images, computed once: KID (unbiased at small counts) and FID (biased
+upward at small counts; comparable only at equal counts). At the last step every seed of
+`sample_seeds` gets `final_samples` images, and the pooled set gives the final FID.
+
+Results are appended to `results.jsonl` as they are measured and the tables (`convergence.csv`,
+`convergence.md`), the plot (`convergence.png`) and `convergence.json` are rewritten after each
+one: an interrupted run keeps what it measured, and re-running the same command skips the runs
+already finished. Caches (reference features, encoder targets) live in `cache`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import platform
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from pixelrepa.align.heads import build_align_head
+from pixelrepa.config import EMAConfig, RunConfig, apply_overrides, get_preset
+from pixelrepa.data.idx import load_idx_dataset
+from pixelrepa.evaluation.features import build_feature_extractor
+from pixelrepa.evaluation.generate import class_layout
+from pixelrepa.evaluation.metrics import (
+    Reference,
+    extract_features,
+    feature_statistics,
+    frechet_distance,
+    kernel_inception_distance,
+    load_reference,
+    save_reference,
+)
+from pixelrepa.evaluation.plots import Panel, line_plot
+from pixelrepa.evaluation.sweep import GeneratedImages
+from pixelrepa.models.jit import JiT, count_parameters
+from pixelrepa.training.loop import LoopSettings, TrainState, build_state, cached_encoder_targets, train
+
+ARMS = ("none", "repa", "pixelrepa")
+ARM_PRESET_PREFIX = {"none": "JiT", "repa": "REPA", "pixelrepa": "PixelREPA"}
+FORMAT = "pixelrepa-convergence/1"
+KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 2020  # torch-fidelity's KID defaults
+
+
+@dataclass(frozen=True)
+class ConvergenceConfig:
+    """Every setting of a benchmark run; all of it is recorded with the results."""
+
+    dataset: Literal["fashion-mnist", "mnist"] = "fashion-mnist"
+    backbone: str = "Tiny/4"
+    """A 32-px preset family: JiT-, REPA- and PixelREPA-<backbone> must exist."""
+    train_images: int = 20_000
+    """A fixed random subset of the train split (its encoder targets are cached)."""
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    eval_steps: tuple[int, ...] = (500, 1000, 2000, 3000)
+    """Where the EMA backbone is scored; the last one must be `steps`."""
+    eval_samples: int = 1000
+    """Samples at the intermediate evaluations (KID and a small-count FID)."""
+    final_samples: int = 2500
+    """Samples per sampling seed at the last step."""
+    sample_seeds: tuple[int, ...] = (0, 1)
+    train_seeds: tuple[int, ...] = (0,)
+    reference_images: int = 5000
+    """Real train-split images whose Inception features are the reference."""
+    sampler_method: Literal["heun", "euler"] = "heun"
+    sampler_steps: int = 10
+    cfg_scale: float = 3.0
+    ema: int = 1
+    """Which EMA is scored (1-based; both decays with warm-up, as the demo)."""
+    features: str = "inception"
+    """Feature network of the metrics (see `pixelrepa.evaluation.features`)."""
+    sample_batch: int = 250
+    feature_batch: int = 50
+    data_seed: int = 0
+    """Seed of the training-subset and reference-subset draws."""
+
+    def __post_init__(self) -> None:
+        for arm in ARMS:
+            get_preset(f"{ARM_PRESET_PREFIX[arm]}-{self.backbone}")  # raises naming the missing preset
+        if self.dataset not in ("fashion-mnist", "mnist"):
+            raise ValueError(f"unknown data set '{self.dataset}' (fashion-mnist | mnist)")
+        if not self.eval_steps or list(self.eval_steps) != sorted(set(self.eval_steps)):
+            raise ValueError(f"eval_steps must be increasing and non-empty, got {self.eval_steps}")
+        if self.eval_steps[-1] != self.steps:
+            raise ValueError(f"the last of eval_steps {self.eval_steps} must be steps = {self.steps}")
+        if self.eval_steps[0] < 1:
+            raise ValueError("eval_steps must be >= 1")
+        if self.train_images < self.batch_size:
+            raise ValueError(f"train_images {self.train_images} is smaller than one batch of {self.batch_size}")
+        for name in ("eval_samples", "final_samples", "reference_images"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name} must be >= 2 (KID and the covariance need two samples)")
+        if not self.sample_seeds or not self.train_seeds:
+            raise ValueError("at least one sampling seed and one training seed are needed")
+
+
+SCALES: dict[str, ConvergenceConfig] = {
+    # About 1.75 hours on a 2-core CPU.
+    "cpu": ConvergenceConfig(),
+    # The larger setting for one GPU: a 32-M backbone, longer, more samples, two training seeds.
+    "gpu": ConvergenceConfig(backbone="S/4", train_images=60_000, steps=20_000, batch_size=256, lr=5e-4,
+                             warmup_steps=500, eval_steps=(2500, 5000, 10_000, 15_000, 20_000),
+                             eval_samples=5000, final_samples=10_000, train_seeds=(0, 1),
+                             reference_images=10_000, sampler_steps=25, sample_batch=1000, feature_batch=200),
+}
+
+
+def arm_config(settings: ConvergenceConfig, arm: str) -> RunConfig:
+    """The run config of one arm: the preset of its alignment mode with the shared settings."""
+    config = get_preset(f"{ARM_PRESET_PREFIX[arm]}-{settings.backbone}")
+    return apply_overrides(config, {
+        "ema": EMAConfig(decays=config.ema.decays, warmup=True),  # short runs: warm-up the averages
+        "sampler.method": settings.sampler_method,
+        "sampler.steps": settings.sampler_steps,
+        "sampler.cfg_scale": settings.cfg_scale,
+    })
+
+
+def build_arm(settings: ConvergenceConfig, arm: str, train_seed: int, device: torch.device
+              ) -> tuple[RunConfig, TrainState]:
+    """Backbone first, from the training seed, then the arm's head: equal backbones across arms."""
+    config = arm_config(settings, arm)
+    torch.manual_seed(train_seed)
+    net = JiT(config.model).to(device)
+    head = build_align_head(config.model, config.align)
+    return config, build_state(config, net, head.to(device) if head is not None else None, settings.lr)
+
+
+# ---------------------------------------------------------------------------
+# Data, reference features, scoring
+# ---------------------------------------------------------------------------
+
+def training_subset(settings: ConvergenceConfig) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    images, labels, names = load_idx_dataset(settings.dataset, "train", 32)
+    if settings.train_images > len(images):
+        raise ValueError(f"train_images {settings.train_images} exceeds the {len(images)} images of the split")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(settings.data_seed))
+    pick = order[:settings.train_images]
+    return images[pick], labels[pick], names
+
+
+class ArrayImages:
+    """uint8 (N, 3, H, W) images in memory as an image source for `extract_features`."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batches(self, batch_size: int):
+        for start in range(0, len(self.images), batch_size):
+            yield self.images[start:start + batch_size].permute(0, 2, 3, 1).numpy()
+
+
+def reference_features(settings: ConvergenceConfig, extractor, record: dict, cache: Path,
+                       device: torch.device) -> np.ndarray:
+    """Features of `reference_images` train images (drawn from the seed after the training
+    subset's draw: a fixed set), cached as a statistics file with features."""
+    key = settings.features.replace(":", "-").replace("/", "-")
+    path = cache / f"reference-{settings.dataset}-{settings.reference_images}-seed{settings.data_seed}-{key}.npz"
+    if path.is_file():
+        reference = load_reference(path)
+        if reference.features is not None and len(reference.features) == settings.reference_images:
+            return reference.features
+    images, _, _ = load_idx_dataset(settings.dataset, "train", 32)
+    if settings.reference_images > len(images):
+        raise ValueError(f"reference_images {settings.reference_images} exceeds the {len(images)} train images")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(settings.data_seed + 1))
+    started = time.perf_counter()
+    features = extract_features(ArrayImages(images[order[:settings.reference_images]]), extractor,
+                                settings.feature_batch, device)
+    print(f"reference     {len(features)} {settings.dataset} train images: {features.shape[1]}-d features "
+          f"in {time.perf_counter() - started:.0f} s (cached in {path})", flush=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mu, sigma = feature_statistics(features)
+    cache.mkdir(parents=True, exist_ok=True)
+    save_reference(path, Reference(mu, sigma, features, {"feature_network": record}))
+    return features
+
+
+def sample_features(net, config: RunConfig, settings: ConvergenceConfig, count: int, seed: int, extractor,
+                    device: torch.device) -> np.ndarray:
+    """Features of `count` class-balanced samples (class-major) from the noise of `seed`."""
+    num_classes = config.model.num_classes
+    layout = class_layout(num_classes, None, math.ceil(count / num_classes))
+    source = GeneratedImages(net, config, count, layout, settings.sample_batch, device, seed)
+    with torch.no_grad():
+        return extract_features(source, extractor, settings.feature_batch, device)
+
+
+def score(features: np.ndarray, reference: np.ndarray) -> dict:
+    kid = kernel_inception_distance(features, reference, KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # small counts: FID is biased, and reported as such
+        fid = frechet_distance(*feature_statistics(features), *feature_statistics(reference))
+    return {"kid_mean": float(kid["mean"]), "kid_std": float(kid["std"]), "fid": float(fid),
+            "num_images": len(features)}
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
+def report(out: Path) -> dict:
+    """Rewrite the tables, plot and JSON of `out` from its settings and results, running nothing."""
+    if not (out / "settings.json").is_file():
+        raise FileNotFoundError(f"{out} holds no convergence results (no settings.json)")
+    data = json.loads((out / "settings.json").read_text())
+    settings = ConvergenceConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    saved = json.loads((out / "convergence.json").read_text()) if (out / "convergence.json").is_file() else {}
+    return write_outputs(out, settings, _read_rows(out / "results.jsonl"), saved.get("scale", "custom"),
+                         saved.get("feature_network", {}))
+
+
+def run(settings: ConvergenceConfig, out: Path, cache: Path, device: torch.device, scale: str = "custom",
+        progress: bool = True, arms: tuple[str, ...] = ARMS) -> dict:
+    """Train and score every (training seed, arm of `arms`, in that order) not yet in `out`;
+    returns the summary record of everything `out` holds."""
+    unknown = [arm for arm in arms if arm not in ARMS]
+    if unknown or not arms:
+        raise ValueError(f"unknown arm(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(ARMS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    settings_path, results_path = out / "settings.json", out / "results.jsonl"
+    settings_dict = dataclasses.asdict(settings)
+    if settings_path.is_file():
+        saved = json.loads(settings_path.read_text())
+        if saved != json.loads(json.dumps(settings_dict)):
+            changed = sorted(k for k in settings_dict if saved.get(k) != json.loads(json.dumps(settings_dict[k])))
+            raise ValueError(f"{out} holds results of other settings ({', '.join(changed)} differ): "
+                             "use another --out, or delete the folder to start over")
+    else:
+        settings_path.write_text(json.dumps(settings_dict, indent=2) + "\n")
+    rows = _read_rows(results_path)
+    pending = [(seed, arm) for seed in settings.train_seeds for arm in arms
+               if not any(r["train_seed"] == seed and r["arm"] == arm and r["sample_seed"] == "pooled" for r in rows)]
+    if not pending:
+        print(f"done          the runs asked for are finished in {out}; tables and plot rewritten")
+        saved = json.loads((out / "convergence.json").read_text())
+        return write_outputs(out, settings, rows, saved["scale"], saved["feature_network"])
+
+    started = time.perf_counter()
+    extractor, network = build_feature_extractor(settings.features, device)
+    reference = reference_features(settings, extractor, network, cache, device)
+    images, labels, _ = training_subset(settings)
+    for train_seed, arm in pending:
+        rows = [r for r in rows if not (r["train_seed"] == train_seed and r["arm"] == arm)]
+        _write_text(results_path, "".join(json.dumps(r) + "\n" for r in rows))  # drop an interrupted run's rows
+        config, state = build_arm(settings, arm, train_seed, device)
+        targets = None
+        if config.align.mode != "none":
+            enc = config.align.encoder
+            targets = cached_encoder_targets(
+                config, images, cache / f"targets-{settings.dataset}-{settings.train_images}-seed"
+                f"{settings.data_seed}-{enc.name}-{enc.img_size}-s{enc.stage}.safetensors", device)
+        print(f"arm           {arm} (train seed {train_seed}): {count_parameters(state.net) / 1e6:.2f}M backbone"
+              + (f" + {count_parameters(state.head) / 1e6:.2f}M {type(state.head).__name__}"
+                 if state.head is not None else ""), flush=True)
+        train_seconds = 0.0
+        for step in settings.eval_steps:
+            tic = time.perf_counter()
+            train(config, state, images, labels, targets,
+                  LoopSettings(steps=step, batch_size=settings.batch_size, lr=settings.lr,
+                               warmup_steps=settings.warmup_steps, seed=train_seed, progress=progress))
+            train_seconds += time.perf_counter() - tic
+            new = _evaluate(state, config, settings, train_seed, arm, step, train_seconds, extractor,
+                            reference, device)
+            rows.extend(new)
+            with open(results_path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in new)
+            write_outputs(out, settings, rows, scale, network)
+            for r in new:
+                print(f"  step {step:>6}  {arm:<9} seed {r['sample_seed']}: KID x1e3 {r['kid_mean'] * 1e3:.3f} "
+                      f"± {r['kid_std'] * 1e3:.3f}, FID {r['fid']:.2f} ({r['num_images']} samples, "
+                      f"{r['eval_seconds']:.0f} s)", flush=True)
+    record = write_outputs(out, settings, rows, scale, network)
+    print(f"wall time     {time.perf_counter() - started:.0f} s (this invocation)")
+    return record
+
+
+def _evaluate(state: TrainState, config: RunConfig, settings: ConvergenceConfig, train_seed: int, arm: str,
+              step: int, train_seconds: float, extractor, reference: np.ndarray, device) -> list[dict]:
+    base = {"train_seed": train_seed, "arm": arm, "step": step, "train_seconds": round(train_seconds, 1),
+            "loss": state.history[-1]["denoise"] if state.history else None}
+    final = step == settings.steps
+    rows, pooled = [], []
+    with state.ema.swapped_in(state.net, settings.ema - 1):
+        state.net.eval()
+        seeds = settings.sample_seeds if final else settings.sample_seeds[:1]
+        for seed in seeds:
+            tic = time.perf_counter()
+            count = settings.final_samples if final else settings.eval_samples
+            features = sample_features(state.net, config, settings, count, seed, extractor, device)
+            pooled.append(features)
+            rows.append({**base, "sample_seed": seed, **score(features, reference),
+                         "eval_seconds": round(time.perf_counter() - tic, 1)})
+        state.net.train()
+    if final:
+        tic = time.perf_counter()
+        rows.append({**base, "sample_seed": "pooled", **score(np.concatenate(pooled), reference),
+                     "eval_seconds": round(time.perf_counter() - tic, 1)})
+    return rows
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by an interruption: that measurement is redone
+                continue
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Tables, plot, reading
+# ---------------------------------------------------------------------------
+
+CSV_COLUMNS = ("train_seed", "arm", "step", "sample_seed", "num_images", "kid_mean", "kid_std", "fid", "loss",
+               "train_seconds", "eval_seconds")
+
+
+def curve_rows(rows: list[dict]) -> list[dict]:
+    """One row per (train seed, arm, step): the first sampling seed before the end, the pooled set at it."""
+    picked: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["train_seed"], r["arm"], r["step"])
+        if r["sample_seed"] == "pooled" or key not in picked:
+            picked[key] = r
+    return sorted(picked.values(), key=lambda r: (r["train_seed"], ARMS.index(r["arm"]), r["step"]))
+
+
+def reading(rows: list[dict], settings: ConvergenceConfig) -> list[str]:
+    """Plain statements computed from the curves: the lowest arm per step, when each arm reaches
+    plain JiT's final KID, and whether REPA's KID rises after its best point."""
+    lines = []
+    curves = curve_rows(rows)
+    for seed in settings.train_seeds:
+        mine = [r for r in curves if r["train_seed"] == seed]
+        measured = [arm for arm in ARMS if any(r["arm"] == arm for r in mine)]
+        missing = [arm for arm in ARMS if arm not in measured]
+        if missing:
+            lines.append(f"train seed {seed}: no results yet for {', '.join(missing)}")
+        for step in sorted({r["step"] for r in mine}):
+            at = [r for r in mine if r["step"] == step]
+            if len(at) >= 2:
+                best = min(at, key=lambda r: r["kid_mean"])
+                values = ", ".join(f"{r['arm']} {r['kid_mean'] * 1e3:.3f} ± {r['kid_std'] * 1e3:.3f}" for r in at)
+                lines.append(f"train seed {seed}, step {step}: lowest KID {best['arm']} ({values}; x1e3)")
+        none_final = [r for r in mine if r["arm"] == "none" and r["step"] == settings.steps]
+        if none_final:
+            goal = none_final[0]["kid_mean"]
+            for arm in (a for a in ARMS[1:] if a in measured):
+                hits = [r["step"] for r in mine if r["arm"] == arm and r["kid_mean"] <= goal]
+                finished = any(r["arm"] == arm and r["step"] == settings.steps for r in mine)
+                lines.append(f"train seed {seed}: {arm} reaches plain JiT's final KID ({goal * 1e3:.3f}e-3) "
+                             + (f"at step {min(hits)} of {settings.steps}" if hits
+                                else "at no evaluated step" + ("" if finished else " so far (run unfinished)")))
+        repa = sorted((r for r in mine if r["arm"] == "repa"), key=lambda r: r["step"])
+        if len(repa) >= 2 and repa[-1]["step"] == settings.steps:
+            best = min(repa, key=lambda r: r["kid_mean"])
+            last = repa[-1]
+            rises = best["step"] != last["step"] and last["kid_mean"] - best["kid_mean"] > last["kid_std"]
+            lines.append(f"train seed {seed}: REPA's KID {'rises' if rises else 'does not rise (beyond one std)'} "
+                         f"after its best point (best {best['kid_mean'] * 1e3:.3f}e-3 at step {best['step']}, "
+                         f"final {last['kid_mean'] * 1e3:.3f}e-3 ± {last['kid_std'] * 1e3:.3f}e-3)")
+    return lines
+
+
+def format_markdown(rows: list[dict], settings: ConvergenceConfig) -> str:
+    curves = curve_rows(rows)
+    lines = ["KID x 1e3 (mean ± std over 100 subsets) and FID of the EMA backbone against "
+             f"{settings.reference_images:,} real train images. Intermediate steps: {settings.eval_samples:,} "
+             f"samples (sampling seed {settings.sample_seeds[0]}); last step: the pooled "
+             f"{settings.final_samples * len(settings.sample_seeds):,} samples of all sampling seeds.", "",
+             "| train seed | step | " + " | ".join(f"{a} KID" for a in ARMS) + " | "
+             + " | ".join(f"{a} FID" for a in ARMS) + " |",
+             "|---|---|" + "---|" * (2 * len(ARMS))]
+    for seed in settings.train_seeds:
+        for step in settings.eval_steps:
+            at = {r["arm"]: r for r in curves if r["train_seed"] == seed and r["step"] == step}
+            if not at:
+                continue
+            kid = [f"{at[a]['kid_mean'] * 1e3:.3f} ± {at[a]['kid_std'] * 1e3:.3f}" if a in at else "" for a in ARMS]
+            fid = [f"{at[a]['fid']:.2f}" if a in at else "" for a in ARMS]
+            lines.append(f"| {seed} | {step} | " + " | ".join(kid) + " | " + " | ".join(fid) + " |")
+    finals = [r for r in rows if r["step"] == settings.steps]
+    if finals:
+        lines += ["", f"Last step ({settings.steps}), per sampling seed ({settings.final_samples:,} samples each) "
+                  "and pooled:", "",
+                  "| train seed | arm | sampling seed | samples | KID x 1e3 | FID | train s |", "|---|---|---|---|---|---|---|"]
+        for r in sorted(finals, key=lambda r: (r["train_seed"], ARMS.index(r["arm"]), str(r["sample_seed"]))):
+            lines.append(f"| {r['train_seed']} | {r['arm']} | {r['sample_seed']} | {r['num_images']:,} | "
+                         f"{r['kid_mean'] * 1e3:.3f} ± {r['kid_std'] * 1e3:.3f} | {r['fid']:.2f} | "
+                         f"{r['train_seconds']:.0f} |")
+    lines += ["", "Reading (computed from the table):", ""] + [f"- {line}" for line in reading(rows, settings)]
+    return "\n".join(lines) + "\n"
+
+
+def format_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in sorted(rows, key=lambda r: (r["train_seed"], ARMS.index(r["arm"]), r["step"], str(r["sample_seed"]))):
+        writer.writerow(r)
+    return buffer.getvalue()
+
+
+def plot(rows: list[dict], settings: ConvergenceConfig, path: Path) -> None:
+    """KID and FID against the training step: one curve per arm (and training seed)."""
+    curves = curve_rows(rows)
+
+    def series(key: str, scale: float = 1.0):
+        out = []
+        for seed in settings.train_seeds:
+            for arm in ARMS:
+                points = [(r["step"], r[key] * scale) for r in curves if r["train_seed"] == seed and r["arm"] == arm]
+                label = arm if len(settings.train_seeds) == 1 else f"{arm}, seed {seed}"
+                out.append((label, points))
+        return out
+
+    line_plot([Panel(f"KID against training step ({settings.dataset})", "training step", "KID x 1e3",
+                     series("kid_mean", 1e3)),
+               Panel(f"FID against training step ({settings.dataset})", "training step",
+                     f"FID ({settings.eval_samples:,} samples; last step "
+                     f"{settings.final_samples * len(settings.sample_seeds):,})", series("fid"))],
+              path)
+
+
+def write_outputs(out: Path, settings: ConvergenceConfig, rows: list[dict], scale: str, network: dict) -> dict:
+    record = {
+        "format": FORMAT,
+        "scale": scale,
+        "settings": dataclasses.asdict(settings),
+        "arms": {arm: {"preset": f"{ARM_PRESET_PREFIX[arm]}-{settings.backbone}",
+                       "align": dataclasses.asdict(arm_config(settings, arm).align)} for arm in ARMS},
+        "feature_network": {k: v for k, v in network.items() if k in ("id", "network", "features", "weights_sha1")},
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "reading": reading(rows, settings),
+        "rows": rows,
+    }
+    _write_text(out / "convergence.csv", format_csv(rows))
+    _write_text(out / "convergence.md", format_markdown(rows, settings))
+    _write_text(out / "convergence.json", json.dumps(record, indent=2) + "\n")
+    plot(rows, settings, out / "convergence.png")
+    return record
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
