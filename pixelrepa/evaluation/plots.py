@@ -84,10 +84,10 @@ def _plot_pil(panels: list[Panel], path: Path) -> None:
     from PIL import Image, ImageDraw, ImageFont
 
     width, height = 520, 400
-    left, right, top, bottom = 70, 20, 36, 56
+    left, right, top, bottom = 70, 20, 46, 56
     image = Image.new("RGB", (width * len(panels), height), "white")
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=12)  # the default size 10 loses the spaces between words
     for p, panel in enumerate(panels):
         series = [(name, points) for name, points in panel.series if points]
         xs = [x for _, pts in series for x, _ in pts]
@@ -116,7 +116,7 @@ def _plot_pil(panels: list[Panel], path: Path) -> None:
         draw.rectangle([px0, py1, px1, py0], outline="black")
         draw.text(((px0 + px1 - draw.textlength(panel.xlabel, font=font)) / 2, height - 22), panel.xlabel,
                   fill="black", font=font)
-        draw.text((ox + 8, top - 14), panel.ylabel, fill="black", font=font)
+        draw.text((ox + 8, top - 22), panel.ylabel, fill="black", font=font)
         draw.text(((px0 + px1 - draw.textlength(panel.title, font=font)) / 2, 8), panel.title, fill="black",
                   font=font)
         for i, (name, points) in enumerate(series):
