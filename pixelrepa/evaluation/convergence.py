@@ -180,15 +180,15 @@ class ArrayImages:
 
 
 def reference_features(settings: ConvergenceConfig, extractor, record: dict, cache: Path,
-                       device: torch.device) -> np.ndarray:
-    """Features of `reference_images` train images (drawn from the seed after the training
-    subset's draw: a fixed set), cached as a statistics file with features."""
+                       device: torch.device) -> Reference:
+    """Features and their statistics of `reference_images` train images (drawn from the seed
+    after the training subset's draw: a fixed set), cached as a statistics file with features."""
     key = settings.features.replace(":", "-").replace("/", "-")
     path = cache / f"reference-{settings.dataset}-{settings.reference_images}-seed{settings.data_seed}-{key}.npz"
     if path.is_file():
         reference = load_reference(path)
         if reference.features is not None and len(reference.features) == settings.reference_images:
-            return reference.features
+            return reference
     images, _, _ = load_idx_dataset(settings.dataset, "train", 32)
     if settings.reference_images > len(images):
         raise ValueError(f"reference_images {settings.reference_images} exceeds the {len(images)} train images")
@@ -202,8 +202,9 @@ def reference_features(settings: ConvergenceConfig, extractor, record: dict, cac
         warnings.simplefilter("ignore")
         mu, sigma = feature_statistics(features)
     cache.mkdir(parents=True, exist_ok=True)
-    save_reference(path, Reference(mu, sigma, features, {"feature_network": record}))
-    return features
+    reference = Reference(mu, sigma, features, {"feature_network": record})
+    save_reference(path, reference)
+    return reference
 
 
 def sample_features(net, config: RunConfig, settings: ConvergenceConfig, count: int, seed: int, extractor,
@@ -216,11 +217,11 @@ def sample_features(net, config: RunConfig, settings: ConvergenceConfig, count: 
         return extract_features(source, extractor, settings.feature_batch, device)
 
 
-def score(features: np.ndarray, reference: np.ndarray) -> dict:
-    kid = kernel_inception_distance(features, reference, KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED)
+def score(features: np.ndarray, reference: Reference) -> dict:
+    kid = kernel_inception_distance(features, reference.features, KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # small counts: FID is biased, and reported as such
-        fid = frechet_distance(*feature_statistics(features), *feature_statistics(reference))
+        fid = frechet_distance(*feature_statistics(features), reference.mu, reference.sigma)
     return {"kid_mean": float(kid["mean"]), "kid_std": float(kid["std"]), "fid": float(fid),
             "num_images": len(features)}
 
@@ -306,7 +307,7 @@ def run(settings: ConvergenceConfig, out: Path, cache: Path, device: torch.devic
 
 
 def _evaluate(state: TrainState, config: RunConfig, settings: ConvergenceConfig, train_seed: int, arm: str,
-              step: int, train_seconds: float, extractor, reference: np.ndarray, device) -> list[dict]:
+              step: int, train_seconds: float, extractor, reference: Reference, device) -> list[dict]:
     base = {"train_seed": train_seed, "arm": arm, "step": step, "train_seconds": round(train_seconds, 1),
             "loss": state.history[-1]["denoise"] if state.history else None}
     final = step == settings.steps
