@@ -1,7 +1,10 @@
 """Training step time: the fast path against the reference path, in one process.
 
-fast:      the config defaults (SDPA attention, oneDNN linears on the CPU, fused AdamW,
-           torch.compile of the whole model on GPU), changed by the flags below
+fast:      the config defaults (SDPA attention on GPU and explicit matmuls on the CPU, oneDNN
+           linears on the CPU, fused AdamW, torch.compile of the whole model on GPU and, on the
+           CPU, for runs of at least kernels.cpu_compile_min_steps), changed by the flags below.
+           With the defaults on the CPU two fast paths are timed: a short run's (eager) and a
+           long run's (compiled).
 reference: pixelrepa.config.REFERENCE_PATH, what the released code does (explicit float32
            attention, torch's BLAS linear, default AdamW, per-block compile on GPU only)
 
@@ -60,13 +63,15 @@ CASES = [
 ]
 
 
-def train_step(config: RunConfig, batch: int, device: torch.device, checkpointing: bool) -> Callable[[], None]:
-    """One training step of `config` on random data; same weights and inputs for every path."""
+def train_step(config: RunConfig, batch: int, device: torch.device, checkpointing: bool,
+               run_steps: int | None = None) -> Callable[[], None]:
+    """One training step of `config` on random data, as in a run of `run_steps` steps (which
+    compile='auto' looks at on the CPU); same weights and inputs for every path."""
     torch.manual_seed(0)
     module = TrainingModule(config)
     randomise_zero_layers(module.net, module.head)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    model = wrap_for_training(module, "ddp", info, checkpointing, config.kernels)
+    model = wrap_for_training(module, "ddp", info, checkpointing, config.kernels, train_steps=run_steps)
     optimizer = make_optimizer(model, config)
     m = config.model
     x = torch.rand(batch, m.in_channels, m.input_size, m.input_size, device=device) * 2 - 1
@@ -109,19 +114,23 @@ def main() -> None:
     rows = []
     for case in cases:
         base = get_preset(case.preset)
-        paths = {"fast": base.replace(**fast)}
+        long_run = base.kernels.cpu_compile_min_steps
+        paths = {"fast": (base.replace(**fast), None)}
+        if device.type == "cpu" and "kernels.compile" not in fast:
+            paths = {f"fast, run < {long_run} steps": (base.replace(**fast), None),
+                     f"fast, run >= {long_run} steps": (base.replace(**fast), long_run)}
         if not args.no_reference:
-            paths["reference"] = base.replace(**reference_overrides(device))
+            paths["reference"] = (base.replace(**reference_overrides(device)), None)
         with sdpa_backend(args.sdpa_backend):
             steps, peaks = {}, {}
-            for name, config in paths.items():
+            for name, (config, run_steps) in paths.items():
                 reset_peak_memory(device)
-                steps[name] = train_step(config, case.batch, device, args.checkpointing)
+                steps[name] = train_step(config, case.batch, device, args.checkpointing, run_steps)
                 for _ in range(args.warmup or case.warmup):  # compilation happens here
                     steps[name]()
                 synchronize(device)
                 peaks[name] = peak_memory(device)
-            flops = count_flops(steps["reference" if "reference" in steps else "fast"])
+            flops = count_flops(steps["reference" if "reference" in steps else next(iter(steps))])
             times = time_alternating(steps, 0, args.repeats or case.repeats, device)
         del steps
         stats = {name: Stats.of(t) for name, t in times.items()}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 AlignMode = Literal["none", "repa", "pixelrepa"]
-AttentionImpl = Literal["sdpa", "reference"]
+AttentionImpl = Literal["auto", "sdpa", "reference"]
 SamplerMethod = Literal["heun", "euler"]
 CompileMode = Literal["auto", "none", "blocks", "model"]
 LinearKernel = Literal["onednn", "aten"]
@@ -47,9 +47,11 @@ class JiTConfig:
     in_context_len: int = 32
     in_context_start: int = 4
     """In-context class tokens are prepended before this block."""
-    attention: AttentionImpl = "sdpa"
-    """'sdpa': torch's fused kernel (fast path); 'reference': explicit float32 softmax as
-    in the released code."""
+    attention: AttentionImpl = "auto"
+    """How attention is executed (the function is the same): 'sdpa', torch's fused kernel;
+    'reference', float32 logits and softmax by explicit matmuls, as released; 'auto' (fast
+    path), 'sdpa' on accelerators and the explicit form on the CPU, where inputs are float32
+    anyway and it is as fast eagerly and faster compiled (docs/performance.md)."""
     norm_eps: float = 1e-6
     """RMSNorm epsilon everywhere (also q/k norms)."""
 
@@ -63,7 +65,8 @@ class JiTConfig:
         _check(self.hidden_size % 4 == 0, "hidden_size must be a multiple of 4 (2-D sin-cos table)")
         _check(0 <= self.in_context_start <= self.depth,
                f"in_context_start {self.in_context_start} outside [0, depth={self.depth}]")
-        _check(self.attention in ("sdpa", "reference"), f"unknown attention '{self.attention}'")
+        _check(self.attention in ("auto", "sdpa", "reference"),
+               f"unknown attention '{self.attention}' (auto | sdpa | reference)")
 
     @property
     def grid_size(self) -> int:
@@ -276,8 +279,12 @@ class KernelConfig:
     sgemm on AMD CPUs) or 'aten' (torch's default BLAS call)."""
     compile: CompileMode = "auto"
     """torch.compile: 'model' (the whole network as one graph), 'blocks' (each block on its
-    own, as released), 'none'; 'auto' = 'model' on a GPU, 'none' on the CPU (where compiling
-    costs a minute or more before the first step)."""
+    own, as released), 'none'; 'auto' = 'model' on a GPU, and on the CPU 'model' for training
+    runs of at least `cpu_compile_min_steps` steps where a C++ compiler is found, else 'none'
+    (compiling costs about a minute on the CPU before the first step)."""
+    cpu_compile_min_steps: int = 2000
+    """Shortest CPU training run that 'auto' compiles: about where compiling pays back at
+    JiT-Tiny/4 (docs/performance.md)."""
     cuda_graphs: bool = True
     """Sampling on a GPU with a compiled network: capture it in CUDA graphs
     (torch.compile mode 'reduce-overhead')."""
@@ -291,6 +298,8 @@ class KernelConfig:
         _check(self.cpu_linear in ("onednn", "aten"), f"unknown cpu_linear '{self.cpu_linear}' (onednn | aten)")
         _check(self.compile in ("auto", "none", "blocks", "model"),
                f"unknown compile mode '{self.compile}' (auto | none | blocks | model)")
+        _check(self.cpu_compile_min_steps >= 0,
+               f"cpu_compile_min_steps must be >= 0, got {self.cpu_compile_min_steps}")
 
 
 REFERENCE_PATH: dict[str, Any] = {

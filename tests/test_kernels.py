@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from pixelrepa.models.jit import JiT
 from pixelrepa.models.onednn import onednn_available, onednn_linear, use_onednn_linears
 from pixelrepa.objective import draw_randomness
 from pixelrepa.sampling import sample
+from pixelrepa.training import device as device_module
 from pixelrepa.training.device import apply_kernels, resolve_compile
 from pixelrepa.training.module import TrainingModule
 from pixelrepa.training.parallel import DistInfo, wrap_for_training
@@ -68,11 +70,31 @@ def test_use_onednn_linears_keeps_names_and_outputs():
     assert_close(after, before)
 
 
-def test_compile_resolution():
+def test_compile_resolution(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert resolve_compile(KernelConfig(), cpu) == "none"
+    monkeypatch.setattr(device_module, "cpp_compiler_found", lambda: True)
     assert resolve_compile(KernelConfig(), gpu) == "model"
+    assert resolve_compile(KernelConfig(), gpu, train_steps=10) == "model"
     assert resolve_compile(KernelConfig(compile="blocks"), cpu) == "blocks"
+    assert resolve_compile(KernelConfig(compile="none"), cpu, train_steps=10**6) == "none"
+    # On the CPU 'auto' compiles training runs from cpu_compile_min_steps on, nothing else.
+    assert resolve_compile(KernelConfig(), cpu) == "none"
+    assert resolve_compile(KernelConfig(), cpu, train_steps=1999) == "none"
+    assert resolve_compile(KernelConfig(), cpu, train_steps=2000) == "model"
+    assert resolve_compile(KernelConfig(cpu_compile_min_steps=10), cpu, train_steps=10) == "model"
+    # ... and only where inductor can build its C++ code.
+    monkeypatch.setattr(device_module, "cpp_compiler_found", lambda: False)
+    assert resolve_compile(KernelConfig(), cpu, train_steps=10**6) == "none"
+    assert resolve_compile(KernelConfig(compile="model"), cpu) == "model"
+    with pytest.raises(ValueError, match="cpu_compile_min_steps"):
+        KernelConfig(cpu_compile_min_steps=-1)
+
+
+def test_cpp_compiler_lookup_follows_cxx(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-pixelrepa")
+    assert not device_module.cpp_compiler_found()
+    monkeypatch.setenv("CXX", sys.executable)  # any executable on disk stands in for a compiler
+    assert device_module.cpp_compiler_found()
 
 
 @pytest.mark.skipif(not os.environ.get("PIXELREPA_COMPILE_TESTS"),
@@ -118,8 +140,9 @@ def _train_step(overrides: dict) -> tuple[dict[str, float], list[torch.Tensor]]:
     return {k: v.item() for k, v in losses.items()}, [p.detach().clone() for p in module.parameters()]
 
 
-def test_training_step_fast_equals_reference():
-    fast_losses, fast_params = _train_step({})
+@pytest.mark.parametrize("attention", ["auto", "sdpa"])  # on the CPU 'auto' is the explicit form
+def test_training_step_fast_equals_reference(attention):
+    fast_losses, fast_params = _train_step({"model.attention": attention})
     ref_losses, ref_params = _train_step(CPU_REFERENCE)
     for name in ref_losses:
         assert fast_losses[name] == pytest.approx(ref_losses[name], rel=1e-5)

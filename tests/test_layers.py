@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pixelrepa.models import layers
 from pixelrepa.models.layers import (
     Attention,
     JiTBlock,
@@ -285,7 +286,7 @@ def attention_by_definition(attn: Attention, x: torch.Tensor, angles: torch.Tens
     return out @ attn.proj.weight.double().T + attn.proj.bias.double()
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "reference"])
+@pytest.mark.parametrize("impl", ["auto", "sdpa", "reference"])
 def test_attention_matches_definition(impl):
     dim, heads, grid, prefix = 32, 2, 3, 2
     attn = randomize_(Attention(dim, heads, impl=impl), seed=5, std=0.2)
@@ -316,6 +317,19 @@ def test_sdpa_equals_reference_forward_and_grad():
     assert (x1.grad - x2.grad).abs().max() <= 1e-5 * x2.grad.abs().max()
     for (name, p1), p2 in zip(fast.named_parameters(), ref.parameters()):
         assert (p1.grad - p2.grad).abs().max() <= 1e-5 * p2.grad.abs().max(), name
+
+
+@pytest.mark.parametrize("device, expected", [("cpu", "explicit"), ("meta", "sdpa")])
+def test_auto_attention_is_explicit_on_the_cpu_and_sdpa_elsewhere(monkeypatch, device, expected):
+    called = []
+    sdpa, explicit = layers.F.scaled_dot_product_attention, layers.reference_attention
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention",
+                        lambda *a, **k: called.append("sdpa") or sdpa(*a, **k))
+    monkeypatch.setattr(layers, "reference_attention", lambda *a, **k: called.append("explicit") or explicit(*a, **k))
+    attn = Attention(32, 2, impl="auto").to(device)
+    cos, sin = (t.to(device) for t in rope_2d_tables(16, 3))
+    attn(torch.randn(2, 9, 32, device=device), cos, sin)
+    assert called == [expected]
 
 
 def test_reference_attention_is_float32_softmax():

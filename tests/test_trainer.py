@@ -78,6 +78,27 @@ def test_resume_is_bit_identical(pack, tmp_path):
     assert losses(tmp_path / "split") == losses(tmp_path / "full")
 
 
+@pytest.mark.skipif(not os.environ.get("PIXELREPA_COMPILE_TESTS"),
+                    reason="compiles three times (about a minute cold); set PIXELREPA_COMPILE_TESTS=1")
+def test_compiled_cpu_run_resumes_bit_identical(pack, tmp_path, caplog):
+    """compile='auto' compiles a long CPU run (here: from 0 steps on); resuming recompiles the
+    same code, so the losses still match the uninterrupted run exactly."""
+    compiled = {"kernels.cpu_compile_min_steps": 0}
+    with caplog.at_level("WARNING", logger="pixelrepa.train"):
+        train(tiny_config(pack, tmp_path / "full", **compiled), progress=False)
+    assert "compiling the model for the CPU" in caplog.text
+    train(tiny_config(pack, tmp_path / "split", **compiled, **{"train.steps": 4}), progress=False)
+    train(tiny_config(pack, tmp_path / "split", **compiled), progress=False)
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")
+
+
+def test_resume_accepts_another_attention_kernel(pack, tmp_path):
+    """How attention is executed is not part of the run's identity (same function)."""
+    train(tiny_config(pack, tmp_path / "run", **{"train.steps": 4, "model.attention": "sdpa"}), progress=False)
+    summary = train(tiny_config(pack, tmp_path / "run", **{"train.steps": 6}), progress=False)
+    assert summary.resumed_from is not None and summary.steps == 6
+
+
 def test_resume_refuses_a_different_model(pack, tmp_path):
     train(tiny_config(pack, tmp_path / "run", **{"train.steps": 4}), progress=False)
     with pytest.raises(ValueError, match="'align' differs"):

@@ -87,10 +87,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------
 
 class Attention(nn.Module):
-    """Multi-head self-attention with qk RMSNorm and 2-D RoPE, no mask."""
+    """Multi-head self-attention with qk RMSNorm and 2-D RoPE, no mask; `impl` as in
+    `JiTConfig.attention` ('auto': SDPA off the CPU, explicit matmuls on it)."""
 
     def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 impl: str = "sdpa", eps: float = 1e-6):
+                 impl: str = "auto", eps: float = 1e-6):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -109,7 +110,7 @@ class Attention(nn.Module):
         q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)
         k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)
         drop = self.attn_drop if self.training else 0.0
-        if self.impl == "sdpa":
+        if self.impl == "sdpa" or (self.impl == "auto" and q.device.type != "cpu"):
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         else:
             out = reference_attention(q, k, v, drop)
@@ -143,7 +144,7 @@ class JiTBlock(nn.Module):
     """adaLN-Zero pre-norm block: x += g_a*Attn(mod(norm x)); x += g_m*MLP(mod(norm x))."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, attention: str = "sdpa", eps: float = 1e-6):
+                 proj_drop: float = 0.0, attention: str = "auto", eps: float = 1e-6):
         super().__init__()
         self.norm1 = RMSNorm(dim, eps)
         self.attn = Attention(dim, num_heads, attn_drop, proj_drop, attention, eps)

@@ -3,6 +3,9 @@ GPU; oneDNN linears on the CPU and torch.compile as `KernelConfig` says (issue 7
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 from typing import Iterable
 
 import torch
@@ -21,11 +24,21 @@ def autocast_for(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def resolve_compile(kernels: KernelConfig, device: torch.device) -> str:
-    """'auto' -> 'model' on a GPU, 'none' on the CPU; other modes as given."""
-    if kernels.compile == "auto":
-        return "model" if device.type == "cuda" else "none"
-    return kernels.compile
+def cpp_compiler_found() -> bool:
+    """Whether the C++ compiler that inductor calls for CPU code is on the PATH."""
+    return shutil.which(os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")) is not None
+
+
+def resolve_compile(kernels: KernelConfig, device: torch.device, train_steps: int | None = None) -> str:
+    """'auto' -> 'model' on a GPU; on the CPU 'model' for a training run of at least
+    `kernels.cpu_compile_min_steps` steps (`train_steps`; None: not a training run) when a
+    C++ compiler is found, else 'none'. Other modes as given."""
+    if kernels.compile != "auto":
+        return kernels.compile
+    if device.type == "cuda":
+        return "model"
+    long_run = train_steps is not None and train_steps >= kernels.cpu_compile_min_steps
+    return "model" if long_run and cpp_compiler_found() else "none"
 
 
 def apply_kernels(module: nn.Module, blocks: Iterable[nn.Module], kernels: KernelConfig, device: torch.device,

@@ -7,6 +7,7 @@ once instead of every step. Draws and batch order use the trainer's seeded gener
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +19,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pixelrepa.align.encoders import build_encoder
-
 from pixelrepa.config import RunConfig
 from pixelrepa.data.idx import to_model_range
 from pixelrepa.objective import draw_randomness, training_loss
-from pixelrepa.training.device import autocast_for
+from pixelrepa.training.device import apply_kernels, autocast_for
 from pixelrepa.training.ema import BackboneEMA
+from pixelrepa.training.optim import make_optimizer
 from pixelrepa.training.trainer import step_generator
 
 
@@ -48,9 +49,16 @@ class TrainState:
 
 
 def build_state(config: RunConfig, net: nn.Module, head: nn.Module | None, lr: float) -> TrainState:
-    params = list(net.parameters()) + (list(head.parameters()) if head is not None else [])
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=config.optim.betas,
-                                  weight_decay=config.optim.weight_decay)
+    """Optimizer and EMA for `net` (+ `head`), with the config's CPU linear kernel and AdamW
+    kernel. The loop runs eagerly (`kernels.compile` is not applied): between training steps
+    the same network also samples, at other shapes, which would recompile it."""
+    device = next(net.parameters()).device
+    eager = dataclasses.replace(config.kernels, compile="none")
+    modules = nn.ModuleList([m for m in (net, head) if m is not None])
+    apply_kernels(modules, [], eager, device)
+    optimizer = make_optimizer(modules, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     return TrainState(net=net, head=head, ema=BackboneEMA(net, config.ema), optimizer=optimizer)
 
 

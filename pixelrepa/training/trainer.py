@@ -28,7 +28,7 @@ from pixelrepa.models.jit import JiT
 from pixelrepa.objective import draw_randomness
 from pixelrepa.training import checkpoint as ckpt
 from pixelrepa.training.data import build_dataset
-from pixelrepa.training.device import apply_kernels, autocast_for
+from pixelrepa.training.device import apply_kernels, autocast_for, resolve_compile
 from pixelrepa.training.ema import BackboneEMA
 from pixelrepa.training.module import TrainingModule
 from pixelrepa.training.optim import make_optimizer
@@ -124,8 +124,11 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
     torch.manual_seed(config.train.seed)
     module = TrainingModule(config).to(device)
     encoder = _build_encoder(config, device)
+    if dist.is_main and device.type == "cpu" and resolve_compile(config.kernels, device, total_steps) == "model":
+        logger.warning("compiling the model for the CPU (%d steps, kernels.compile=%s): about a minute before the "
+                       "first step; kernels.compile=none skips it", total_steps, config.kernels.compile)
     model = wrap_for_training(module, config.train.parallel, dist, config.train.activation_checkpointing,
-                              config.kernels)
+                              config.kernels, train_steps=total_steps)
     optimizer = make_optimizer(model, config)
     ema = BackboneEMA(unwrap(model).net, config.ema)
     start_step, skipped_steps = 0, 0
@@ -259,7 +262,9 @@ def _resume_point(out_dir: Path, resume: str | Path | None) -> Path | None:
 
 
 def _check_same_run(config: RunConfig, saved: RunConfig, path: Path) -> None:
-    """Resuming with another model or objective would silently mix two runs."""
+    """Resuming with another model or objective would silently mix two runs (how attention
+    is executed may change: it computes the same function)."""
+    config = config.replace(**{"model.attention": saved.model.attention})
     for part in ("model", "align", "objective", "ema", "optim", "data"):
         if getattr(config, part) != getattr(saved, part):
             raise ValueError(f"the configuration's '{part}' differs from the checkpoint's at {path}; "
