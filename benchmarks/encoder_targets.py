@@ -1,9 +1,11 @@
 """Encoder target time: the frozen encoder's patch features for one batch of clean images.
 
-Variants (each row timed against the first): float32 eager; on GPU bf16 autocast (what the
-trainer runs) and bf16 autocast with the encoder compiled; on the CPU float32 with
-oneDNN linears (what the trainer runs there). Weights are random (no download): the time
-does not depend on them.
+Variants (each row timed against the first): float32 eager (NCHW weights, torch's BLAS
+linears: the reference path); on GPU bf16 autocast, then bf16 autocast as the trainer runs it
+(channels-last weights, the encoder compiled); on the CPU float32 with oneDNN linears, then as
+the trainer runs it (channels-last weights and oneDNN linears; eager, and compiled as in runs of
+kernels.cpu_compile_min_steps or more). Weights are random (no
+download): the time does not depend on them.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from common import (
     time_alternating,
 )
 from pixelrepa.align.encoders import build_encoder
-from pixelrepa.config import get_encoder_preset
+from pixelrepa.config import KernelConfig, get_encoder_preset
 from pixelrepa.models.onednn import use_onednn_linears
+from pixelrepa.training.device import prepare_encoder
 
 
 def main() -> None:
@@ -46,13 +49,13 @@ def main() -> None:
     grid = (args.img_size // 16, args.img_size // 16)
     x = torch.rand(batch, 3, args.img_size, args.img_size, device=device) * 2 - 1
 
-    def variant(bf16: bool, compiled: bool, onednn: bool):
+    def variant(bf16: bool, onednn: bool = False, as_trainer: bool = False, run_steps: int | None = None):
         torch.manual_seed(0)
         encoder = build_encoder(cfg, random_init=True).to(device)
         if onednn:
             use_onednn_linears(encoder)
-        if compiled:
-            encoder.compile()
+        if as_trainer:
+            prepare_encoder(encoder, KernelConfig(), device, run_steps)
         cast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
         def run() -> None:
@@ -61,12 +64,17 @@ def main() -> None:
 
         return run
 
-    variants = {"float32": variant(False, False, False)}
+    variants = {"float32": variant(False)}
     if on_gpu:
-        variants["bf16 autocast"] = variant(True, False, False)
-        variants["bf16 autocast + compile"] = variant(True, True, False)
+        variants["bf16 autocast"] = variant(True)
+        variants["bf16 autocast, channels-last, compiled (trainer)"] = variant(True, as_trainer=True)
     else:
-        variants["float32 + oneDNN linears"] = variant(False, False, True)
+        variants["float32 + oneDNN linears"] = variant(False, onednn=True)
+        long_run = KernelConfig().cpu_compile_min_steps
+        variants[f"float32, channels-last + oneDNN linears (trainer, run < {long_run} steps)"] = \
+            variant(False, as_trainer=True)
+        variants[f"the same compiled (trainer, run >= {long_run} steps)"] = \
+            variant(False, as_trainer=True, run_steps=long_run)
 
     peak, peak_note = matmul_rate(device)
     print(device_line(device))

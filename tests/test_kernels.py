@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from helpers import randomize_
 
+from pixelrepa.align.encoders import build_encoder
 from pixelrepa.config import REFERENCE_PATH, KernelConfig, get_preset
 from pixelrepa.models.jit import JiT
 from pixelrepa.models.onednn import onednn_available, onednn_linear, use_onednn_linears
 from pixelrepa.objective import draw_randomness
 from pixelrepa.sampling import sample
 from pixelrepa.training import device as device_module
-from pixelrepa.training.device import apply_kernels, resolve_compile
+from pixelrepa.training.device import apply_kernels, prepare_encoder, resolve_compile
 from pixelrepa.training.module import TrainingModule
 from pixelrepa.training.parallel import DistInfo, wrap_for_training
 from pixelrepa.training.optim import make_optimizer
@@ -162,3 +163,22 @@ def test_sampling_fast_equals_reference():
     assert_close(fast, ref)
     unguided_too = sample(net, noise, labels, 10, dataclasses.replace(config.sampler, skip_unguided=False))
     assert_close(unguided_too, fast)
+
+
+def test_prepared_encoder_is_channels_last_and_computes_the_same_targets():
+    """The trainer's encoder (channels-last weights, oneDNN linears) against the plain one."""
+    config = get_preset("PixelREPA-Micro/8")
+    torch.manual_seed(0)
+    plain = build_encoder(config.align.encoder, random_init=True)
+    prepared = build_encoder(config.align.encoder, random_init=True)
+    prepared.load_state_dict(plain.state_dict())
+    prepare_encoder(prepared, KernelConfig(), torch.device("cpu"))
+    convs = [m.weight for m in prepared.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not plain.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    grid = (config.model.grid_size,) * 2
+    assert_close(prepared(x, grid), plain(x, grid), rtol=1e-5)
+    reference = build_encoder(config.align.encoder, random_init=True)
+    prepare_encoder(reference, dataclasses.replace(KernelConfig(), encoder_channels_last=False), torch.device("cpu"))
+    assert not reference.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)

@@ -86,7 +86,7 @@ def test_compiled_cpu_run_resumes_bit_identical(pack, tmp_path, caplog):
     compiled = {"kernels.cpu_compile_min_steps": 0}
     with caplog.at_level("WARNING", logger="pixelrepa.train"):
         train(tiny_config(pack, tmp_path / "full", **compiled), progress=False)
-    assert "compiling the model for the CPU" in caplog.text
+    assert "compiling the model and the target encoder for the CPU" in caplog.text
     train(tiny_config(pack, tmp_path / "split", **compiled, **{"train.steps": 4}), progress=False)
     train(tiny_config(pack, tmp_path / "split", **compiled), progress=False)
     assert losses(tmp_path / "split") == losses(tmp_path / "full")

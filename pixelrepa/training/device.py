@@ -3,6 +3,7 @@ GPU; oneDNN linears on the CPU and torch.compile as `KernelConfig` says (issue 7
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -55,3 +56,16 @@ def apply_kernels(module: nn.Module, blocks: Iterable[nn.Module], kernels: Kerne
     elif mode == "blocks":
         for block in blocks:
             block.compile(**options)
+
+
+def prepare_encoder(encoder: nn.Module, kernels: KernelConfig, device: torch.device,
+                    train_steps: int | None = None) -> nn.Module:
+    """The frozen target encoder with `kernels`' choices, in place: channels-last weights
+    (`encoder_channels_last`), oneDNN linears on the CPU, and torch.compile of the whole
+    encoder where `compile` resolves to 'model' for a run of `train_steps` steps ('blocks'
+    compiles only the backbone's blocks: the encoder stays eager)."""
+    if kernels.encoder_channels_last:
+        encoder.to(memory_format=torch.channels_last)
+    compile_mode = resolve_compile(kernels, device, train_steps)
+    apply_kernels(encoder, [], dataclasses.replace(kernels, compile=compile_mode), device)
+    return encoder

@@ -19,10 +19,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pixelrepa.align.encoders import build_encoder
-from pixelrepa.config import RunConfig
+from pixelrepa.config import KernelConfig, RunConfig
 from pixelrepa.data.idx import to_model_range
 from pixelrepa.objective import draw_randomness, training_loss
-from pixelrepa.training.device import apply_kernels, autocast_for
+from pixelrepa.training.device import apply_kernels, autocast_for, prepare_encoder
 from pixelrepa.training.ema import BackboneEMA
 from pixelrepa.training.optim import make_optimizer
 from pixelrepa.training.trainer import step_generator
@@ -48,14 +48,18 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def eager_kernels(config: RunConfig) -> KernelConfig:
+    """The config's kernel choices without compilation: the loop's networks run eagerly."""
+    return dataclasses.replace(config.kernels, compile="none")
+
+
 def build_state(config: RunConfig, net: nn.Module, head: nn.Module | None, lr: float) -> TrainState:
     """Optimizer and EMA for `net` (+ `head`), with the config's CPU linear kernel and AdamW
     kernel. The loop runs eagerly (`kernels.compile` is not applied): between training steps
     the same network also samples, at other shapes, which would recompile it."""
     device = next(net.parameters()).device
-    eager = dataclasses.replace(config.kernels, compile="none")
     modules = nn.ModuleList([m for m in (net, head) if m is not None])
-    apply_kernels(modules, [], eager, device)
+    apply_kernels(modules, [], eager_kernels(config), device)
     optimizer = make_optimizer(modules, config)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -70,7 +74,7 @@ def cached_encoder_targets(config: RunConfig, images: Tensor, cache: Path, devic
         cached = load_file(str(cache))["targets"]
         if len(cached) == len(images):
             return cached
-    encoder = build_encoder(config.align.encoder).to(device)
+    encoder = prepare_encoder(build_encoder(config.align.encoder).to(device), eager_kernels(config), device)
     grid = (config.model.grid_size, config.model.grid_size)
     chunks = []
     with torch.no_grad():

@@ -28,7 +28,7 @@ from pixelrepa.models.jit import JiT
 from pixelrepa.objective import draw_randomness
 from pixelrepa.training import checkpoint as ckpt
 from pixelrepa.training.data import build_dataset
-from pixelrepa.training.device import apply_kernels, autocast_for, resolve_compile
+from pixelrepa.training.device import autocast_for, prepare_encoder, resolve_compile
 from pixelrepa.training.ema import BackboneEMA
 from pixelrepa.training.module import TrainingModule
 from pixelrepa.training.optim import make_optimizer
@@ -123,10 +123,11 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
 
     torch.manual_seed(config.train.seed)
     module = TrainingModule(config).to(device)
-    encoder = _build_encoder(config, device)
+    encoder = _build_encoder(config, device, total_steps)
     if dist.is_main and device.type == "cpu" and resolve_compile(config.kernels, device, total_steps) == "model":
-        logger.warning("compiling the model for the CPU (%d steps, kernels.compile=%s): about a minute before the "
-                       "first step; kernels.compile=none skips it", total_steps, config.kernels.compile)
+        logger.warning("compiling the model%s for the CPU (%d steps, kernels.compile=%s): about a minute before "
+                       "the first step; kernels.compile=none skips it", "" if encoder is None else " and the target "
+                       "encoder", total_steps, config.kernels.compile)
     model = wrap_for_training(module, config.train.parallel, dist, config.train.activation_checkpointing,
                               config.kernels, train_steps=total_steps)
     optimizer = make_optimizer(model, config)
@@ -242,14 +243,12 @@ def _clip(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def _build_encoder(config: RunConfig, device: torch.device):
+def _build_encoder(config: RunConfig, device: torch.device, total_steps: int):
     if config.align.mode == "none":
         return None
     from pixelrepa.align.encoders import build_encoder
 
-    encoder = build_encoder(config.align.encoder).to(device)
-    apply_kernels(encoder, [], config.kernels, device)  # oneDNN linears on the CPU; compiled as a whole or not at all
-    return encoder
+    return prepare_encoder(build_encoder(config.align.encoder).to(device), config.kernels, device, total_steps)
 
 
 def _resume_point(out_dir: Path, resume: str | Path | None) -> Path | None:
