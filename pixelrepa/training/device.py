@@ -1,5 +1,6 @@
 """Device, precision and kernel choices, made in one place: float32 on CPU, bf16 autocast on
-GPU; oneDNN linears on the CPU and torch.compile as `KernelConfig` says (issue 7)."""
+GPU; oneDNN linears on the CPU, torch.compile and the target encoder's memory format as
+`KernelConfig` says (issue 7)."""
 
 from __future__ import annotations
 

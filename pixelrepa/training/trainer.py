@@ -125,9 +125,9 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
     module = TrainingModule(config).to(device)
     encoder = _build_encoder(config, device, total_steps)
     if dist.is_main and device.type == "cpu" and resolve_compile(config.kernels, device, total_steps) == "model":
-        logger.warning("compiling the model%s for the CPU (%d steps, kernels.compile=%s): about a minute before "
-                       "the first step; kernels.compile=none skips it", "" if encoder is None else " and the target "
-                       "encoder", total_steps, config.kernels.compile)
+        compiled = "the model" if encoder is None else "the model and the target encoder"
+        logger.warning("compiling %s for the CPU (%d steps, kernels.compile=%s): about a minute before the first "
+                       "step; kernels.compile=none skips it", compiled, total_steps, config.kernels.compile)
     model = wrap_for_training(module, config.train.parallel, dist, config.train.activation_checkpointing,
                               config.kernels, train_steps=total_steps)
     optimizer = make_optimizer(model, config)
