@@ -32,7 +32,7 @@ from common import (
 from pixelrepa.align.encoders import build_encoder
 from pixelrepa.config import KernelConfig, get_encoder_preset
 from pixelrepa.models.onednn import use_onednn_linears
-from pixelrepa.training.device import prepare_encoder
+from pixelrepa.training.device import kernels_for_run, prepare_encoder
 
 
 def main() -> None:
@@ -55,7 +55,7 @@ def main() -> None:
         if onednn:
             use_onednn_linears(encoder)
         if as_trainer:
-            prepare_encoder(encoder, KernelConfig(), device, run_steps)
+            prepare_encoder(encoder, kernels_for_run(KernelConfig(), device, run_steps), device)
         cast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
         def run() -> None:

@@ -42,7 +42,7 @@ from common import (
 )
 from pixelrepa.config import RunConfig, get_preset
 from pixelrepa.objective import draw_randomness
-from pixelrepa.training.device import autocast_for
+from pixelrepa.training.device import autocast_for, kernels_for_run
 from pixelrepa.training.module import TrainingModule
 from pixelrepa.training.optim import make_optimizer
 from pixelrepa.training.parallel import DistInfo, wrap_for_training
@@ -71,7 +71,7 @@ def train_step(config: RunConfig, batch: int, device: torch.device, checkpointin
     module = TrainingModule(config)
     randomise_zero_layers(module.net, module.head)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    model = wrap_for_training(module, "ddp", info, checkpointing, config.kernels, train_steps=run_steps)
+    model = wrap_for_training(module, "ddp", info, checkpointing, kernels_for_run(config.kernels, device, run_steps))
     optimizer = make_optimizer(model, config)
     m = config.model
     x = torch.rand(batch, m.in_channels, m.input_size, m.input_size, device=device) * 2 - 1

@@ -287,7 +287,7 @@ class KernelConfig:
     JiT-Tiny/4 (docs/performance.md)."""
     encoder_channels_last: bool = True
     """The frozen target encoder's weights in channels-last memory format, the layout oneDNN's
-    and cuDNN's convolutions prefer: about 2x for EfficientNet-Lite0 on the CPU; for a ViT it
+    and cuDNN's convolutions prefer: about 1.5x for EfficientNet-Lite0 on the CPU; for a ViT it
     touches only the patch embedding. False: torch's default (NCHW), as released."""
     cuda_graphs: bool = True
     """Sampling on a GPU with a compiled network: capture it in CUDA graphs

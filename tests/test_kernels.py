@@ -18,7 +18,7 @@ from pixelrepa.models.onednn import onednn_available, onednn_linear, use_onednn_
 from pixelrepa.objective import draw_randomness
 from pixelrepa.sampling import sample
 from pixelrepa.training import device as device_module
-from pixelrepa.training.device import apply_kernels, prepare_encoder, resolve_compile
+from pixelrepa.training.device import apply_kernels, kernels_for_run, prepare_encoder, resolve_compile
 from pixelrepa.training.module import TrainingModule
 from pixelrepa.training.parallel import DistInfo, wrap_for_training
 from pixelrepa.training.optim import make_optimizer
@@ -83,6 +83,8 @@ def test_compile_resolution(monkeypatch):
     assert resolve_compile(KernelConfig(), cpu, train_steps=1999) == "none"
     assert resolve_compile(KernelConfig(), cpu, train_steps=2000) == "model"
     assert resolve_compile(KernelConfig(cpu_compile_min_steps=10), cpu, train_steps=10) == "model"
+    assert kernels_for_run(KernelConfig(), cpu, 2000) == KernelConfig(compile="model")
+    assert kernels_for_run(KernelConfig(), cpu, None) == KernelConfig(compile="none")
     # ... and only where inductor can build its C++ code.
     monkeypatch.setattr(device_module, "cpp_compiler_found", lambda: False)
     assert resolve_compile(KernelConfig(), cpu, train_steps=10**6) == "none"

@@ -43,6 +43,12 @@ def resolve_compile(kernels: KernelConfig, device: torch.device, train_steps: in
     return "model" if long_run and cpp_compiler_found() else "none"
 
 
+def kernels_for_run(kernels: KernelConfig, device: torch.device, train_steps: int | None) -> KernelConfig:
+    """`kernels` with `compile` resolved once for a run of `train_steps` steps, so that the
+    model and the target encoder follow the same decision."""
+    return dataclasses.replace(kernels, compile=resolve_compile(kernels, device, train_steps))
+
+
 def apply_kernels(module: nn.Module, blocks: Iterable[nn.Module], kernels: KernelConfig, device: torch.device,
                   sampling: bool = False) -> None:
     """In place, keeping parameter names: oneDNN linears on the CPU ('onednn'), then
@@ -59,14 +65,12 @@ def apply_kernels(module: nn.Module, blocks: Iterable[nn.Module], kernels: Kerne
             block.compile(**options)
 
 
-def prepare_encoder(encoder: nn.Module, kernels: KernelConfig, device: torch.device,
-                    train_steps: int | None = None) -> nn.Module:
+def prepare_encoder(encoder: nn.Module, kernels: KernelConfig, device: torch.device) -> nn.Module:
     """The frozen target encoder with `kernels`' choices, in place: channels-last weights
     (`encoder_channels_last`), oneDNN linears on the CPU, and torch.compile of the whole
-    encoder where `compile` resolves to 'model' for a run of `train_steps` steps ('blocks'
-    compiles only the backbone's blocks: the encoder stays eager)."""
+    encoder where `compile` resolves to 'model' (see `kernels_for_run`; 'blocks' compiles only
+    the backbone's blocks, so the encoder stays eager)."""
     if kernels.encoder_channels_last:
         encoder.to(memory_format=torch.channels_last)
-    compile_mode = resolve_compile(kernels, device, train_steps)
-    apply_kernels(encoder, [], dataclasses.replace(kernels, compile=compile_mode), device)
+    apply_kernels(encoder, [], kernels, device)
     return encoder

@@ -204,8 +204,7 @@ def _broadcast_module_state(module: nn.Module) -> None:
 
 
 def wrap_for_training(module: TrainingModule, mode: ParallelMode, dist_info: DistInfo,
-                      activation_checkpointing: bool = False, kernels: KernelConfig | None = None,
-                      train_steps: int | None = None) -> nn.Module:
+                      activation_checkpointing: bool = False, kernels: KernelConfig | None = None) -> nn.Module:
     """Move `module` to `dist_info.device` and wrap it for data-parallel training.
 
     - a single process: the module itself (no wrapper);
@@ -217,8 +216,8 @@ def wrap_for_training(module: TrainingModule, mode: ParallelMode, dist_info: Dis
     Both modes start every rank from rank 0's weights. Activation checkpointing is per
     block and leaves state-dict keys unchanged. `kernels` (default: KernelConfig()) picks
     the CPU linear kernel and torch.compile ('model' compiles the module inside the DDP
-    wrapper; under FSDP2 it compiles each block, as FSDP2's per-block hooks split the graph);
-    `train_steps`, the run's length, lets compile='auto' decide on the CPU.
+    wrapper; under FSDP2 it compiles each block, as FSDP2's per-block hooks split the graph).
+    On the CPU, compile='auto' needs the run's length: pass `kernels_for_run(...)`.
     """
     kernels = kernels or KernelConfig()
     if mode not in ("ddp", "fsdp2"):
@@ -226,10 +225,8 @@ def wrap_for_training(module: TrainingModule, mode: ParallelMode, dist_info: Dis
     module.to(dist_info.device)
     if activation_checkpointing:
         apply_activation_checkpointing(module)
-    compile_mode = resolve_compile(kernels, dist_info.device, train_steps)
-    if mode == "fsdp2" and compile_mode == "model" and _distributed(dist_info):
-        compile_mode = "blocks"
-    kernels = dataclasses.replace(kernels, compile=compile_mode)
+    if mode == "fsdp2" and resolve_compile(kernels, dist_info.device) == "model" and _distributed(dist_info):
+        kernels = dataclasses.replace(kernels, compile="blocks")
     apply_kernels(module, _blocks(module), kernels, dist_info.device)
     if not _distributed(dist_info):
         return module

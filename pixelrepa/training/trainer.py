@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pixelrepa.config import RunConfig
+from pixelrepa.config import KernelConfig, RunConfig
 from pixelrepa.data.idx import to_model_range
 from pixelrepa.data.loader import make_loader
 from pixelrepa.evaluation.images import save_labelled_grid
@@ -28,7 +28,7 @@ from pixelrepa.models.jit import JiT
 from pixelrepa.objective import draw_randomness
 from pixelrepa.training import checkpoint as ckpt
 from pixelrepa.training.data import build_dataset
-from pixelrepa.training.device import autocast_for, prepare_encoder, resolve_compile
+from pixelrepa.training.device import autocast_for, kernels_for_run, prepare_encoder
 from pixelrepa.training.ema import BackboneEMA
 from pixelrepa.training.module import TrainingModule
 from pixelrepa.training.optim import make_optimizer
@@ -123,13 +123,13 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
 
     torch.manual_seed(config.train.seed)
     module = TrainingModule(config).to(device)
-    encoder = _build_encoder(config, device, total_steps)
-    if dist.is_main and device.type == "cpu" and resolve_compile(config.kernels, device, total_steps) == "model":
+    kernels = kernels_for_run(config.kernels, device, total_steps)
+    encoder = _build_encoder(config, kernels, device)
+    if dist.is_main and device.type == "cpu" and kernels.compile == "model":
         compiled = "the model" if encoder is None else "the model and the target encoder"
         logger.warning("compiling %s for the CPU (%d steps, kernels.compile=%s): about a minute before the first "
                        "step; kernels.compile=none skips it", compiled, total_steps, config.kernels.compile)
-    model = wrap_for_training(module, config.train.parallel, dist, config.train.activation_checkpointing,
-                              config.kernels, train_steps=total_steps)
+    model = wrap_for_training(module, config.train.parallel, dist, config.train.activation_checkpointing, kernels)
     optimizer = make_optimizer(model, config)
     ema = BackboneEMA(unwrap(model).net, config.ema)
     start_step, skipped_steps = 0, 0
@@ -243,12 +243,12 @@ def _clip(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def _build_encoder(config: RunConfig, device: torch.device, total_steps: int):
+def _build_encoder(config: RunConfig, kernels: KernelConfig, device: torch.device):
     if config.align.mode == "none":
         return None
     from pixelrepa.align.encoders import build_encoder
 
-    return prepare_encoder(build_encoder(config.align.encoder).to(device), config.kernels, device, total_steps)
+    return prepare_encoder(build_encoder(config.align.encoder).to(device), kernels, device)
 
 
 def _resume_point(out_dir: Path, resume: str | Path | None) -> Path | None:
