@@ -377,12 +377,13 @@ for _size, (_depth, _width, _heads, _bottleneck, _start) in {
     "H": (32, 1280, 16, 256, 10),
     "G": (40, 1664, 16, 256, 10),
 }.items():
-    _drop = 0.2 if _size == "H" else 0.0  # SPEC 3: dropout is used for H only
+    # SPEC 3: the released H recipe sets only --proj_dropout 0.2; attention probabilities keep 0.
+    _proj_drop = 0.2 if _size == "H" else 0.0
     for _patch, _res in ((16, 256), (32, 512)):
         _register_backbone(
             f"JiT-{_size}/{_patch}", input_size=_res, patch_size=_patch, hidden_size=_width,
             depth=_depth, num_heads=_heads, bottleneck_dim=_bottleneck, in_context_start=_start,
-            attn_drop=_drop, proj_drop=_drop,
+            proj_drop=_proj_drop,
         )
 
 # Tiny backbones for CPU: same architecture, seconds per step on 2 cores.
@@ -393,9 +394,10 @@ _register_backbone("JiT-S/4", input_size=32, patch_size=4, hidden_size=384, dept
 _register_backbone("JiT-Micro/8", input_size=32, patch_size=8, hidden_size=64, depth=4, num_heads=4,
                    num_classes=10, bottleneck_dim=16, in_context_len=4, in_context_start=1)
 
-# Released sampling settings (SPEC 7): CFG scale per size for PixelREPA and for JiT.
+# Released sampling settings (SPEC 7): CFG scale per size for PixelREPA and for JiT, whose
+# authors publish other scales at 512 px (/32).
 _PIXELREPA_CFG = {"B": 3.1, "L": 2.8, "H": 2.4, "G": 2.2}
-_JIT_CFG = {"B": 3.0, "L": 2.4, "H": 2.2, "G": 2.2}
+_JIT_CFG = {16: {"B": 3.0, "L": 2.4, "H": 2.2, "G": 2.2}, 32: {"B": 3.0, "L": 2.5, "H": 2.3, "G": 2.2}}
 
 
 def _preset(name: str, backbone: str, mode: AlignMode, cfg_scale: float,
@@ -419,9 +421,10 @@ for _backbone in list(_BACKBONES):
     _size = _backbone.split("-")[1].split("/")[0]
     _suffix = _backbone.split("-")[1]
     if _size in _PIXELREPA_CFG:
-        _preset(_backbone, _backbone, "none", _JIT_CFG[_size])
+        _jit_cfg = _JIT_CFG[_BACKBONES[_backbone].patch_size][_size]
+        _preset(_backbone, _backbone, "none", _jit_cfg)
         _preset(f"PixelREPA-{_suffix}", _backbone, "pixelrepa", _PIXELREPA_CFG[_size])
-        _preset(f"REPA-{_suffix}", _backbone, "repa", _JIT_CFG[_size])
+        _preset(f"REPA-{_suffix}", _backbone, "repa", _jit_cfg)
 
 # 32-px presets aligned to the offline EfficientNet-Lite0 (CPU demo, tests, the convergence benchmark).
 for _small, _projector in (("Tiny/4", 256), ("Micro/8", 256), ("S/4", 1024)):

@@ -253,6 +253,19 @@ def test_dropout_only_in_middle_blocks(depth):
     assert sum(block.attn.attn_drop > 0 for block in net.blocks) == 2 * quarter
 
 
+@pytest.mark.parametrize("name", ["JiT-H/16", "JiT-H/32", "PixelREPA-H/16", "PixelREPA-H/32", "REPA-H/16",
+                                  "REPA-H/32"])
+def test_h_presets_drop_projections_not_attention_probabilities(name):
+    """SPEC 3: the released H command sets only --proj_dropout 0.2."""
+    with torch.device("meta"):
+        net = create_model(get_preset(name))
+    quarter = net.config.depth // 4
+    for i, block in enumerate(net.blocks):
+        assert block.attn.attn_drop == 0.0, i
+        expected = 0.2 if quarter <= i < 3 * quarter else 0.0
+        assert block.attn.proj_drop.p == expected and block.mlp.drop.p == expected, i
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "reference"])
 def test_dropout_stochastic_in_train_deterministic_in_eval(impl):
     depth = 8
