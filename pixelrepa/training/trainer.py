@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from pixelrepa.training.data import build_dataset
 from pixelrepa.training.device import autocast_for, kernels_for_run, prepare_encoder
 from pixelrepa.training.ema import BackboneEMA
 from pixelrepa.training.module import TrainingModule
-from pixelrepa.training.optim import make_optimizer
+from pixelrepa.training.optim import learning_rate, make_optimizer
 from pixelrepa.training.parallel import (
     DistInfo,
     full_optimizer_state_dict,
@@ -62,17 +61,6 @@ class RunSummary:
     last_metrics: dict[str, float]
     """The last logged (rank-averaged) metrics."""
     rank: int = 0
-
-
-def learning_rate(step: int, config: RunConfig, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up from 0, then constant (SPEC 6) or cosine decay to min_lr."""
-    peak = config.optim.peak_lr
-    if warmup_steps and step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    if config.optim.schedule == "constant":
-        return peak
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return config.optim.min_lr + 0.5 * (peak - config.optim.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def accumulation_steps(config: RunConfig, world_size: int) -> int:
@@ -119,7 +107,6 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} images give no full step of {config.optim.global_batch} images")
     total_steps = config.train.steps or config.optim.epochs * steps_per_epoch
-    warmup_steps = round(config.optim.warmup_epochs * steps_per_epoch)
 
     torch.manual_seed(config.train.seed)
     module = TrainingModule(config).to(device)
@@ -158,7 +145,7 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
         if epoch != data_epoch:
             loader.set_epoch(epoch, start_batch=position * accum)
             data_iter, data_epoch = iter(loader), epoch
-        lr = learning_rate(step, config, warmup_steps, total_steps)
+        lr = learning_rate(step, config.optim, steps_per_epoch, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         try:
