@@ -137,6 +137,32 @@ def test_dotted_overrides_with_string_coercion():
     assert base.replace(**{"align.tap_block": "none"}).align.tap_block is None
 
 
+def test_values_take_the_type_of_the_field_annotation():
+    """The type comes from the annotation, not from the current value (None says nothing)."""
+    base = get_preset("PixelREPA-B/16")
+    cfg = base.replace(**{"train.keep_every": "1e3", "align.encoder.weights": "123", "train.steps": "2000",
+                          "optim.grad_clip": "1", "optim.lr": "2e-4", "train.sample_every": "none"})
+    assert cfg.train.keep_every == 1000 and type(cfg.train.keep_every) is int
+    assert cfg.align.encoder.weights == "123"
+    assert cfg.train.steps == 2000 and type(cfg.train.steps) is int
+    assert cfg.optim.grad_clip == 1.0 and type(cfg.optim.grad_clip) is float
+    assert cfg.optim.lr == 2e-4 and cfg.train.sample_every is None
+    # A config file's values are checked the same way (YAML reads 1e3 as a string).
+    loaded = RunConfig.from_dict({"train": {"keep_every": "1e3", "steps": 500.0}, "model": {"depth": 6}})
+    assert (loaded.train.keep_every, type(loaded.train.steps)) == (1000, int)
+    for path, value in (("train.keep_every", "1.5"), ("model.depth", True), ("ema.decays", "a, b"),
+                        ("optim.betas", "0.9"), ("align.encoder.weights", ["x"])):
+        with pytest.raises(ValueError, match=re.escape(path)):
+            base.replace(**{path: value})
+
+
+@pytest.mark.parametrize("overrides,needle", [({"align.weight": -0.1}, "negative"),
+                                              ({"optim.warmup_epochs": -1}, "negative")])
+def test_negative_alignment_weight_or_warmup_refused(overrides, needle):
+    with pytest.raises(ValueError, match=needle):
+        get_preset("PixelREPA-B/16").replace(**overrides)
+
+
 def test_overrides_to_one_component_are_validated_together():
     base = RunConfig()
     with pytest.raises(ValueError):

@@ -317,3 +317,26 @@ def test_foolbox_imagenet_files():
     check_num_classes(ds, 1000)
     with pytest.raises(ValueError, match=r"labels from 22 to 990 but the model has num_classes=10"):
         check_num_classes(ds, 10)
+
+
+def test_empty_classes_reachable_from_the_run_config_and_the_pack_command(tmp_path):
+    from pixelrepa.cli.main import main
+    from pixelrepa.config import get_preset
+    from pixelrepa.training.data import build_dataset
+    from pixelrepa.training.parallel import DistInfo
+
+    images = tmp_path / "images"
+    _tree(images, {"a": 1, "c": 1})
+    (images / "b").mkdir()
+    config = get_preset("JiT-Micro/8").replace(**{"data.source": str(images), "model.num_classes": 3,
+                                                  "model.input_size": SIZE, "model.patch_size": 8})
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="--set data.allow_empty_classes=true"):
+        build_dataset(config, tmp_path / "run", cpu)
+    allowed = config.replace(**{"data.allow_empty_classes": "true"})
+    assert len(build_dataset(allowed, tmp_path / "run", cpu)) == 2
+    with pytest.raises(ValueError, match="--set model.num_classes=3"):
+        build_dataset(allowed.replace(**{"model.num_classes": 10}), tmp_path / "run", cpu)
+    assert main(["data", "pack", str(images), str(tmp_path / "pack"), "--size", str(SIZE)]) == 2
+    assert main(["data", "pack", str(images), str(tmp_path / "pack"), "--size", str(SIZE),
+                 "--allow-empty-classes"]) == 0

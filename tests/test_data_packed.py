@@ -80,7 +80,7 @@ def test_make_loader_passes_the_epoch(pack):
 def test_manifest_problems_are_refused(pack, tmp_path):
     with pytest.raises(ValueError, match="8-px images, 16 px expected"):
         PackedDataset(pack, expected_size=16)
-    with pytest.raises(ValueError, match="3 classes, 10 expected"):
+    with pytest.raises(ValueError, match="has 3 classes but the model has num_classes=10: train on it with --set model.num_classes=3"):
         PackedDataset(pack, num_classes=10)
 
     data = bytearray((pack / packed.IMAGES).read_bytes())

@@ -7,6 +7,7 @@ import collections
 
 import pytest
 import torch
+from helpers import FIXTURES, load_released
 
 from pixelrepa.config import RunConfig, get_preset
 from pixelrepa.interop.released import (
@@ -67,7 +68,8 @@ def test_config_from_args_recovers_presets():
     pixelrepa = config_from_args(_released_args(mta="MTA-B/16"))
     assert pixelrepa.model == get_preset("PixelREPA-B/16").model
     assert pixelrepa.align.mode == "pixelrepa" and pixelrepa.align.mask_ratio == 0.2
-    jit = config_from_args(_released_args(model="JiT-H/16", attn_dropout=0.2, proj_dropout=0.2))
+    # The released H command sets only --proj_dropout 0.2 (SPEC 3).
+    jit = config_from_args(_released_args(model="JiT-H/16", attn_dropout=0.0, proj_dropout=0.2))
     assert jit.align.mode == "none" and jit.model == get_preset("JiT-H/16").model
 
 
@@ -152,3 +154,135 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
 def test_convert_state_dict_keeps_values():
     state = {"blocks.0.adaLN_modulation.1.weight": torch.ones(2)}
     assert torch.equal(convert_state_dict(state)["blocks.0.ada.weight"], torch.ones(2))
+
+
+# -- released checkpoint files of the parity fixtures (SPEC 8, 9) ------------------------
+
+needs_fixtures = pytest.mark.skipif(not (FIXTURES / "released").is_dir(), reason="parity fixtures not present")
+RELEASED = FIXTURES / "released"
+
+
+def _import(*argv: str) -> int:
+    from pixelrepa.cli.main import main
+
+    return main(["import", *map(str, argv)])
+
+
+@needs_fixtures
+def test_import_takes_the_sampler_settings_from_args(tmp_path, capsys):
+    """The stored args' cfg, interval, steps and method become the model file's sampler;
+    --set and the sampler flags of `import` and `sample` override them."""
+    from pixelrepa.cli.sample import load_for_sampling
+
+    config_json = str(FIXTURES / "config.json")
+    assert _import(RELEASED / "pixelrepa_checkpoint-last.pth", tmp_path / "as-stored.safetensors",
+                   "--config", config_json) == 0
+    assert "sampler settings from the checkpoint's args" in capsys.readouterr().out
+    sampler = load_model_file(tmp_path / "as-stored.safetensors")[0].sampler
+    assert (sampler.cfg_scale, sampler.interval_min, sampler.interval_max, sampler.steps, sampler.method) == \
+        (1.0, 0.0, 1.0, 50, "heun")
+
+    ckpt = load_released(RELEASED / "pixelrepa_checkpoint-last.pth")
+    ckpt["args"].cfg, ckpt["args"].interval_min, ckpt["args"].interval_max = 2.5, 0.1, 0.9
+    ckpt["args"].num_sampling_steps, ckpt["args"].sampling_method = 7, "euler"
+    source = tmp_path / "modified.pth"
+    torch.save(ckpt, source)
+    assert _import(source, tmp_path / "taken.safetensors", "--config", config_json) == 0
+    printed = capsys.readouterr().out
+    assert "cfg_scale=2.5" in printed and "euler 7 steps, CFG 2.5 on (0.1, 0.9)" in printed
+    sampler = load_model_file(tmp_path / "taken.safetensors")[0].sampler
+    assert (sampler.cfg_scale, sampler.interval_min, sampler.interval_max, sampler.steps, sampler.method) == \
+        (2.5, 0.1, 0.9, 7, "euler")
+
+    assert _import(source, tmp_path / "overridden.safetensors", "--config", config_json, "--cfg", "3.0",
+                   "--set", "sampler.steps=9") == 0
+    assert "(overridden: cfg_scale, steps)" in capsys.readouterr().out
+    model_file = tmp_path / "overridden.safetensors"
+    sampler = load_model_file(model_file)[0].sampler
+    assert (sampler.cfg_scale, sampler.steps, sampler.method, sampler.interval_min) == (3.0, 9, "euler", 0.1)
+    flags = argparse.Namespace(steps=4, method="heun", cfg=None, interval=None)
+    sampler = load_for_sampling(model_file, flags, torch.device("cpu"))[0].sampler
+    assert (sampler.cfg_scale, sampler.steps, sampler.method, sampler.interval_max) == (3.0, 4, "heun", 0.9)
+
+
+@needs_fixtures
+def test_import_without_a_config_applies_set_to_the_stored_args(tmp_path):
+    """Without --preset/--config the args give the configuration and --set still applies."""
+    fit = {"model.patch_size": 8, "model.hidden_size": 64, "model.depth": 4, "model.num_heads": 4,
+           "model.bottleneck_dim": 16, "model.in_context_len": 4, "model.in_context_start": 1,
+           "align.adapter_in_context_len": 4, "align.encoder.feature_dim": 48, "sampler.cfg_scale": 2.0}
+    sets = [item for key, value in fit.items() for item in ("--set", f"{key}={value}")]
+    out = tmp_path / "model.safetensors"
+    assert _import(RELEASED / "pixelrepa_checkpoint-last.pth", out, *sets) == 0
+    config = load_model_file(out)[0]
+    assert config.model.hidden_size == 64 and config.sampler.cfg_scale == 2.0 and config.sampler.steps == 50
+
+
+@needs_fixtures
+def test_encoder_out_round_trips_the_stand_in_encoder(tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    source = RELEASED / "pixelrepa_checkpoint-last.pth"
+    encoder_file = tmp_path / "encoder.safetensors"
+    assert _import(source, tmp_path / "model.safetensors", "--config", FIXTURES / "config.json",
+                   "--encoder-out", encoder_file) == 0
+    assert "--encoder-weights" in capsys.readouterr().out
+    ckpt = load_released(source)
+    stored = {k.removeprefix("repa_model."): v for k, v in ckpt["model"].items() if k.startswith("repa_model.")}
+    written = load_file(str(encoder_file))
+    assert set(written) == set(stored) and all(torch.equal(written[k], v) for k, v in stored.items())
+    with safe_open(str(encoder_file), framework="pt") as f:
+        metadata = f.metadata()
+    args = ckpt["args"]
+    assert (metadata["encoder.name"], metadata["encoder.img_size"], metadata["encoder.patch_size"]) == \
+        (args.repa_model, str(args.repa_image_size), str(args.repa_patch_size))
+
+    # A JiT checkpoint has no encoder: refused before anything is written; existing files are kept.
+    jit = RELEASED / "jit_checkpoint-last.pth"
+    assert _import(jit, tmp_path / "jit.safetensors", "--config", FIXTURES / "config.json",
+                   "--encoder-out", tmp_path / "jit-encoder.safetensors") == 2
+    assert "holds no encoder" in capsys.readouterr().err
+    assert not (tmp_path / "jit.safetensors").exists() and not (tmp_path / "jit-encoder.safetensors").exists()
+    before = encoder_file.read_bytes()
+    assert _import(source, tmp_path / "other.safetensors", "--config", FIXTURES / "config.json",
+                   "--encoder-out", encoder_file) == 2
+    assert f"{encoder_file} exists" in capsys.readouterr().err and encoder_file.read_bytes() == before
+
+
+@needs_fixtures
+def test_encoder_out_gives_the_identical_encoder(tmp_path):
+    """A DINOv2 of the real layout (random init, 256 px, patch 16) under `repa_model.` comes
+    back through `--encoder-out` and `align.encoder.weights` as the same function; a config
+    that builds it differently is refused with the settings to use."""
+    import dataclasses
+
+    import timm
+
+    from pixelrepa.align.encoders import build_encoder
+    from pixelrepa.config import EncoderConfig
+
+    name = "vit_small_patch14_dinov2.lvd142m"
+    torch.manual_seed(0)
+    original = timm.create_model(name, pretrained=False, img_size=256, patch_size=16, num_classes=0).eval()
+    ckpt = load_released(RELEASED / "pixelrepa_checkpoint-last.pth")
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not k.startswith("repa_model.")}
+    ckpt["model"].update({f"repa_model.{k}": v for k, v in original.state_dict().items()})
+    ckpt["args"].repa_model = name
+    source = tmp_path / "checkpoint-last.pth"
+    torch.save(ckpt, source)
+    encoder_file = tmp_path / "dinov2-s.safetensors"
+    assert _import(source, tmp_path / "model.safetensors", "--config", FIXTURES / "config.json",
+                   "--encoder-out", encoder_file) == 0
+
+    cfg = EncoderConfig(name=name, img_size=256, patch_size=16, feature_dim=384, weights=str(encoder_file))
+    encoder = build_encoder(cfg)
+    x = torch.rand(2, 3, 256, 256) * 2 - 1
+    with torch.no_grad():
+        normalised = ((x + 1) / 2 - encoder.mean) / encoder.std
+        torch.testing.assert_close(encoder.model.forward_features(normalised), original.forward_features(normalised),
+                                   rtol=0, atol=0)
+        tokens = original.forward_features(normalised)[:, original.num_prefix_tokens:]
+        torch.testing.assert_close(encoder(x, (16, 16)), tokens, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="align.encoder.img_size=256"):
+        build_encoder(dataclasses.replace(cfg, img_size=224, patch_size=14))

@@ -106,3 +106,21 @@ def test_trainer_logs_lr_zero_at_the_first_step(tmp_path):
     train(config, progress=False)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in log] == pytest.approx([0.0, 1e-3 / 4, 2e-3 / 4])
+
+
+def test_warmup_in_steps():
+    optim = OptimConfig(global_batch=256, lr=1e-3, warmup_steps=10, warmup_epochs=0)
+    assert [learning_rate(s, optim, 7, 100) for s in (0, 5, 10, 50)] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
+    cosine = OptimConfig(global_batch=256, lr=1e-3, warmup_steps=10, schedule="cosine")
+    assert learning_rate(10, cosine, 7, 110) == pytest.approx(1e-3)
+    assert learning_rate(60, cosine, 7, 110) == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize("fields,needle", [
+    ({"warmup_steps": 10, "warmup_epochs": 2.0}, "both set"),
+    ({"warmup_steps": -1}, "negative"),
+    ({"warmup_epochs": -0.5}, "negative"),
+])
+def test_invalid_warmup_refused(fields, needle):
+    with pytest.raises(ValueError, match=needle):
+        OptimConfig(**fields)

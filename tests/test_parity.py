@@ -253,3 +253,51 @@ def test_released_args_that_do_not_fit_are_refused(filename):
     message = str(info.value)
     assert f"'{first[0]}'" in message
     assert str(tuple(first[1])) in message and str(tuple(from_args[first[0]].shape)) in message
+
+
+def test_jit_authors_checkpoint_without_mask_token(run_config, tmp_path, capsys):
+    """A checkpoint from the JiT authors' code has no mask_token (SPEC 8): it is drawn as
+    SPEC 3 initialises it, the same in all three weight sets, reproducibly, and reported;
+    the outputs are the released ones. Any other missing or extra key is still refused."""
+    from helpers import load_released
+
+    from pixelrepa.cli.main import main
+    from pixelrepa.interop.released import MASK_TOKEN_SEED
+
+    def jit_authors_file(name: str, drop: tuple[str, ...] = (), add: dict | None = None):
+        ckpt = load_released(RELEASED / "jit_checkpoint-last.pth")
+        for part in ("model", "model_ema1", "model_ema2"):
+            for key in ("mask_token", *drop):
+                del ckpt[part][f"net.{key}"]
+            ckpt[part].update(add or {})
+        torch.save(ckpt, tmp_path / name)
+        return tmp_path / name
+
+    path = jit_authors_file("jit-authors.pth")
+    expected = torch.load(RELEASED / "expected.pt", weights_only=True)
+    case = load("forward.pt")
+    width = run_config.model.hidden_size
+    token = torch.randn(1, 1, width, generator=torch.Generator().manual_seed(MASK_TOKEN_SEED)) * 0.02
+    for weights in ("raw", "ema1", "ema2"):
+        _, net, adapter = import_released(path, run_config, weights=weights)
+        assert adapter is None
+        assert torch.equal(net.mask_token.detach(), token), f"{weights}: mask token drawn as documented"
+        with torch.no_grad():
+            assert_close(net.eval()(case["z"], case["t"], case["y"]), expected[f"x_pred_{weights}"],
+                         f"JiT authors' layout {weights} x_pred")
+
+    out = tmp_path / "model.safetensors"
+    assert main(["import", str(path), str(out), "--config", str(FIXTURES / "config.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "no mask_token" in printed and "normal(0, 0.02)" in printed and f"seed {MASK_TOKEN_SEED}" in printed
+
+    missing = jit_authors_file("missing.pth", drop=("blocks.0.attn.qkv.weight",))
+    with pytest.raises(ValueError, match=r"lacks 'blocks\.0\.attn\.qkv\.weight'"):
+        import_released(missing, run_config)
+    extra = jit_authors_file("extra.pth", add={"net.extra_token": torch.zeros(1, 1, width)})
+    with pytest.raises(ValueError, match="has 'extra_token'"):
+        import_released(extra, run_config)
+    assert main(["import", str(missing), str(tmp_path / "none.safetensors"), "--config",
+                 str(FIXTURES / "config.json")]) == 2
+    assert "'blocks.0.attn.qkv.weight'" in capsys.readouterr().err
+    assert not (tmp_path / "none.safetensors").exists()

@@ -223,7 +223,7 @@ def test_batch_split_must_divide(pack, tmp_path):
 
 def test_class_count_mismatch_stops_before_training(pack, tmp_path):
     config = tiny_config(pack, tmp_path / "run", **{"model.num_classes": 7})
-    with pytest.raises(ValueError, match="10 classes, 7 expected"):
+    with pytest.raises(ValueError, match=r"10 classes but the model has num_classes=7: train on it with --set model.num_classes=10"):
         train(config, progress=False)
     assert not (tmp_path / "run" / "log.jsonl").exists()
 

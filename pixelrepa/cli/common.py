@@ -64,21 +64,52 @@ def config_from_file(path: Path, base: RunConfig | None = None) -> RunConfig:
     return apply_overrides(base or RunConfig(), flatten(data))
 
 
-def resolve_config(args: argparse.Namespace, required: bool = True) -> RunConfig | None:
-    """--preset, then --config (a full config, or changes to the preset), then --set overrides."""
+def base_config(args: argparse.Namespace) -> RunConfig | None:
+    """--preset, then --config (a full config, or changes to the preset); None without either."""
     base = get_preset(args.preset) if args.preset is not None else None
     if args.config is not None:
-        config = config_from_file(args.config, base)
-    elif base is not None:
-        config = base
-    elif required:
-        raise ValueError("a configuration is needed: --preset NAME and/or --config FILE")
-    else:
-        return None
+        return config_from_file(args.config, base)
+    return base
+
+
+def set_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """The --set FIELD=VALUE pairs as dotted overrides."""
     overrides = {}
     for item in args.overrides:
         field, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"override '{item}' is not FIELD=VALUE")
         overrides[field.strip()] = value
-    return apply_overrides(config, overrides)
+    return overrides
+
+
+def resolve_config(args: argparse.Namespace, required: bool = True) -> RunConfig | None:
+    """--preset, then --config (a full config, or changes to the preset), then --set overrides."""
+    config = base_config(args)
+    if config is None:
+        if required:
+            raise ValueError("a configuration is needed: --preset NAME and/or --config FILE")
+        return None
+    return apply_overrides(config, set_overrides(args))
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, help="sampler steps (default: the model's config)")
+    parser.add_argument("--method", choices=["heun", "euler"])
+    parser.add_argument("--cfg", type=float, help="guidance scale")
+    parser.add_argument("--interval", type=float, nargs=2, metavar=("MIN", "MAX"), help="guidance interval")
+
+
+def sampler_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The sampler flags of `add_sampler_arguments` that were given, as dotted overrides."""
+    overrides: dict[str, object] = {f"sampler.{field}": value
+                                    for field, value in (("steps", args.steps), ("method", args.method),
+                                                         ("cfg_scale", args.cfg)) if value is not None}
+    if args.interval:
+        overrides.update({"sampler.interval_min": args.interval[0], "sampler.interval_max": args.interval[1]})
+    return overrides
+
+
+def describe_sampler(config: RunConfig) -> str:
+    s = config.sampler
+    return f"{s.method} {s.steps} steps, CFG {s.cfg_scale} on ({s.interval_min}, {s.interval_max})"

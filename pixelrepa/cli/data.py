@@ -28,6 +28,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     pack.add_argument("--size", type=int, required=True, help="side of the square images in pixels")
     pack.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
     pack.add_argument("--overwrite", action="store_true", help="replace an existing pack")
+    pack.add_argument("--allow-empty-classes", action="store_true",
+                      help="keep class folders without a readable image as (empty) classes")
 
     prepare = actions.add_parser("prepare", help="pack MNIST or Fashion-MNIST from the installed IDX files")
     prepare.add_argument("dataset", choices=["mnist", "fashion-mnist"])
@@ -49,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--size and --workers must be positive")
         if not args.src.is_dir():
             raise FileNotFoundError(f"no image folder at {args.src}")
-        report(pack_folder(args.src, args.dst, args.size, workers=args.workers, overwrite=args.overwrite), args.dst)
+        report(pack_folder(args.src, args.dst, args.size, workers=args.workers, overwrite=args.overwrite,
+                           allow_empty_classes=args.allow_empty_classes), args.dst)
     elif args.action == "prepare":
         images, labels, classes = load_idx_dataset(args.dataset, args.split, args.size, args.data_dir)
         if args.limit is not None:

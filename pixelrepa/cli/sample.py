@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pixelrepa.cli.common import add_sampler_arguments, describe_sampler, sampler_overrides
 from pixelrepa.config import RunConfig, apply_overrides
 from pixelrepa.evaluation.generate import (
     IMAGES_DIR,
@@ -57,10 +58,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", type=int, nargs="+", help="class indices (default: all; grid: the first 10)")
     parser.add_argument("--per-class", type=int, help="consecutive images per class (default 50; grid: 8)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward batch, per process")
-    parser.add_argument("--steps", type=int, help="sampler steps (default: the model's config)")
-    parser.add_argument("--method", choices=["heun", "euler"])
-    parser.add_argument("--cfg", type=float, help="guidance scale")
-    parser.add_argument("--interval", type=float, nargs=2, metavar=("MIN", "MAX"), help="guidance interval")
+    add_sampler_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--format", choices=["png", "npz", "both"], default="both",
                         help="keep the PNGs, the npz or both (npz: the PNGs are removed once it is written)")
@@ -103,12 +101,7 @@ def load_for_sampling(path: Path, args: argparse.Namespace, device: torch.device
     config, groups, _ = load_model_file(path)
     if "net" not in groups:
         raise ValueError(f"{path} holds no backbone ('net' group), only: {', '.join(groups)}")
-    overrides = {f"sampler.{field}": value
-                 for field, value in (("steps", args.steps), ("method", args.method), ("cfg_scale", args.cfg))
-                 if value is not None}
-    if args.interval:
-        overrides.update({"sampler.interval_min": args.interval[0], "sampler.interval_max": args.interval[1]})
-    config = apply_overrides(config, overrides)
+    config = apply_overrides(config, sampler_overrides(args))
     net = JiT(config.model)
     net.load_state_dict(groups["net"])
     net = net.to(device).eval()
@@ -183,8 +176,3 @@ def grid_indices(layout: ClassLayout, num_images: int, rows: int = 10, cols: int
     cols = min(cols, layout.per_class, num_images)
     blocks = [[b * layout.per_class + j for j in range(cols)] for b in range(min(rows, len(layout.classes)))]
     return [block for block in blocks if block[-1] < num_images]
-
-
-def describe_sampler(config: RunConfig) -> str:
-    s = config.sampler
-    return f"{s.method} {s.steps} steps, CFG {s.cfg_scale} on ({s.interval_min}, {s.interval_max})"

@@ -178,7 +178,9 @@ class ImageFolderDataset(_ImageFiles):
         empty = [str(root / name) for label, name in enumerate(self.classes) if counts[label] == 0]
         if empty and not allow_empty_classes:
             raise ValueError(f"{len(empty)} class folders hold no readable image: {', '.join(empty)} "
-                             "(remove them, or pass allow_empty_classes=True to keep their class indices)")
+                             "(remove them, or keep their class indices with allow_empty_classes: "
+                             "--set data.allow_empty_classes=true for training, --allow-empty-classes "
+                             "for `pixelrepa data pack`)")
         if empty:
             logger.warning("%d empty class folders kept as classes with no images: %s", len(empty), ", ".join(empty))
 
@@ -243,9 +245,11 @@ def check_num_classes(dataset: ImageFolderDataset | LabelledFilesDataset, num_cl
     if isinstance(dataset, ImageFolderDataset):
         if len(dataset.classes) != num_classes:
             raise ValueError(f"{dataset.root} has {len(dataset.classes)} classes but the model has "
-                             f"num_classes={num_classes}")
+                             f"num_classes={num_classes}: train on it with --set model.num_classes="
+                             f"{len(dataset.classes)}")
         return
     labels = [label for _, label in dataset.samples]
     if min(labels) < 0 or max(labels) >= num_classes:
         raise ValueError(f"{dataset.root} has labels from {min(labels)} to {max(labels)} but the model has "
-                         f"num_classes={num_classes} (labels must lie in [0, {num_classes - 1}])")
+                         f"num_classes={num_classes} (labels must lie in [0, {num_classes - 1}]): train on "
+                         f"it with --set model.num_classes={max(labels) + 1}")

@@ -65,7 +65,9 @@ class PackedDataset(torch.utils.data.Dataset):
         if expected_size is not None and self.size != expected_size:
             raise ValueError(f"{self.path} holds {self.size}-px images, {expected_size} px expected")
         if num_classes is not None and len(self.class_names) != num_classes:
-            raise ValueError(f"{self.path} has {len(self.class_names)} classes, {num_classes} expected")
+            raise ValueError(f"{self.path} has {len(self.class_names)} classes but the model has "
+                             f"num_classes={num_classes}: train on it with --set model.num_classes="
+                             f"{len(self.class_names)}")
         if verify_checksum:
             for name, expected in self.manifest["sha256"].items():
                 if file_sha256(self.path / name) != expected:
@@ -227,13 +229,13 @@ def pack_arrays(images: np.ndarray | Tensor, labels: np.ndarray | Tensor, dst: s
 
 
 def pack_folder(src_root: str | Path, dst: str | Path, size: int, *, workers: int = 1,
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, allow_empty_classes: bool = False) -> dict:
     """Pack an ImageNet-layout folder (one sub-folder per class, sorted) with the ADM center crop, no flip.
 
     Files the folder scan rejects and files that fail to decode are left out and listed in
     the manifest's `skipped`."""
     src_root = Path(src_root)
-    folder = ImageFolderDataset(src_root, size, hflip=False)
+    folder = ImageFolderDataset(src_root, size, hflip=False, allow_empty_classes=allow_empty_classes)
     samples = [(str(path), int(label)) for path, label in folder.samples]
     listing = [[os.path.relpath(path, src_root), label] for path, label in samples]
     return pack_images(_FolderSource(samples, size), dst, size, folder.classes, workers=workers,

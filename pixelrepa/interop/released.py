@@ -1,7 +1,10 @@
 """Import the authors' released `checkpoint-last.pth` files (SPEC 8).
 
 Two layouts: PixelREPA (`model` has `net.`, `masked_transformer_adapter.`, `repa_model.`;
-EMA dicts WITHOUT `net.`) and JiT (`model` has only `net.`; EMA dicts WITH `net.`).
+EMA dicts WITHOUT `net.`) and JiT (`model` has only `net.`; EMA dicts WITH `net.`). A JiT
+checkpoint from the JiT authors' own code has no `mask_token`; it is drawn as SPEC 3
+initialises it (normal(0, 0.02), from a generator seeded with `MASK_TOKEN_SEED`), the same
+value for the raw weights and both EMAs, and the checkpoint's `notes` say so.
 Loading is weights-only unpickling with `argparse.Namespace` as the one allowed class.
 """
 
@@ -19,6 +22,12 @@ from torch import Tensor, nn
 from pixelrepa.config import AlignConfig, EncoderConfig, RunConfig, apply_overrides, get_preset
 
 WeightChoice = Literal["raw", "ema1", "ema2"]
+
+NET, ADAPTER, ENCODER = "net.", "masked_transformer_adapter.", "repa_model."
+"""Prefixes of the backbone, the adapter and the frozen encoder in the released `model` dict."""
+MASK_TOKEN_STD, MASK_TOKEN_SEED = 0.02, 0
+"""A missing mask token is drawn normal(0, MASK_TOKEN_STD) (SPEC 3) by a torch.Generator
+seeded with MASK_TOKEN_SEED."""
 
 # Released key -> our key, applied in order to backbone and adapter keys.
 _KEY_RULES: list[tuple[str, str]] = [
@@ -47,16 +56,27 @@ def convert_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 @dataclass
 class ReleasedCheckpoint:
+    path: Path
     layout: Literal["pixelrepa", "jit"]
     backbone: dict[WeightChoice, dict[str, Tensor]]
     """Backbone state dicts under the released key names, without `net.`."""
     adapter: dict[str, Tensor] | None
+    encoder: dict[str, Tensor] | None
+    """The frozen encoder (`repa_model.`) under its timm key names."""
+    optimizer: dict[str, Any] | None
+    """The released AdamW state dict, its parameters numbered as in `trainable`."""
+    trainable: list[tuple[str, torch.Size]]
+    """(released name, shape) of every trainable parameter of the released module, in its
+    `named_parameters()` order: `net.*` except the fixed `pos_embed`, then the adapter."""
     args: argparse.Namespace | None
     epoch: int | None
+    notes: list[str]
+    """What the reader had to make up (a missing mask token), one line each."""
 
 
 def read_released_checkpoint(path: str | Path) -> ReleasedCheckpoint:
-    """Unpickle weights-only and split into backbone (raw, EMA 1, EMA 2) and adapter."""
+    """Unpickle weights-only and split into backbone (raw, EMA 1, EMA 2), adapter, encoder
+    and optimizer."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
@@ -69,20 +89,48 @@ def read_released_checkpoint(path: str | Path) -> ReleasedCheckpoint:
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path} is not a released checkpoint: expected a dict with a 'model' entry")
     model = ckpt["model"]
-    backbone_raw = {k[len("net."):]: v for k, v in model.items() if k.startswith("net.")}
+    backbone_raw = _strip(model, NET)
     if not backbone_raw:
         raise ValueError(f"{path}: 'model' has no 'net.' keys; not a JiT/PixelREPA checkpoint")
-    prefix = "masked_transformer_adapter."
-    adapter = {k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)} or None
+    adapter = _strip(model, ADAPTER) or None
     backbone: dict[WeightChoice, dict[str, Tensor]] = {"raw": backbone_raw}
     for choice, key in (("ema1", "model_ema1"), ("ema2", "model_ema2")):
         if key in ckpt:
             ema = ckpt[key]
             # JiT layout keeps `net.` in its EMA dicts; PixelREPA's drop it.
-            backbone[choice] = {k.removeprefix("net."): v for k, v in ema.items()}
+            backbone[choice] = {k.removeprefix(NET): v for k, v in ema.items()}
+    trainable = [(k, v.shape) for k, v in model.items()
+                 if (k.startswith(NET) and k != f"{NET}pos_embed") or k.startswith(ADAPTER)]
     layout = "pixelrepa" if adapter is not None else "jit"
+    notes = []
+    if layout == "jit" and "mask_token" not in backbone_raw and "pos_embed" in backbone_raw:
+        notes.append(_add_mask_token(backbone, backbone_raw["pos_embed"]))
     epoch = ckpt.get("epoch")
-    return ReleasedCheckpoint(layout, backbone, adapter, ckpt.get("args"), int(epoch) if epoch is not None else None)
+    return ReleasedCheckpoint(path, layout, backbone, adapter, _strip(model, ENCODER) or None, ckpt.get("optimizer"),
+                              trainable, ckpt.get("args"), int(epoch) if epoch is not None else None, notes)
+
+
+def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _add_mask_token(backbone: dict[WeightChoice, dict[str, Tensor]], pos_embed: Tensor) -> str:
+    """Put one mask token, drawn as SPEC 3 initialises it, into every backbone state."""
+    generator = torch.Generator().manual_seed(MASK_TOKEN_SEED)
+    token = (torch.randn(1, 1, pos_embed.shape[-1], generator=generator) * MASK_TOKEN_STD).to(pos_embed.dtype)
+    for state in backbone.values():
+        state.setdefault("mask_token", token.clone())
+    return (f"the backbone has no mask_token (a checkpoint from the JiT authors' code): initialised it "
+            f"normal(0, {MASK_TOKEN_STD}) from torch.Generator seed {MASK_TOKEN_SEED} (SPEC 3), the same in "
+            "the raw weights and both EMAs")
+
+
+def sampler_settings(args: argparse.Namespace | None) -> dict[str, Any]:
+    """The sampling flags a released run stored in `args` (SPEC 8), as dotted overrides."""
+    fields = {"cfg": "sampler.cfg_scale", "interval_min": "sampler.interval_min",
+              "interval_max": "sampler.interval_max", "num_sampling_steps": "sampler.steps",
+              "sampling_method": "sampler.method"}
+    return {ours: getattr(args, theirs) for theirs, ours in fields.items() if hasattr(args, theirs)}
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -106,6 +154,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "optim.warmup_epochs": float(args.warmup_epochs),
         "optim.epochs": args.epochs,
     }
+    overrides.update(sampler_settings(args))
     if mta:
         overrides["align.mask_ratio"] = args.patch_mask_ratio
         overrides["align.encoder"] = EncoderConfig(
@@ -114,9 +163,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return apply_overrides(config, overrides)
 
 
-def _load_exact(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
-    """Strict load naming the first (in checkpoint order) mis-shaped, unexpected or missing key."""
-    ours = module.state_dict()
+def check_exact(ours: dict[str, Tensor], state: dict[str, Tensor], what: str) -> None:
+    """Refuse `state` unless it has exactly the keys and shapes of `ours`, naming the first
+    (in checkpoint order) mis-shaped, unexpected or missing key."""
     for key, value in state.items():
         if key not in ours:
             raise ValueError(f"{what}: checkpoint has '{key}' {tuple(value.shape)} that the chosen "
@@ -129,12 +178,18 @@ def _load_exact(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
     if missing:
         raise ValueError(f"{what}: checkpoint lacks '{missing[0]}' {tuple(ours[missing[0]].shape)} that the "
                          f"chosen configuration needs ({len(missing)} such keys)")
+
+
+def load_exact(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
+    """Strict load that names the first mismatching key (see `check_exact`)."""
+    check_exact(module.state_dict(), state, what)
     module.load_state_dict(state)
 
 
-def import_released(path: str | Path, config: RunConfig | None = None, weights: WeightChoice = "ema1",
-                    ) -> tuple[RunConfig, nn.Module, nn.Module | None]:
-    """Build (config, backbone, adapter or None) from a released checkpoint.
+def import_released(source: str | Path | ReleasedCheckpoint, config: RunConfig | None = None,
+                    weights: WeightChoice = "ema1") -> tuple[RunConfig, nn.Module, nn.Module | None]:
+    """Build (config, backbone, adapter or None) from a released checkpoint (a path, or one
+    already read by `read_released_checkpoint`).
 
     `config=None` recovers the configuration from the checkpoint's `args`; a configuration
     that does not fit the weights is refused with the first mismatching key and both shapes.
@@ -142,22 +197,40 @@ def import_released(path: str | Path, config: RunConfig | None = None, weights: 
     from pixelrepa.align.heads import MaskedTransformerAdapter
     from pixelrepa.models.jit import JiT
 
-    ckpt = read_released_checkpoint(path)
+    ckpt = source if isinstance(source, ReleasedCheckpoint) else read_released_checkpoint(source)
     if config is None:
         if ckpt.args is None:
-            raise ValueError(f"{path} stores no 'args'; pass the configuration (a preset or config file)")
+            raise ValueError(f"{ckpt.path} stores no 'args'; pass the configuration (a preset or config file)")
         config = config_from_args(ckpt.args)
     if weights not in ckpt.backbone:
-        raise ValueError(f"{path} has no '{weights}' weights (available: {', '.join(ckpt.backbone)})")
+        raise ValueError(f"{ckpt.path} has no '{weights}' weights (available: {', '.join(ckpt.backbone)})")
     if ckpt.layout == "jit" and config.align.mode == "pixelrepa":
         config = apply_overrides(config, {"align": AlignConfig(mode="none", weight=0.0)})
     net = JiT(config.model)
-    _load_exact(net, convert_state_dict(ckpt.backbone[weights]), f"backbone ({weights})")
+    load_exact(net, convert_state_dict(ckpt.backbone[weights]), f"backbone ({weights})")
     adapter = None
     if ckpt.adapter is not None and config.align.mode == "pixelrepa":
         adapter = MaskedTransformerAdapter(config.model, config.align)
-        _load_exact(adapter, convert_state_dict(ckpt.adapter), "adapter")
+        load_exact(adapter, convert_state_dict(ckpt.adapter), "adapter")
     return config, net, adapter
+
+
+def export_encoder(ckpt: ReleasedCheckpoint, path: str | Path) -> Path:
+    """Write the frozen encoder a PixelREPA checkpoint was trained against (SPEC 8) as an
+    encoder file that `align.encoder.weights` takes, recording the timm name, image size
+    and patch size from `args` (`repa_model`, `repa_image_size`, `repa_patch_size`)."""
+    from pixelrepa.weights import save_encoder_file
+
+    if ckpt.encoder is None:
+        raise ValueError(f"{ckpt.path} holds no encoder ('repa_model.' keys): only PixelREPA checkpoints do")
+    needed = ("repa_model", "repa_image_size", "repa_patch_size")
+    lacking = [name for name in needed if not hasattr(ckpt.args, name)]
+    if lacking:
+        raise ValueError(f"{ckpt.path}: the stored args lack '{lacking[0]}', needed to record how the encoder "
+                         "was built")
+    args = ckpt.args
+    return save_encoder_file(path, ckpt.encoder, args.repa_model, args.repa_image_size, args.repa_patch_size,
+                             provenance={"source": str(ckpt.path), "epoch": str(ckpt.epoch)})
 
 
 def config_from_constructor_kwargs(net: dict[str, Any], adapter: dict[str, Any] | None = None,

@@ -44,7 +44,8 @@ def build_dataset(config: RunConfig, out_dir: Path, dist: DistInfo) -> Dataset:
                                 num_classes=config.model.num_classes)
         classes = list(dataset.class_names)
     elif path.is_dir():
-        dataset = ImageFolderDataset(path, size, hflip=config.data.hflip, seed=config.train.seed)
+        dataset = ImageFolderDataset(path, size, hflip=config.data.hflip, seed=config.train.seed,
+                                     allow_empty_classes=config.data.allow_empty_classes)
         check_num_classes(dataset, config.model.num_classes)
         classes = list(dataset.classes)
     else:

@@ -34,14 +34,16 @@ def learning_rate(step: int, optim: OptimConfig, steps_per_epoch: int, total_ste
     """The lr of optimiser step `step` (0-based), as released (SPEC 6): with the fractional
     epoch e = epoch + i / steps_per_epoch, lr = peak * e / warmup_epochs during warm-up (the
     first step runs at lr 0), then constant, or a half cosine from peak to min_lr that ends
-    at total_steps."""
+    at total_steps. `optim.warmup_steps` counts the warm-up in steps instead."""
     epoch, i = divmod(step, steps_per_epoch)
-    progress = epoch + i / steps_per_epoch
-    peak, warmup = optim.peak_lr, optim.warmup_epochs
+    progress, total = epoch + i / steps_per_epoch, total_steps / steps_per_epoch
+    warmup = optim.warmup_epochs
+    if optim.warmup_steps is not None:
+        progress, total, warmup = float(step), float(total_steps), float(optim.warmup_steps)
+    peak = optim.peak_lr
     if progress < warmup:
         return peak * progress / warmup
     if optim.schedule == "constant":
         return peak
-    total_epochs = total_steps / steps_per_epoch
-    cosine = 1.0 + math.cos(math.pi * (progress - warmup) / max(total_epochs - warmup, 1e-12))
+    cosine = 1.0 + math.cos(math.pi * (progress - warmup) / max(total - warmup, 1e-12))
     return optim.min_lr + (peak - optim.min_lr) * 0.5 * cosine

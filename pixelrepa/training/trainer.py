@@ -23,6 +23,8 @@ from pixelrepa.config import KernelConfig, RunConfig
 from pixelrepa.data.idx import to_model_range
 from pixelrepa.data.loader import make_loader
 from pixelrepa.evaluation.images import save_labelled_grid
+from pixelrepa.interop.init_from import load_released_weights, released_optimizer_state
+from pixelrepa.interop.released import ReleasedCheckpoint, read_released_checkpoint
 from pixelrepa.models.jit import JiT
 from pixelrepa.objective import draw_randomness
 from pixelrepa.training import checkpoint as ckpt
@@ -78,11 +80,15 @@ def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.de
     return generator
 
 
-def train(config: RunConfig, resume: str | Path | None = None, progress: bool = True) -> RunSummary:
-    """Train `config` (resuming from `resume`, or from the run folder's latest checkpoint)."""
+def train(config: RunConfig, resume: str | Path | None = None, progress: bool = True,
+          init_from: str | Path | None = None) -> RunSummary:
+    """Train `config` (resuming from `resume`, or from the run folder's latest checkpoint).
+
+    `init_from`: a released checkpoint-last.pth to start a new run from, at step 0, in a
+    run folder without checkpoints (SPEC 8; `pixelrepa.interop.init_from`)."""
     dist = init_distributed()
     try:
-        summary = _train(config, dist, resume, progress)
+        summary = _train(config, dist, resume, progress, init_from)
     except BaseException:
         shutdown_distributed(barrier=False)
         raise
@@ -90,12 +96,14 @@ def train(config: RunConfig, resume: str | Path | None = None, progress: bool = 
     return summary
 
 
-def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progress: bool) -> RunSummary:
+def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progress: bool,
+           init_from: str | Path | None) -> RunSummary:
     out_dir = Path(config.train.out_dir)
     device = dist.device
     accum = accumulation_steps(config, dist.world_size)
 
     resume_path = _resume_point(out_dir, resume)
+    released = _released_start_point(init_from, resume, resume_path, out_dir) if init_from is not None else None
     if resume_path is not None:
         loaded = ckpt.load_checkpoint(resume_path, rank=dist.rank)
         _check_same_run(config, loaded.config, resume_path)
@@ -110,6 +118,7 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
 
     torch.manual_seed(config.train.seed)
     module = TrainingModule(config).to(device)
+    start = load_released_weights(released, module) if released is not None else None
     kernels = kernels_for_run(config.kernels, device, total_steps)
     encoder = _build_encoder(config, kernels, device)
     if dist.is_main and device.type == "cpu" and kernels.compile == "model":
@@ -130,6 +139,14 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
         start_step = loaded.train_state["step"]
         skipped_steps = loaded.train_state.get("skipped_steps", 0)
         ckpt.restore_rng_state(loaded.rng_state)
+    elif start is not None:
+        for k, state in enumerate(start.ema):
+            ema.load_state_dict(k, state)
+        optimizer_state, line = released_optimizer_state(released, unwrap(model), optimizer)
+        if optimizer_state is not None:
+            load_full_optimizer_state_dict(model, optimizer, optimizer_state if dist.is_main else None)
+        if dist.is_main:
+            _report_start(out_dir, released, [*start.report, line])
 
     writer = _Logger(out_dir, dist, start_step, config) if dist.is_main else None
     bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and dist.is_main), unit="step",
@@ -247,10 +264,39 @@ def _resume_point(out_dir: Path, resume: str | Path | None) -> Path | None:
         return None
 
 
+def _released_start_point(init_from: str | Path, resume: str | Path | None, resume_path: Path | None,
+                          out_dir: Path) -> ReleasedCheckpoint | None:
+    """The released checkpoint a new run starts from, or None where the run folder already has
+    checkpoints of a run started from that same file (re-running the command resumes it); a
+    folder with checkpoints of another run is refused, untouched."""
+    if resume is not None:
+        raise ValueError("--init-from starts a new run and --resume continues one: pass only one of them")
+    if resume_path is None:
+        return read_released_checkpoint(init_from)
+    record = out_dir / "init-from.json"
+    started_from = json.loads(record.read_text())["source"] if record.is_file() else None
+    if started_from is not None and Path(started_from).resolve() == Path(init_from).resolve():
+        logger.warning("init-from: the run started from %s has checkpoints; resuming from %s", init_from,
+                       resume_path)
+        return None
+    raise ValueError(f"the run folder already has checkpoints ({resume_path}) of a run not started from {init_from}; "
+                     "--init-from only starts new runs: choose a new out_dir (--out), or re-run without --init-from "
+                     "to continue that run")
+
+
+def _report_start(out_dir: Path, released: ReleasedCheckpoint, report: list[str]) -> None:
+    """Log what a run started from a released checkpoint took, and keep it as OUT/init-from.json."""
+    for line in report:
+        logger.warning("init-from: %s", line)
+    record = {"source": str(released.path), "epoch": released.epoch, "report": report}
+    (out_dir / "init-from.json").write_text(json.dumps(record, indent=1))
+
+
 def _check_same_run(config: RunConfig, saved: RunConfig, path: Path) -> None:
     """Resuming with another model or objective would silently mix two runs (how attention
-    is executed may change: it computes the same function)."""
-    config = config.replace(**{"model.attention": saved.model.attention})
+    is executed and how many loader workers read the data may change)."""
+    config = config.replace(**{"model.attention": saved.model.attention,
+                               "data.num_workers": saved.data.num_workers})
     for part in ("model", "align", "objective", "ema", "optim", "data"):
         if getattr(config, part) != getattr(saved, part):
             raise ValueError(f"the configuration's '{part}' differs from the checkpoint's at {path}; "
