@@ -9,6 +9,10 @@ and checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -31,20 +35,27 @@ class JiTConfig:
     input_size: int = 256
     """Image side in pixels (square images)."""
     patch_size: int = 16
+    """Side p of the square patches; the token grid is input_size / p per side."""
     in_channels: int = 3
+    """Image channels (3: RGB in [-1, 1])."""
     hidden_size: int = 768
+    """Token width D."""
     depth: int = 12
+    """Number of JiT blocks."""
     num_heads: int = 12
+    """Attention heads; the head size D / heads is a multiple of 4 for 2-D RoPE."""
     mlp_ratio: float = 4.0
     """SwiGLU hidden size is int(int(D * mlp_ratio) * 2 / 3)."""
     attn_drop: float = 0.0
-    """Attention-probability dropout, middle blocks only (0.2 for H)."""
+    """Attention-probability dropout, middle blocks only (0 in every released recipe, H included)."""
     proj_drop: float = 0.0
     """Projection and SwiGLU-hidden dropout, middle blocks only (0.2 for H)."""
     num_classes: int = 1000
     """Class count K; label K is the null class used for guidance."""
     bottleneck_dim: int = 128
+    """Channels between the p x p patch convolution and the 1 x 1 convolution to D."""
     in_context_len: int = 32
+    """Number of in-context class tokens (y_emb plus a learned position embedding)."""
     in_context_start: int = 4
     """In-context class tokens are prepended before this block."""
     attention: AttentionImpl = "auto"
@@ -125,6 +136,7 @@ class AlignConfig:
     """Representation alignment: the switch and both heads (SPEC 5)."""
 
     mode: AlignMode = "pixelrepa"
+    """'none' (plain JiT), 'repa' (MLP projector) or 'pixelrepa' (Masked Transformer Adapter)."""
     weight: float = 0.1
     """lambda in total = denoise + lambda * align (PixelREPA 0.1; REPA uses 0.5)."""
     tap_block: int | None = None
@@ -132,15 +144,20 @@ class AlignConfig:
     mask_ratio: float = 0.2
     """Probability that a tapped token is replaced by the mask token (PixelREPA)."""
     adapter_depth: int = 2
+    """JiT blocks in the Masked Transformer Adapter."""
     adapter_in_context_len: int = 32
+    """In-context class tokens of the adapter."""
     skip_head_if_same_width: bool = True
     """Released-code quirk: the adapter's projection head is skipped when the backbone
     width equals the encoder width."""
     projector_hidden: int = 2048
     """REPA's MLP projector width."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """The frozen encoder whose features are the alignment targets."""
 
     def __post_init__(self) -> None:
+        _check(self.weight >= 0, f"align.weight {self.weight} is negative; the alignment loss is added "
+               "with weight >= 0 (0.1 for PixelREPA, 0.5 for REPA)")
         _check(self.mode in ("none", "repa", "pixelrepa"),
                f"unknown alignment mode '{self.mode}' (none | repa | pixelrepa)")
         _check(0.0 <= self.mask_ratio < 1.0, f"mask_ratio {self.mask_ratio} outside [0, 1)")
@@ -151,11 +168,15 @@ class ObjectiveConfig:
     """The x-prediction, velocity-loss objective (SPEC 4)."""
 
     P_mean: float = -0.8
+    """Mean of the logit-normal t: t = sigmoid(N(P_mean, P_std))."""
     P_std: float = 0.8
+    """Standard deviation of the logit-normal t."""
     t_eps: float = 0.05
+    """Floor of 1 - t in the velocity v = (x - z) / max(1 - t, t_eps)."""
     noise_scale: float = 1.0
     """1.0 at 256 px, 2.0 at 512 px."""
     label_drop_prob: float = 0.1
+    """Probability that a training label is replaced by the null class (for guidance)."""
 
     def __post_init__(self) -> None:
         _check(self.P_std > 0, f"P_std must be positive, got {self.P_std}")
@@ -169,6 +190,7 @@ class EMAConfig:
     """Two moving averages of the backbone (SPEC 6)."""
 
     decays: tuple[float, ...] = (0.9999, 0.9996)
+    """Decay of each moving average; EMA 1 (the first) is the one sampled by default."""
     warmup: bool = False
     """If set, decay_k = min(decay, (1 + step) / (10 + step)) for short runs."""
 
@@ -182,10 +204,15 @@ class SamplerConfig:
     """Euler / Heun sampling with guidance on an interval (SPEC 7)."""
 
     method: SamplerMethod = "heun"
+    """'heun' (Heun steps, a final Euler step onto t = 1) or 'euler'."""
     steps: int = 50
+    """Steps on linspace(0, 1, steps + 1); Heun makes 2 * steps - 1 velocity evaluations."""
     cfg_scale: float = 3.1
+    """Classifier-free guidance scale inside the interval (PixelREPA-B: 3.1)."""
     interval_min: float = 0.1
+    """Guidance applies where t > interval_min (no lower bound when 0)."""
     interval_max: float = 1.0
+    """Guidance applies where t < interval_max."""
     batched_guidance: bool = True
     """Conditional and unconditional passes in one forward (False: two calls, as released)."""
     skip_unguided: bool = True
@@ -199,6 +226,9 @@ class SamplerConfig:
                f"CFG interval ({self.interval_min}, {self.interval_max}) must satisfy 0 <= min <= max <= 1")
 
 
+_WARMUP_EPOCHS = 5.0
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW with linear warm-up then constant (SPEC 6)."""
@@ -206,26 +236,46 @@ class OptimConfig:
     base_lr: float = 5e-5
     """lr = base_lr * global_batch / 256."""
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW's (beta1, beta2)."""
     weight_decay: float = 0.0
-    warmup_epochs: float = 5.0
+    """AdamW weight decay; 1-D parameters and biases are never decayed (SPEC 6)."""
+    warmup_epochs: float = _WARMUP_EPOCHS
+    """Linear warm-up from lr 0 over this many epochs, per iteration (SPEC 6)."""
+    warmup_steps: int | None = None
+    """Warm-up length in optimiser steps; when set it replaces warmup_epochs, which must then
+    stay at its default or 0 (None: warmup_epochs applies)."""
     global_batch: int = 1024
     """Images per optimiser step over all ranks and accumulation micro-steps."""
     epochs: int = 600
+    """Training length in epochs when train.steps is None."""
     lr: float | None = None
     """Absolute learning rate; None = base_lr * global_batch / 256."""
     schedule: Literal["constant", "cosine"] = "constant"
     """After warm-up: constant (the recipe) or cosine decay to min_lr."""
     min_lr: float = 0.0
+    """Final lr of the cosine schedule."""
     grad_clip: float | None = None
     """Clip the global gradient norm to this value; None = no clipping (the recipe)."""
 
     def __post_init__(self) -> None:
         _check(self.global_batch >= 1, f"global_batch must be >= 1, got {self.global_batch}")
+        _check(self.warmup_epochs >= 0, f"optim.warmup_epochs {self.warmup_epochs} is negative")
+        _check(self.warmup_steps is None or self.warmup_steps >= 0,
+               f"optim.warmup_steps {self.warmup_steps} is negative")
+        _check(self.warmup_steps is None or self.warmup_epochs in (0, _WARMUP_EPOCHS),
+               f"optim.warmup_steps={self.warmup_steps} and optim.warmup_epochs={self.warmup_epochs} are both "
+               "set: keep one (--set optim.warmup_epochs=0 with warmup_steps)")
         _check(self.schedule in ("constant", "cosine"), f"unknown lr schedule '{self.schedule}'")
 
     @property
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else self.base_lr * self.global_batch / 256
+
+
+def default_num_workers() -> int:
+    """min(4, the CPUs this process may run on)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, usable)
 
 
 @dataclass(frozen=True)
@@ -237,7 +287,12 @@ class DataConfig:
     'fashion-mnist' (installed IDX files)."""
     hflip: bool = True
     """Random horizontal flips (the recipe); off for digits."""
-    num_workers: int = 4
+    allow_empty_classes: bool = False
+    """Image folders: keep class sub-folders without a readable image as classes (their index
+    stays reserved) instead of refusing the folder."""
+    num_workers: int = field(default_factory=lambda: default_num_workers())
+    """Loader worker processes: min(4, usable CPUs) by default. How the data is read, not
+    which data: a run may resume with another value."""
 
 
 @dataclass(frozen=True)
@@ -459,28 +514,18 @@ def get_preset(name: str) -> RunConfig:
 # ---------------------------------------------------------------------------
 
 def _from_dict(cls: type, data: dict[str, Any]) -> Any:
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(names)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
-    kwargs = {}
-    for key, value in data.items():
-        sub = _dataclass_type(cls, key)
-        if sub is not None and isinstance(value, dict):
-            value = _from_dict(sub, value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
-    return cls(**kwargs)
+    hints = _field_types(cls)
+    return cls(**{key: _coerce(value, hints[key], key) for key, value in data.items()})
 
 
-def _dataclass_type(cls: type, name: str) -> type | None:
-    default = next(f for f in dataclasses.fields(cls) if f.name == name)
-    if default.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        value = default.default_factory()  # type: ignore[misc]
-        if dataclasses.is_dataclass(value):
-            return type(value)
-    return None
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """Each field's annotation, resolved (the module uses postponed annotations)."""
+    return typing.get_type_hints(cls)
 
 
 def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
@@ -509,40 +554,73 @@ def _replace_tree(obj: Any, tree: dict[str, Any]) -> Any:
             raise ValueError(f"unknown config field '{path}' ({type(obj).__name__} has: {', '.join(sorted(names))})")
         if isinstance(sub, tuple):
             path, value = sub
-            changes[name] = _coerce(value, getattr(obj, name), path)
+            changes[name] = _coerce(value, _field_types(type(obj))[name], path)
         else:
             changes[name] = _replace_tree(getattr(obj, name), sub)
     return dataclasses.replace(obj, **changes)
 
 
-def _coerce(value: Any, current: Any, path: str) -> Any:
-    """Parse command-line strings into the type of the field they replace."""
-    if not isinstance(value, str) or isinstance(current, str):
-        return tuple(value) if isinstance(value, list) else value
-    text = value.strip()
-    try:
-        if isinstance(current, bool):
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-        if isinstance(current, int):
-            return int(text)
-        if isinstance(current, float):
-            return float(text)
-        if isinstance(current, tuple):
-            return tuple(float(v) for v in text.strip("()[]").split(",") if v.strip())
-        if current is None:
-            if text.lower() == "none":
-                return None
-            for cast in (int, float):
-                try:
-                    return cast(text)
-                except ValueError:
-                    pass
-            return text
-    except ValueError:
-        raise ValueError(f"cannot parse '{value}' for config field '{path}' "
-                         f"(expected {type(current).__name__})") from None
-    return value
+def _coerce(value: Any, annotation: Any, path: str) -> Any:
+    """`value` (a --set string, a config-file value or a typed value) as the field's annotated
+    type: bool, int (integral floats such as 1e3 included), float, str, a Literal, a tuple, a
+    component config (or a dict of its fields), or None where the field allows it."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    is_none = value is None or (isinstance(value, str) and value.strip().lower() == "none")
+    if is_none and type(None) in options:
+        return None
+    for option in options:
+        if option is not type(None):
+            try:
+                return _as_type(value, option, path)
+            except (TypeError, ValueError):
+                pass
+    expected = " or ".join(_type_name(o) for o in options)
+    raise ValueError(f"cannot use {value!r} for config field '{path}' (expected {expected})")
+
+
+def _as_type(value: Any, kind: Any, path: str) -> Any:
+    origin = typing.get_origin(kind)
+    text = value.strip() if isinstance(value, str) else None
+    if dataclasses.is_dataclass(kind):
+        if isinstance(value, kind):
+            return value
+        if isinstance(value, dict):
+            return _from_dict(kind, value)
+    elif origin is Literal:
+        if value in typing.get_args(kind) or text in typing.get_args(kind):
+            return value if text is None else text
+    elif origin is tuple:
+        items = [v for v in text.strip("()[]").split(",") if v.strip()] if text is not None else value
+        if not isinstance(items, (list, tuple)):
+            raise TypeError(path)
+        args = typing.get_args(kind)
+        element_types = [args[0]] * len(items) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(element_types) != len(items):
+            raise ValueError(path)
+        return tuple(_as_type(item, t, path) for item, t in zip(items, element_types))
+    elif kind is bool:
+        if isinstance(value, bool):
+            return value
+        if text is not None and text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return text.lower() in ("1", "true", "yes", "on")
+    elif kind is int:
+        number = float(text) if text is not None else value
+        if not isinstance(number, bool) and isinstance(number, (int, float)) and float(number).is_integer():
+            return int(number)
+    elif kind is float:
+        number = float(text) if text is not None else value
+        if not isinstance(number, bool) and isinstance(number, (int, float)):
+            return float(number)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise TypeError(path)
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is Literal:
+        return " | ".join(repr(v) for v in typing.get_args(kind))
+    return "None" if kind is type(None) else getattr(kind, "__name__", str(kind))
