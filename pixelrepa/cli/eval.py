@@ -1,6 +1,7 @@
-"""Evaluate samples against a reference: FID, KID, precision / recall with the offline FID Inception-v3.
+"""Evaluate samples against a reference: FID, KID, precision / recall with the offline FID Inception-v3,
+and the Inception Score where torch-fidelity's classifier weights are present.
 
-  pixelrepa eval SAMPLES --ref REF [--metrics fid kid pr is] [--out result.json]
+  pixelrepa eval SAMPLES --ref REF [--metrics fid kid pr is] [--inception-weights PATH] [--out result.json]
   pixelrepa eval ref-stats SRC OUT.npz [--keep-features]
   pixelrepa eval sweep MODEL --ref REF.npz --cfg 1.0 1.5 2.0 [--ema 1 2] [--steps 50 ...] --num-images N --out DIR
 
@@ -9,8 +10,11 @@ SAMPLES and SRC are a folder of PNGs, a `pixelrepa sample` output folder (its im
 `sigma` (2048, 2048): from `ref-stats`, with `features` under --keep-features, which KID and
 precision / recall need; an ADM reference batch works too) or an image source. Images are read
 in batches; only features stay in memory. The result is one JSON record (stdout, and --out) with
-every setting, the sources, the feature network and its weights. The Inception Score is reported
-as unavailable: the offline network has no classifier.
+every setting, the sources, the feature network and its weights, and which weights produced each
+number (`weights`). The Inception Score (`is`, 10 splits) needs a classifier, which the packaged
+network lacks: it comes from torch-fidelity's own `inception-v3-compat` weights, a file given with
+`--inception-weights PATH` or found in torch-fidelity's download cache (torch hub's `checkpoints/`;
+see `pixelrepa.evaluation.inception`); without one it is reported as unavailable, never as a number.
 `--features encoder:NAME [--encoder-weights PATH]` uses a representation encoder preset (the mean of
 its patch tokens; see `pixelrepa.evaluation.features`) instead of Inception; reference files record
 their feature network and are refused by another one. Under torchrun the images are split across
@@ -46,6 +50,7 @@ from pixelrepa.evaluation.metrics import (
     extract_features,
     feature_statistics,
     frechet_distance,
+    inception_score,
     kernel_inception_distance,
     load_reference,
     precision_recall,
@@ -71,8 +76,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
     parser.add_argument("--kid-subset-size", type=int, default=1000,
                         help="KID subset size, capped at the smaller set (default 1000)")
-    parser.add_argument("--seed", type=int, help="KID subset draws (default 2020, as torch-fidelity); "
-                        "sweep: the sampling seed (default 0)")
+    parser.add_argument("--seed", type=int, help="KID subset draws and IS split shuffle (default 2020, as "
+                        "torch-fidelity); sweep: the sampling seed (default 0)")
     parser.add_argument("--keep-features", action="store_true",
                         help="ref-stats: also store the features (N x 2048 float32), for KID and precision / recall")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -82,6 +87,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                              "pixelrepa.evaluation.features)")
     parser.add_argument("--encoder-weights", metavar="PATH",
                         help="local weights file for --features encoder:NAME (needed offline for DINOv2)")
+    parser.add_argument("--inception-weights", metavar="PATH",
+                        help=f"torch-fidelity's {inception.EXTRACTOR_NAME} weights for the Inception Score "
+                             f"({inception.CLASSIFIER_FILE}, or pytorch-fid's {inception.PYTORCH_FID_FILE}); "
+                             "default: that file in torch hub's checkpoints/ folder when present")
+    parser.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (default 10)")
     sweep.add_arguments(parser)
 
 
@@ -130,6 +140,8 @@ def in_process_group(args: argparse.Namespace, device: torch.device, work):
 
 def reference_stats(src: Path, out: Path, args: argparse.Namespace, device: torch.device) -> int:
     """Features of SRC -> `mu`, `sigma` (and `features`) in OUT, with a `meta` record."""
+    if getattr(args, "inception_weights", None) is not None:
+        raise ValueError("--inception-weights is for the Inception Score of an evaluation, not for ref-stats")
     source = ImageSource(src, args.max_images)
     check_count(len(source), "SRC")
     extractor, network = feature_networks.build_feature_extractor(
@@ -170,20 +182,31 @@ def evaluate(samples_path: Path, ref_path: Path, args: argparse.Namespace, devic
     else:
         ref_source, reference = ImageSource(ref_path, args.max_images), None
         ref_info = ref_source.describe()
-    check_count(len(samples), "SAMPLES", metrics)
+    is_splits = getattr(args, "is_splits", 10)
+    found = feature_networks.resolve_classifier(metrics, getattr(args, "inception_weights", None))
+    on_features = [m for m in metrics if m != "is"]  # the reference serves these; IS is of the samples alone
+    check_count(len(samples), "SAMPLES", metrics if found else on_features, is_splits)
     if ref_source is not None:
-        check_count(len(ref_source), "REF", metrics)
+        check_count(len(ref_source), "REF", on_features)
     elif reference.features is not None:
-        check_count(len(reference.features), "REF features", metrics)
+        check_count(len(reference.features), "REF features", on_features)
 
     extractor, network = feature_networks.build_feature_extractor(spec, device, weights)
+    classifier = None
+    samples_net = extractor
+    if found is not None:
+        classifier_net, classifier = feature_networks.build_classifier(found, device)
+        samples_net = feature_networks.WithClassifier(extractor, classifier_net)
     dist_info = getattr(args, "dist_info", None)
-    features, seconds = features_of(samples, extractor, args.batch_size, device, "samples", dist_info)
+    features, seconds = features_of(samples, samples_net, args.batch_size, device, "samples", dist_info)
     if reference is None:
         ref_features, ref_seconds = features_of(ref_source, extractor, args.batch_size, device, "reference",
                                                 dist_info)
     if features is None:  # not rank 0
         return None
+    logits = None
+    if found is not None:
+        features, logits = samples_net.split(features)
     timing = {"samples_seconds": round(seconds, 3), "seconds_per_image": round(seconds / len(features), 4)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -201,26 +224,42 @@ def evaluate(samples_path: Path, ref_path: Path, args: argparse.Namespace, devic
                                                   args.kid_subset_size, args.seed)
     if "pr" in metrics:
         values["pr"] = precision_recall(features, reference.features, PR_NEIGHBORHOOD)
+    notes = [str(w.message) for w in caught]
     if "is" in metrics:
-        values["is"] = {"value": None, "available": False, "reason": inception.INCEPTION_SCORE_UNAVAILABLE}
+        if logits is None:
+            values["is"] = {"value": None, "available": False, "reason": inception.classifier_missing_reason()}
+        else:
+            values["is"] = inception_score(logits, is_splits, args.seed) | {"weights": classifier["weights"],
+                                                                            "weights_sha256": classifier["sha256"]}
+            if not classifier["matches_published"]:
+                notes.append(f"the Inception Score weights {classifier['weights']} are not torch-fidelity's published "
+                             f"file (SHA-256 {classifier['sha256'][:8]}..., not "
+                             f"{inception.PUBLISHED_SHA256_PREFIX}...): the score is not comparable with published ones")
+                print(f"warning: {notes[-1]}", file=sys.stderr)
     return {
         "format": RESULT_FORMAT,
         "samples": samples.describe(),
         "reference": ref_info,
         "feature_network": network,
+        "classifier": classifier,
+        "weights": feature_networks.weights_by_metric(metrics, network, classifier),
         "settings": {"metrics": metrics, "features": spec, "batch_size": args.batch_size, "max_images": args.max_images,
                      "device": str(device), "fid_eps": FID_EPS, "kid_subsets": args.kid_subsets,
                      "kid_subset_size": args.kid_subset_size, "seed": args.seed, "pr_neighborhood": PR_NEIGHBORHOOD,
+                     "is_splits": is_splits, "inception_weights": getattr(args, "inception_weights", None),
                      "world_size": dist_info.world_size if dist_info is not None else 1},
         "metrics": values,
-        "warnings": [str(w.message) for w in caught],
+        "warnings": notes,
         "timing": timing,
         "created": created(),
     }
 
 
-def check_count(count: int, name: str, metrics: list[str] | None = None) -> None:
+def check_count(count: int, name: str, metrics: list[str] | None = None, is_splits: int = 10) -> None:
     """Refuse, before any network pass, a source too small for the statistics or the metrics."""
+    if metrics and "is" in metrics and (is_splits < 1 or count < is_splits):
+        raise ValueError(f"{name} has {count} image(s); the Inception Score in --is-splits {is_splits} needs "
+                         f"splits >= 1 and at least {max(is_splits, 1)} images")
     if metrics and "pr" in metrics and count <= PR_NEIGHBORHOOD:
         raise ValueError(f"{name} has {count} image(s); precision / recall (k = {PR_NEIGHBORHOOD}) needs at least "
                          f"{PR_NEIGHBORHOOD + 1}")

@@ -14,6 +14,11 @@ together with a record that names it (`describe`, whose `id` tells networks apar
   output instead; `TargetEncoder` drops all prefix tokens, so this FD is on mean-pooled patch
   tokens and is not numerically the published FD_DINOv2.
 
+The Inception Score needs torch-fidelity's classifier (`inception.find_classifier_weights`), not
+the feature network: `resolve_classifier` finds and checks its weights, and `WithClassifier` runs
+the feature network and the classifier on each batch, so the images are read (or sampled) once.
+`weights_by_metric` says which network and weights file produced each metric.
+
 `extract_features_distributed(source, extractor, batch_size, dist_info)`: under torchrun each
 rank takes a contiguous slice of the images (rank r: images [r N / W, (r + 1) N / W)), and the
 features are gathered to rank 0 in the original image order; other ranks get None. With a single
@@ -23,7 +28,6 @@ process it is `metrics.extract_features` unchanged.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,6 +78,56 @@ class InceptionFeatures(nn.Module):
         return (self.network(images)[0],)
 
 
+class WithClassifier(nn.Module):
+    """A feature network and the Inception Score classifier in one pass over each batch:
+    uint8 (N, 3, H, W) -> ((N, D + 1008),), the D features first; `split` separates them again."""
+
+    def __init__(self, features: nn.Module, classifier: nn.Module) -> None:
+        super().__init__()
+        self.features, self.classifier = features, classifier
+        self.feature_dim = features.feature_dim
+
+    def forward(self, images: Tensor) -> tuple[Tensor]:
+        return (torch.cat([self.features(images)[0].float(), self.classifier(images)[0].float()], dim=1),)
+
+    def split(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, D + 1008) -> features (N, D), logits (N, 1008)."""
+        return rows[:, :self.feature_dim], rows[:, self.feature_dim:]
+
+
+def resolve_classifier(metrics: list[str], weights: str | Path | None) -> tuple[Path, str] | None:
+    """The Inception Score's weights file and how it was found, when `metrics` asks for 'is' and one is
+    present (`inception.find_classifier_weights`; raises for an unusable file); None otherwise.
+    `weights` without 'is' in `metrics` is a usage error."""
+    if "is" not in metrics:
+        if weights is not None:
+            raise ValueError(f"{inception.FOUND_BY_FLAG} is the classifier of the Inception Score: add `is` to "
+                             "--metrics, or leave the option out")
+        return None
+    return inception.find_classifier_weights(weights)
+
+
+def build_classifier(found: tuple[Path, str], device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """torch-fidelity's Inception-v3 with the found weights (uint8 -> ((N, 1008) logits,)) and its record."""
+    path, found_by = found
+    return inception.load_classifier(path, device), inception.describe_classifier(path, found_by)
+
+
+def weights_by_metric(metrics: list[str], network: dict, classifier: dict | None) -> dict:
+    """metric -> the network and weights file that produced its number ('is' only when computed)."""
+    converted = network.get("converted_weights")
+    feature_weights = {"network": network.get("id", INCEPTION), "weights": converted or network.get("weights_source")}
+    if converted:
+        feature_weights["converted_from"] = network.get("weights_source")
+    if network.get("weights_sha256"):
+        feature_weights["sha256"] = network["weights_sha256"]
+    out = {m: feature_weights for m in metrics if m != "is"}
+    if "is" in metrics and classifier is not None:
+        out["is"] = {"network": f"{inception.EXTRACTOR_NAME} classifier", "weights": classifier["weights"],
+                     "sha256": classifier["sha256"], "found_by": classifier["found_by"]}
+    return out
+
+
 def parse_spec(spec: str) -> tuple[str, str | None]:
     """'inception' -> ('inception', None); 'encoder:NAME' -> ('encoder', NAME), NAME a known preset."""
     from pixelrepa.config import ENCODER_PRESETS
@@ -91,11 +145,7 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 
 def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return inception._digest(Path(path), "sha256")
 
 
 def _own_grid(encoder: nn.Module) -> tuple[int, int]:

@@ -1,10 +1,12 @@
-"""Sample-quality metrics on Inception features: FID, KID, precision / recall; image sources; reference statistics.
+"""Sample-quality metrics: FID, KID, precision / recall on features, the Inception Score on classifier logits;
+image sources; reference statistics.
 
 Images are read in batches from a folder of PNGs (or a sample folder's `images/`), an ADM `.npz`
 (`arr_0` uint8 (N, H, W, 3)) or a pack folder, and only their features are kept in memory.
 KID and precision / recall call torch-fidelity's functions on the features (its defaults: KID
 with a cubic polynomial kernel, unbiased MMD, 100 subsets of up to 1000; precision / recall with
-k = 3 neighbours, input 1 = generated, input 2 = real).
+k = 3 neighbours, input 1 = generated, input 2 = real). The Inception Score calls torch-fidelity's
+on classifier logits (its defaults: 10 splits of the images shuffled with seed 2020).
 
 Sample counts: the statistics need at least 2 samples. With n <= feature dimension the
 covariance is singular (rank <= n - 1); FID is still computed, through the eps fix of
@@ -112,6 +114,23 @@ def precision_recall(generated: np.ndarray, real: np.ndarray, neighborhood: int 
                                  prc_batch_size=10000, save_cpu_ram=True, verbose=False)
     return {"precision": out[KEY_METRIC_PRECISION], "recall": out[KEY_METRIC_RECALL],
             "f_score": out[KEY_METRIC_F_SCORE], "neighborhood": neighborhood}
+
+
+def inception_score(logits: np.ndarray, splits: int = 10, seed: int = 2020) -> dict:
+    """Inception Score through torch-fidelity on logits (N, C): the images are shuffled (`seed`) and cut
+    into `splits` parts; per part exp(mean_x KL(p(y|x) || p(y))), p = softmax of the logits and p(y)
+    the part's mean; the value is the mean over the parts, with their standard deviation."""
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
+    logits = np.asarray(logits)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be (N, C), got shape {logits.shape}")
+    if splits < 1 or len(logits) < splits:
+        raise ValueError(f"the Inception Score in {splits} splits needs at least {max(splits, 1)} images "
+                         f"(and splits >= 1), got {len(logits)}")
+    out = isc_features_to_metric(torch.as_tensor(logits), splits=splits, shuffle=True, rng_seed=seed)
+    return {"value": out[KEY_METRIC_ISC_MEAN], "std": out[KEY_METRIC_ISC_STD], "available": True,
+            "splits": splits, "seed": seed, "shuffle": True}
 
 
 # ---------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""Sampler sweeps: FID / KID of a model over EMA x steps x CFG scale, in one process.
+"""Sampler sweeps: FID / KID (and the Inception Score) of a model over EMA x steps x CFG scale, in one process.
 
   pixelrepa eval sweep MODEL --ref REF.npz --cfg 1.0 1.5 2.0 [--ema 1 2] [--steps 50 ...]
-                       --num-images N [--per-class K] [--batch-size B] [--seed S] --out DIR [--metrics fid kid]
+                       --num-images N [--per-class K] [--batch-size B] [--seed S] --out DIR
+                       [--metrics fid kid is] [--inception-weights PATH]
 
 MODEL is a training run (or checkpoint) folder, whose EMAs `--ema` picks, or a model file (or a
 folder holding `model.safetensors`), which has only its own weights. For every setting the same N
@@ -11,10 +12,15 @@ and turned into Inception features batch by batch; only features stay in memory.
 the feature network are built once, and each EMA's weights are loaded once for all its settings.
 
 DIR gets sweep.csv, sweep.md (one row per setting), sweep.json (settings, results, the best
-setting: lowest FID, or lowest KID when FID is not computed) and sweep.png (FID, and KID, against
-the CFG scale, one line per EMA and step count). They are rewritten after every setting, so an
-interrupted sweep keeps what it finished. The Inception Score is never reported: the offline
-feature network has no classifier.
+setting: lowest FID, else lowest KID, else highest IS; and which weights produced each metric) and
+sweep.png (FID, KID and IS, those computed, against the CFG scale, one line per EMA and step count).
+They are rewritten after every setting, so an interrupted sweep keeps what it finished.
+
+The Inception Score (`--metrics is`, 10 splits, torch-fidelity's split shuffle seed 2020) needs
+torch-fidelity's classifier weights (`--inception-weights PATH`, or its download cache: see
+`pixelrepa.evaluation.inception`); the sweep refuses to start without them. The classifier runs on
+the same sampled batches as the feature network, so the images are sampled once. IS needs no
+reference: a sweep of IS alone may leave out --ref.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from pixelrepa.config import RunConfig, apply_overrides
+from pixelrepa.evaluation import features as feature_networks
 from pixelrepa.evaluation import inception
 from pixelrepa.evaluation.generate import class_layout, generate
 from pixelrepa.evaluation.plots import Panel, line_plot
@@ -44,14 +51,17 @@ from pixelrepa.evaluation.metrics import (
     extract_features,
     feature_statistics,
     frechet_distance,
+    inception_score,
     kernel_inception_distance,
     load_reference,
 )
 
 SWEEP_FORMAT = "pixelrepa-sweep/1"
-SWEEP_METRICS = ("fid", "kid")
-COLUMNS = ("ema", "steps", "method", "cfg", "interval", "num_images", "fid", "kid_mean", "kid_std", "seconds")
+SWEEP_METRICS = ("fid", "kid", "is")
+COLUMNS = ("ema", "steps", "method", "cfg", "interval", "num_images", "fid", "kid_mean", "kid_std", "is_mean",
+           "is_std", "seconds")
 KID_SEED = 2020  # KID subset draws (torch-fidelity's default); --seed is the sampling seed here
+IS_SEED = 2020  # IS split shuffle (torch-fidelity's default)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,13 +111,12 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
     if not model.exists():
         raise FileNotFoundError(f"no model file or training run at {model}")
     metrics = list(dict.fromkeys(args.metrics))
-    if "is" in metrics:
-        raise ValueError(f"the Inception Score is not available: {inception.INCEPTION_SCORE_UNAVAILABLE}")
     unsupported = [m for m in metrics if m not in SWEEP_METRICS]
     if unsupported:
-        raise ValueError(f"a sweep computes {' and '.join(SWEEP_METRICS)}, not {', '.join(unsupported)}; "
+        raise ValueError(f"a sweep computes {', '.join(SWEEP_METRICS)}, not {', '.join(unsupported)}; "
                          "evaluate a sample folder with `pixelrepa eval` for that")
-    if args.ref is None:
+    needs_reference = bool({"fid", "kid"} & set(metrics))
+    if args.ref is None and needs_reference:
         raise ValueError("--ref REF.npz is required: reference statistics (from `pixelrepa eval ref-stats`)")
     if getattr(args, "features", "inception") != "inception":
         raise ValueError(f"a sweep uses the Inception features, not --features {args.features}")
@@ -117,6 +126,10 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
         raise ValueError("--out DIR is required: the folder for sweep.csv, sweep.md, sweep.json and sweep.png")
     if args.num_images is None or args.num_images < 2:
         raise ValueError(f"--num-images N >= 2 is required (the covariance needs 2 images), got {args.num_images}")
+    is_splits = getattr(args, "is_splits", 10)
+    if "is" in metrics and (is_splits < 1 or args.num_images < is_splits):
+        raise ValueError(f"the Inception Score in --is-splits {is_splits} needs splits >= 1 and --num-images of at "
+                         f"least {max(is_splits, 1)}, got {args.num_images}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.per_class is not None and args.per_class < 1:
@@ -132,19 +145,35 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
     if steps_list and any(s < 1 for s in steps_list):
         raise ValueError(f"steps must be >= 1, got {steps_list}")
 
-    reference, ref_info = _reference(args.ref, "kid" in metrics, args.batch_size, device)
-    if reference.features is not None and "kid" in metrics and len(reference.features) < 2:
-        raise ValueError(f"{args.ref} holds {len(reference.features)} feature row(s); KID needs at least 2")
+    found = feature_networks.resolve_classifier(metrics, getattr(args, "inception_weights", None))
+    if "is" in metrics and found is None:
+        raise ValueError(f"the Inception Score is {inception.classifier_missing_reason()}")
+    reference, ref_info = None, None
+    if args.ref is not None and needs_reference:
+        reference, ref_info = _reference(args.ref, "kid" in metrics, args.batch_size, device)
+        if reference.features is not None and "kid" in metrics and len(reference.features) < 2:
+            raise ValueError(f"{args.ref} holds {len(reference.features)} feature row(s); KID needs at least 2")
 
     paths = {e: resolve_model_path(model, e) for e in emas} if not is_model_file else \
         {None: resolve_model_path(model, 1)}
-    extractor = inception.load_extractor(device)
+    extractor, network = inception.load_extractor(device), inception.describe()
+    classifier = None
+    if found is not None:  # one pass per batch through both networks: the images are sampled once
+        classifier_net, classifier = feature_networks.build_classifier(found, device)
+        extractor = feature_networks.WithClassifier(feature_networks.InceptionFeatures(extractor), classifier_net)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     record = {"format": SWEEP_FORMAT, "model": str(model.resolve()),
               "model_files": {("model" if e is None else str(e)): str(p.resolve()) for e, p in paths.items()},
-              "reference": ref_info, "feature_network": inception.describe(), "settings": None, "results": [],
-              "best": None, "warnings": [], "created": created()}
+              "reference": ref_info, "feature_network": network, "classifier": classifier,
+              "weights": feature_networks.weights_by_metric(metrics, {"id": "inception", **network}, classifier),
+              "settings": None, "results": [], "best": None, "warnings": [], "created": created()}
+    if classifier is not None and not classifier["matches_published"]:
+        record["warnings"].append(f"the Inception Score weights {classifier['weights']} are not torch-fidelity's "
+                                  f"published file (SHA-256 {classifier['sha256'][:8]}..., not "
+                                  f"{inception.PUBLISHED_SHA256_PREFIX}...): the scores are not comparable with "
+                                  "published ones")
+        print(f"warning: {record['warnings'][-1]}", file=sys.stderr)
     net = base = None
     for ema, path in paths.items():
         config, groups, _ = load_model_file(path)
@@ -166,7 +195,9 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
                                                                        config.sampler.interval_max],
                 "num_images": args.num_images, "per_class": layout.per_class, "seed": args.seed,
                 "metrics": metrics, "batch_size": args.batch_size, "device": str(device), "fid_eps": FID_EPS,
-                "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size, "kid_seed": KID_SEED}
+                "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size, "kid_seed": KID_SEED,
+                "is_splits": is_splits, "is_seed": IS_SEED,
+                "inception_weights": getattr(args, "inception_weights", None)}
         s = record["settings"]
         for steps in s["steps"]:
             for cfg in s["cfg"]:
@@ -176,28 +207,32 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
                                                    "sampler.interval_max": s["interval"][1]})
                 row = evaluate_setting(net, setting, layout, args, reference, extractor, device, metrics, record)
                 row["ema"] = ema
-                record["results"].append({k: row[k] for k in COLUMNS} | {"kid": row.get("kid")})
+                record["results"].append({k: row[k] for k in COLUMNS} | {"kid": row.get("kid"), "is": row.get("is")})
                 record["best"] = best_setting(record["results"])
                 write_outputs(out, record, write_text_atomic)
     best = record["best"]
     print(format_markdown(record["results"]))
-    print(f"best: {describe_row(best)} ({'FID' if best['fid'] is not None else 'KID'} lowest)")
+    print(f"best: {describe_row(best)} ({best_criterion(record['results'])})")
     print(f"wrote {out / 'sweep.csv'}, sweep.md, sweep.json, sweep.png")
     return 0
 
 
-def evaluate_setting(net, config: RunConfig, layout, args, reference: Reference, extractor, device,
+def evaluate_setting(net, config: RunConfig, layout, args, reference: Reference | None, extractor, device,
                      metrics: list[str], record: dict) -> dict:
-    """Sample the images of one setting, their features batch by batch, and the metrics."""
+    """Sample the images of one setting, their features (and classifier logits, when `extractor` is a
+    `WithClassifier`) batch by batch, and the metrics."""
     s = config.sampler
     start = time.perf_counter()
     source = GeneratedImages(net, config, args.num_images, layout, args.batch_size, device, args.seed)
     label = f"{s.method} {s.steps} steps, CFG {s.cfg_scale:g}"
     with tqdm(total=args.num_images, desc=label, unit="img", dynamic_ncols=True, disable=None) as bar:
         features = extract_features(source, extractor, args.batch_size, device, bar.update)
+    logits = None
+    if isinstance(extractor, feature_networks.WithClassifier):
+        features, logits = extractor.split(features)
     row = {"steps": s.steps, "method": s.method, "cfg": s.cfg_scale,
            "interval": f"{s.interval_min:g}-{s.interval_max:g}", "num_images": len(features),
-           "fid": None, "kid_mean": None, "kid_std": None, "kid": None}
+           "fid": None, "kid_mean": None, "kid_std": None, "kid": None, "is_mean": None, "is_std": None, "is": None}
     if "fid" in metrics:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -211,6 +246,9 @@ def evaluate_setting(net, config: RunConfig, layout, args, reference: Reference,
         kid = kernel_inception_distance(features, reference.features, args.kid_subsets, args.kid_subset_size,
                                         KID_SEED)
         row.update(kid=kid, kid_mean=float(kid["mean"]), kid_std=float(kid["std"]))
+    if "is" in metrics:
+        score = inception_score(logits, getattr(args, "is_splits", 10), IS_SEED)
+        row.update({"is": score, "is_mean": float(score["value"]), "is_std": float(score["std"])})
     row["seconds"] = round(time.perf_counter() - start, 3)
     return row
 
@@ -247,11 +285,23 @@ def _finite(value) -> bool:
     return value is not None and math.isfinite(value)
 
 
+RANKING = (("fid", min, "FID lowest"), ("kid_mean", min, "KID lowest"), ("is_mean", max, "IS highest"))
+
+
+def _ranking(rows: list[dict]) -> tuple[str, object, str]:
+    """The first of FID, KID, IS that some row has: (key, min or max, its description)."""
+    return next((entry for entry in RANKING if any(_finite(r.get(entry[0])) for r in rows)), RANKING[0])
+
+
+def best_criterion(rows: list[dict]) -> str:
+    return _ranking(rows)[2]
+
+
 def best_setting(rows: list[dict]) -> dict | None:
-    """The row with the lowest FID, or the lowest KID mean when no FID was computed."""
-    key = "fid" if any(_finite(r["fid"]) for r in rows) else "kid_mean"
-    candidates = [r for r in rows if _finite(r[key])]
-    return min(candidates, key=lambda r: r[key]) if candidates else None
+    """The row with the lowest FID, else the lowest KID mean, else the highest Inception Score."""
+    key, pick, _ = _ranking(rows)
+    candidates = [r for r in rows if _finite(r.get(key))]
+    return pick(candidates, key=lambda r: r[key]) if candidates else None
 
 
 def describe_row(row: dict | None) -> str:
@@ -259,7 +309,8 @@ def describe_row(row: dict | None) -> str:
         return "none"
     ema = "model" if row["ema"] is None else f"EMA {row['ema']}"
     values = [f"FID {row['fid']:.4g}" if row["fid"] is not None else "",
-              f"KID {row['kid_mean']:.4g}" if row["kid_mean"] is not None else ""]
+              f"KID {row['kid_mean']:.4g}" if row["kid_mean"] is not None else "",
+              f"IS {row['is_mean']:.4g}" if row.get("is_mean") is not None else ""]
     return f"{ema}, {row['method']} {row['steps']} steps, CFG {row['cfg']:g}: " + ", ".join(v for v in values if v)
 
 
@@ -303,13 +354,13 @@ def _series(rows: list[dict], key: str) -> list[tuple[str, list[tuple[float, flo
     """One (label, sorted (cfg, value) points) per (ema, steps) with values of `key`."""
     groups: dict[tuple, list] = {}
     for r in rows:
-        if _finite(r[key]):
+        if _finite(r.get(key)):
             groups.setdefault((r["ema"], r["steps"]), []).append((float(r["cfg"]), float(r[key])))
     return [(("model" if ema is None else f"EMA {ema}") + f", {steps} steps", sorted(points))
             for (ema, steps), points in groups.items()]
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """FID (and KID when computed) against the CFG scale, one line per EMA and step count."""
+    """FID, KID and IS (those computed) against the CFG scale, one line per EMA and step count."""
     line_plot([Panel(f"{title} against CFG scale", "CFG scale", title, _series(rows, key))
-               for key, title in (("fid", "FID"), ("kid_mean", "KID"))], path)
+               for key, title in (("fid", "FID"), ("kid_mean", "KID"), ("is_mean", "IS"))], path)
