@@ -11,7 +11,6 @@ import pytest
 from helpers import randomize_
 from PIL import Image
 
-import pixelrepa.cli.sample as sample_cli
 from pixelrepa.cli.main import main
 from pixelrepa.config import get_preset
 from pixelrepa.data.packed import pack_arrays
@@ -92,7 +91,7 @@ def test_sweep_same_images_for_each_setting(setup, monkeypatch, tmp_path):
 
     monkeypatch.setattr(sweep, "generate", recording)
     # A training run folder: each EMA resolves to its own file (here: the same weights).
-    monkeypatch.setattr(sample_cli, "resolve_model_path", lambda path, ema=1: model)
+    monkeypatch.setattr(sweep, "resolve_model_path", lambda path, ema=1: model)
     run = tmp_path / "run"
     run.mkdir()
     with warnings.catch_warnings():

@@ -28,26 +28,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 import warnings
-import zipfile
-from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
-from pixelrepa import __version__
 from pixelrepa.evaluation import features as feature_networks
 from pixelrepa.evaluation import inception, sweep
+from pixelrepa.evaluation.features import check_count, features_of, is_image_npz
 from pixelrepa.evaluation.metrics import (
     FID_EPS,
+    PR_NEIGHBORHOOD,
     ImageSource,
     Reference,
-    extract_features,
     feature_statistics,
     frechet_distance,
     inception_score,
@@ -56,11 +50,11 @@ from pixelrepa.evaluation.metrics import (
     precision_recall,
     save_reference,
 )
+from pixelrepa.files import created, write_text_atomic
 from pixelrepa.training.device import pick_device
 
 METRICS = ("fid", "kid", "pr", "is")
 RESULT_FORMAT = "pixelrepa-eval/1"
-PR_NEIGHBORHOOD = 3
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -169,7 +163,7 @@ def evaluate(samples_path: Path, ref_path: Path, args: argparse.Namespace, devic
     needs_features = bool({"kid", "pr"} & set(metrics))
     spec, weights = getattr(args, "features", "inception"), getattr(args, "encoder_weights", None)
     network_id, feature_dim = feature_networks.identify(spec, weights)
-    if ref_path.is_file() and ref_path.suffix == ".npz" and not _is_image_npz(ref_path):
+    if ref_path.is_file() and ref_path.suffix == ".npz" and not is_image_npz(ref_path):
         reference, ref_source = load_reference(ref_path), None
         feature_networks.check_reference(ref_path, reference, network_id, feature_dim)
         if needs_features and reference.features is None:
@@ -255,58 +249,6 @@ def evaluate(samples_path: Path, ref_path: Path, args: argparse.Namespace, devic
     }
 
 
-def check_count(count: int, name: str, metrics: list[str] | None = None, is_splits: int = 10) -> None:
-    """Refuse, before any network pass, a source too small for the statistics or the metrics."""
-    if metrics and "is" in metrics and (is_splits < 1 or count < is_splits):
-        raise ValueError(f"{name} has {count} image(s); the Inception Score in --is-splits {is_splits} needs "
-                         f"splits >= 1 and at least {max(is_splits, 1)} images")
-    if metrics and "pr" in metrics and count <= PR_NEIGHBORHOOD:
-        raise ValueError(f"{name} has {count} image(s); precision / recall (k = {PR_NEIGHBORHOOD}) needs at least "
-                         f"{PR_NEIGHBORHOOD + 1}")
-    if count < 2:
-        raise ValueError(f"{name} has {count} image(s); the covariance needs at least 2")
-
-
-def features_of(source: ImageSource, extractor: torch.nn.Module, batch_size: int, device: torch.device,
-                label: str, dist_info=None) -> tuple[np.ndarray | None, float]:
-    """Features of a source with the feature network, and the seconds spent. Under torchrun (`dist_info`)
-    each rank extracts its slice and rank 0 gets all features in image order; the others get None."""
-    start = time.perf_counter()
-    quiet = True if dist_info is not None and not dist_info.is_main else None
-    with tqdm(total=len(source), desc=f"features ({label})", unit="img", dynamic_ncols=True, disable=quiet) as bar:
-        if dist_info is None:
-            features = extract_features(source, extractor, batch_size, device, bar.update)
-        else:
-            features = feature_networks.extract_features_distributed(source, extractor, batch_size, dist_info,
-                                                                     device, bar.update)
-    return features, time.perf_counter() - start
-
-
-def _is_image_npz(path: Path) -> bool:
-    """Images (`arr_0`) rather than statistics; a file with both (the ADM reference batches) counts as statistics."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-        return "arr_0.npy" in names and "mu.npy" not in names
-    except zipfile.BadZipFile:
-        return False
-
-
 def report_warnings(caught: list[warnings.WarningMessage]) -> None:
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-
-
-def created() -> dict:
-    return {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "pixelrepa": __version__,
-            "torch": torch.__version__}
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -24,15 +24,16 @@ from pixelrepa.cli.common import add_sampler_arguments, describe_sampler, sample
 from pixelrepa.config import RunConfig, apply_overrides
 from pixelrepa.evaluation.generate import (
     IMAGES_DIR,
+    MODEL_FILE_NAME,
     NPZ_NAME,
     ClassLayout,
     class_layout,
-    file_sha256,
     generate,
     missing_pngs,
     png_path,
     prepare_output,
     read_png,
+    resolve_model_path,
     run_settings,
     sample_classes,
     write_npz,
@@ -40,13 +41,10 @@ from pixelrepa.evaluation.generate import (
 )
 from pixelrepa.evaluation.images import save_labelled_grid
 from pixelrepa.models.jit import JiT
-from pixelrepa.training.checkpoint import export_sampling_checkpoint, find_checkpoint
+from pixelrepa.files import file_digest
 from pixelrepa.training.device import apply_kernels, pick_device
 from pixelrepa.training.parallel import DistInfo, broadcast_object, init_distributed, reduce_mean, shutdown_distributed
 from pixelrepa.weights import load_model_file
-
-MODEL_FILE_NAME = "model.safetensors"
-
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help=f"a pixelrepa model file, a folder holding {MODEL_FILE_NAME}, "
@@ -76,24 +74,6 @@ def run(args: argparse.Namespace) -> int:
         return run_folder(args, info)
     finally:
         shutdown_distributed()
-
-
-def resolve_model_path(path: Path, ema: int = 1) -> Path:
-    """A model file; the model file inside a folder; or, for a training run or checkpoint
-    folder, its latest checkpoint's EMA backbone, exported once next to that checkpoint."""
-    if not path.is_dir():
-        return path
-    if (path / MODEL_FILE_NAME).is_file():
-        return path / MODEL_FILE_NAME
-    try:
-        checkpoint = find_checkpoint(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} holds neither {MODEL_FILE_NAME} nor a training checkpoint (model files "
-                                "come from `pixelrepa export` or `pixelrepa import`)") from None
-    exported = checkpoint / f"sampling-ema{ema}.safetensors"
-    if not exported.is_file():
-        export_sampling_checkpoint(checkpoint, exported, ema=ema)
-    return exported
 
 
 def load_for_sampling(path: Path, args: argparse.Namespace, device: torch.device) -> tuple[RunConfig, JiT]:
@@ -132,7 +112,7 @@ def run_folder(args: argparse.Namespace, info: DistInfo) -> int:
     error = None
     if info.is_main:
         try:
-            settings = run_settings(file_sha256(model_path), config, layout, num_images, args.seed)
+            settings = run_settings(file_digest(model_path), config, layout, num_images, args.seed)
             prepare_output(out, model_path, settings, args.overwrite)
         except (ValueError, OSError) as err:
             error = str(err)

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from pixelrepa import __version__
 from pixelrepa.data.folder import ImageFolderDataset, load_image
+from pixelrepa.files import file_digest
 
 FORMAT = "pixelrepa-pack/1"
 IMAGES, LABELS, MANIFEST, PROGRESS = "images.u8", "labels.i64", "manifest.json", "progress.json"
@@ -70,7 +71,7 @@ class PackedDataset(torch.utils.data.Dataset):
                              f"{len(self.class_names)}")
         if verify_checksum:
             for name, expected in self.manifest["sha256"].items():
-                if file_sha256(self.path / name) != expected:
+                if file_digest(self.path / name) != expected:
                     raise ValueError(f"{self.path / name}: SHA-256 does not match the manifest; the file is corrupt")
         self.labels = np.fromfile(self.path / LABELS, dtype=np.int64)
         if not 0 <= self.labels.min() <= self.labels.max() < len(self.class_names):
@@ -243,14 +244,6 @@ def pack_folder(src_root: str | Path, dst: str | Path, size: int, *, workers: in
                        skipped=[f"{path}: {reason}" for path, reason in folder.skipped], overwrite=overwrite)
 
 
-def file_sha256(path: str | Path, block: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(block):
-            digest.update(data)
-    return digest.hexdigest()
-
-
 class _ArraySource:
     """Random-access (HWC image, label) items over in-memory arrays."""
 
@@ -330,7 +323,7 @@ def _finish(dst: Path, progress: dict) -> dict:
         "format": FORMAT, "count": written, "size": size, "channels": CHANNELS, "layout": "NHWC uint8",
         "class_names": progress["class_names"], "source": progress["source"],
         "source_hash": progress["source_hash"], "skipped": progress["skipped"],
-        "sha256": {IMAGES: file_sha256(dst / IMAGES), LABELS: file_sha256(dst / LABELS)},
+        "sha256": {IMAGES: file_digest(dst / IMAGES), LABELS: file_digest(dst / LABELS)},
         "created": {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "pixelrepa": __version__,
                     "numpy": np.__version__, "python": platform.python_version()},
     }

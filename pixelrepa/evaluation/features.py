@@ -28,6 +28,7 @@ process it is `metrics.extract_features` unchanged.
 from __future__ import annotations
 
 import dataclasses
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,10 +37,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from pixelrepa.evaluation import inception
 from pixelrepa.evaluation.generate import read_png
-from pixelrepa.evaluation.metrics import ImageSource, extract_features
+from pixelrepa.evaluation.metrics import PR_NEIGHBORHOOD, ImageSource, extract_features
+from pixelrepa.files import file_digest
 
 INCEPTION = "inception"
 ENCODER_PREFIX = "encoder:"
@@ -144,10 +147,6 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
                      f"(NAME an encoder preset, e.g. encoder:dinov2-b or encoder:efficientnet-lite0)")
 
 
-def _sha256(path: str | Path) -> str:
-    return inception._digest(Path(path), "sha256")
-
-
 def _own_grid(encoder: nn.Module) -> tuple[int, int]:
     """The encoder's token grid at its own resolution (ViT: patch grid; CNN: one probe pass)."""
     patch_embed = getattr(encoder.model, "patch_embed", None)
@@ -171,7 +170,7 @@ def identify(spec: str = INCEPTION, encoder_weights: str | Path | None = None) -
     if encoder_weights is not None:
         if not Path(encoder_weights).is_file():
             raise FileNotFoundError(f"encoder weights file not found: {encoder_weights}")
-        identity += f"@sha256:{_sha256(encoder_weights)[:16]}"
+        identity += f"@sha256:{file_digest(encoder_weights)[:16]}"
     return identity, get_encoder_preset(name).feature_dim
 
 
@@ -195,7 +194,7 @@ def build_feature_extractor(spec: str = INCEPTION, device: torch.device | str = 
     weights_sha = None
     if encoder_weights is not None:
         cfg = dataclasses.replace(cfg, weights=str(Path(encoder_weights).resolve()))
-        weights_sha = _sha256(encoder_weights)
+        weights_sha = file_digest(encoder_weights)
     try:
         encoder = build_encoder(cfg)
     except RuntimeError as err:  # weights not reachable (offline): a usage error, reported as such
@@ -337,3 +336,40 @@ def extract_features_distributed(source: ImageSource, extractor: nn.Module, batc
     if len(features) != len(source):
         raise RuntimeError(f"gathered {len(features)} feature rows for {len(source)} images")
     return features
+
+
+def check_count(count: int, name: str, metrics: list[str] | None = None, is_splits: int = 10) -> None:
+    """Refuse, before any network pass, a source too small for the statistics or the metrics."""
+    if metrics and "is" in metrics and (is_splits < 1 or count < is_splits):
+        raise ValueError(f"{name} has {count} image(s); the Inception Score in --is-splits {is_splits} needs "
+                         f"splits >= 1 and at least {max(is_splits, 1)} images")
+    if metrics and "pr" in metrics and count <= PR_NEIGHBORHOOD:
+        raise ValueError(f"{name} has {count} image(s); precision / recall (k = {PR_NEIGHBORHOOD}) needs at least "
+                         f"{PR_NEIGHBORHOOD + 1}")
+    if count < 2:
+        raise ValueError(f"{name} has {count} image(s); the covariance needs at least 2")
+
+
+def features_of(source: ImageSource, extractor: torch.nn.Module, batch_size: int, device: torch.device,
+                label: str, dist_info=None) -> tuple[np.ndarray | None, float]:
+    """Features of a source with the feature network, and the seconds spent. Under torchrun (`dist_info`)
+    each rank extracts its slice and rank 0 gets all features in image order; the others get None."""
+    start = time.perf_counter()
+    quiet = True if dist_info is not None and not dist_info.is_main else None
+    with tqdm(total=len(source), desc=f"features ({label})", unit="img", dynamic_ncols=True, disable=quiet) as bar:
+        if dist_info is None:
+            features = extract_features(source, extractor, batch_size, device, bar.update)
+        else:
+            features = extract_features_distributed(source, extractor, batch_size, dist_info,
+                                                                     device, bar.update)
+    return features, time.perf_counter() - start
+
+
+def is_image_npz(path: Path) -> bool:
+    """Images (`arr_0`) rather than statistics; a file with both (the ADM reference batches) counts as statistics."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        return "arr_0.npy" in names and "mu.npy" not in names
+    except zipfile.BadZipFile:
+        return False

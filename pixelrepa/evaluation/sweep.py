@@ -42,8 +42,10 @@ from tqdm import tqdm
 from pixelrepa.config import RunConfig, apply_overrides
 from pixelrepa.evaluation import features as feature_networks
 from pixelrepa.evaluation import inception
-from pixelrepa.evaluation.generate import class_layout, generate
+from pixelrepa.evaluation.features import check_count, features_of, is_image_npz
+from pixelrepa.evaluation.generate import MODEL_FILE_NAME, class_layout, generate, resolve_model_path
 from pixelrepa.evaluation.plots import Panel, line_plot
+from pixelrepa.files import created, write_text_atomic
 from pixelrepa.evaluation.metrics import (
     FID_EPS,
     ImageSource,
@@ -100,8 +102,6 @@ class GeneratedImages:
 
 def run(args: argparse.Namespace, device: torch.device) -> int:
     """`pixelrepa eval sweep MODEL`: checks everything it can before any network is built."""
-    from pixelrepa.cli.eval import created, write_text_atomic  # noqa: late: cli.eval imports this module
-    from pixelrepa.cli.sample import MODEL_FILE_NAME, resolve_model_path
     from pixelrepa.models.jit import JiT
     from pixelrepa.weights import load_model_file
 
@@ -255,9 +255,7 @@ def evaluate_setting(net, config: RunConfig, layout, args, reference: Reference 
 
 def _reference(path: Path, needs_features: bool, batch_size: int, device) -> tuple[Reference, dict]:
     """Reference statistics from a stats .npz (checked for features when KID needs them) or an image source."""
-    from pixelrepa.cli.eval import _is_image_npz, check_count, features_of
-
-    if path.is_file() and path.suffix == ".npz" and not _is_image_npz(path):
+    if path.is_file() and path.suffix == ".npz" and not is_image_npz(path):
         reference = load_reference(path, inception.FEATURE_DIM)
         made_with = ((reference.meta or {}).get("feature_network") or {}).get("id")
         if made_with not in (None, "inception"):

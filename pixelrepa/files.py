@@ -1,0 +1,46 @@
+"""Writing and fingerprinting files, shared by every layer: atomic writes (a crash leaves the
+old file or the new one, never half of one) and content digests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` to a temporary name in the same folder, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256", block: int = 1 << 24) -> str:
+    """Hex digest of a file's bytes, read in blocks."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def created() -> dict:
+    """When and with which versions a record was written."""
+    from datetime import datetime, timezone
+
+    import torch
+
+    from pixelrepa import __version__
+
+    return {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "pixelrepa": __version__,
+            "torch": torch.__version__}
