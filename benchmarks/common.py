@@ -52,7 +52,7 @@ def add_kernel_flags(parser: argparse.ArgumentParser) -> None:
 
 def fast_overrides(args: argparse.Namespace) -> dict[str, Any]:
     fused = None if args.adamw is None else args.adamw == "fused"
-    chosen = {"model.attention": args.attention, "kernels.compile": args.compile,
+    chosen = {"kernels.attention": args.attention, "kernels.compile": args.compile,
               "kernels.cpu_linear": args.cpu_linear, "kernels.fused_optimizer": fused}
     return {key: value for key, value in chosen.items() if value is not None}
 
@@ -235,5 +235,5 @@ def rate_cells(flops: int | None, seconds: float, peak: float) -> list[str]:
 
 def config_summary(config: RunConfig) -> str:
     k = config.kernels
-    return (f"attention={config.model.attention} linear={k.cpu_linear} compile={k.compile} "
+    return (f"attention={config.kernels.attention} linear={k.cpu_linear} compile={k.compile} "
             f"fused_adamw={k.fused_optimizer}")

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten
 from common import count_flops, markdown_table, randomise_zero_layers
 from pixelrepa.config import get_preset
 from pixelrepa.models.jit import JiT
+from pixelrepa.models.layers import set_attention_impl
 from pixelrepa.objective import draw_randomness
 from pixelrepa.training.module import TrainingModule
 
@@ -55,9 +56,10 @@ def count(fn: Callable[[], Any]) -> tuple[int, int]:
 
 
 def training_step(preset: str, batch: int) -> Callable[[], None]:
-    config = get_preset(preset).replace(**{"model.attention": "reference"})
+    config = get_preset(preset)
     torch.manual_seed(0)
     module = TrainingModule(config)
+    set_attention_impl(module, "reference")
     randomise_zero_layers(module.net, module.head)
     m = config.model
     x = torch.rand(batch, 3, m.input_size, m.input_size) * 2 - 1
@@ -74,9 +76,10 @@ def training_step(preset: str, batch: int) -> Callable[[], None]:
 
 
 def network_forward(preset: str, batch: int) -> Callable[[], None]:
-    config = get_preset(preset).replace(**{"model.attention": "reference"})
+    config = get_preset(preset)
     torch.manual_seed(0)
     net = JiT(config.model).eval()
+    set_attention_impl(net, "reference")
     randomise_zero_layers(net)
     m = config.model
     z = torch.randn(batch, 3, m.input_size, m.input_size)

@@ -38,6 +38,7 @@ from common import (
 )
 from pixelrepa.config import RunConfig, get_preset
 from pixelrepa.models.jit import JiT
+from pixelrepa.models.layers import set_attention_impl
 from pixelrepa.sampling import sample
 from pixelrepa.training.device import apply_kernels, autocast_for
 
@@ -103,6 +104,7 @@ def main() -> None:
     with sdpa_backend(args.sdpa_backend):
         nets = {name: build_net(config, device) for name, config in paths.items()}
         reference_net = JiT(m).to(device).eval()
+        set_attention_impl(reference_net, "reference")
         reference_net.load_state_dict(nets["reference"].state_dict())
         with torch.no_grad(), autocast_for(device):
             t = torch.full((batch,), 0.5, device=device)

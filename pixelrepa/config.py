@@ -58,11 +58,6 @@ class JiTConfig:
     """Number of in-context class tokens (y_emb plus a learned position embedding)."""
     in_context_start: int = 4
     """In-context class tokens are prepended before this block."""
-    attention: AttentionImpl = "auto"
-    """How attention is executed (the function is the same): 'sdpa', torch's fused kernel;
-    'reference', float32 logits and softmax by explicit matmuls, as released; 'auto' (fast
-    path), 'sdpa' on accelerators and the explicit form on the CPU, where inputs are float32
-    anyway and it is as fast eagerly and faster compiled (docs/performance.md)."""
     norm_eps: float = 1e-6
     """RMSNorm epsilon everywhere (also q/k norms)."""
 
@@ -76,8 +71,6 @@ class JiTConfig:
         _check(self.hidden_size % 4 == 0, "hidden_size must be a multiple of 4 (2-D sin-cos table)")
         _check(0 <= self.in_context_start <= self.depth,
                f"in_context_start {self.in_context_start} outside [0, depth={self.depth}]")
-        _check(self.attention in ("auto", "sdpa", "reference"),
-               f"unknown attention '{self.attention}' (auto | sdpa | reference)")
 
     @property
     def grid_size(self) -> int:
@@ -329,6 +322,13 @@ class KernelConfig:
     choices that change float32 rounding at most, never the function. The defaults are the
     fast path; `REFERENCE_PATH` selects what the released code does."""
 
+    attention: AttentionImpl = "auto"
+    """How attention is executed (the function is the same): 'reference', float32 logits and
+    softmax by explicit matmuls with autocast off and the product with v in v's dtype, the
+    released dtype flow (SPEC 7b); 'sdpa', torch's fused kernel, which takes one dtype, so under
+    bf16 autocast q and k are rounded to bf16 before the logits (flash kernels; the logits of
+    explicit float32 matmuls are not materialised); 'auto', 'sdpa' on accelerators and
+    'reference' on the CPU, where it is as fast eagerly and faster compiled (docs/performance.md)."""
     cpu_linear: LinearKernel = "onednn"
     """Float32 Linear layers on the CPU: 'onednn' (oneDNN's AVX-512 GEMM, about 2x MKL's
     sgemm on AMD CPUs) or 'aten' (torch's default BLAS call)."""
@@ -354,6 +354,8 @@ class KernelConfig:
     needed here, the training module freezes what its mode does not use)."""
 
     def __post_init__(self) -> None:
+        _check(self.attention in ("auto", "sdpa", "reference"),
+               f"unknown attention '{self.attention}' (auto | sdpa | reference)")
         _check(self.cpu_linear in ("onednn", "aten"), f"unknown cpu_linear '{self.cpu_linear}' (onednn | aten)")
         _check(self.compile in ("auto", "none", "blocks", "model"),
                f"unknown compile mode '{self.compile}' (auto | none | blocks | model)")
@@ -362,7 +364,7 @@ class KernelConfig:
 
 
 REFERENCE_PATH: dict[str, Any] = {
-    "model.attention": "reference",
+    "kernels.attention": "reference",
     "sampler.batched_guidance": False,
     "sampler.skip_unguided": False,
     "kernels.cpu_linear": "aten",
@@ -406,6 +408,11 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        """From `to_dict`'s form; files written before `attention` moved from `model` to
+        `kernels` are read with it moved (a choice in `kernels` wins)."""
+        if "attention" in data.get("model", {}):
+            data = {**data, "model": {k: v for k, v in data["model"].items() if k != "attention"},
+                    "kernels": {"attention": data["model"]["attention"], **data.get("kernels", {})}}
         return _from_dict(cls, data)
 
     def replace(self, **overrides: Any) -> "RunConfig":
@@ -545,13 +552,18 @@ def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
     return _replace_tree(config, tree)
 
 
+_MOVED_FIELDS = {"model.attention": "kernels.attention"}
+
+
 def _replace_tree(obj: Any, tree: dict[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(obj)}
     changes = {}
     for name, sub in tree.items():
         if name not in names:
             path = sub[0] if isinstance(sub, tuple) else name
-            raise ValueError(f"unknown config field '{path}' ({type(obj).__name__} has: {', '.join(sorted(names))})")
+            moved = f"; it is now '{_MOVED_FIELDS[path]}'" if path in _MOVED_FIELDS else ""
+            raise ValueError(f"unknown config field '{path}' ({type(obj).__name__} has: "
+                             f"{', '.join(sorted(names))}){moved}")
         if isinstance(sub, tuple):
             path, value = sub
             changes[name] = _coerce(value, _field_types(type(obj))[name], path)

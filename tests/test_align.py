@@ -82,9 +82,10 @@ def test_apply_token_mask_places_mask_token_and_passes_gradients():
     torch.testing.assert_close(mask_token.grad[0, 0], expected_mask_grad)
     assert torch.all(tokens.grad[~keep] == 0)
     torch.testing.assert_close(tokens.grad[keep], upstream[keep])
-    # The mask token follows the tokens' dtype.
+    # bf16 tokens are promoted to the float32 mask token's dtype, as released (SPEC 7b).
     out16 = apply_token_mask(tokens.detach().bfloat16(), keep, mask_token.detach())
-    assert out16.dtype == torch.bfloat16
+    assert out16.dtype == torch.float32
+    assert torch.equal(out16[keep], tokens.detach().bfloat16().float()[keep])
 
 
 # ---------------------------------------------------------------------------

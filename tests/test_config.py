@@ -212,7 +212,8 @@ def test_from_dict_partial_and_unknown():
     ({"model.input_size": 250}, "multiple"),
     ({"model.hidden_size": 72, "model.num_heads": 12}, "RoPE"),  # head size 6
     ({"model.in_context_start": 13}, "in_context_start"),
-    ({"model.attention": "flash"}, "flash"),
+    ({"kernels.attention": "flash"}, "flash"),
+    ({"model.attention": "sdpa"}, "now 'kernels.attention'"),
     ({"align.mode": "dino"}, "dino"),
     ({"align.mask_ratio": 1.0}, "mask_ratio"),
     ({"align.mask_ratio": -0.1}, "mask_ratio"),
@@ -254,3 +255,14 @@ def test_component_constructors_validate():
     ObjectiveConfig()
     EMAConfig(decays=(0.5,))
     OptimConfig()
+
+
+def test_files_from_before_attention_moved_to_kernels_still_load():
+    old = RunConfig().to_dict()
+    old["model"]["attention"] = "reference"
+    del old["kernels"]["attention"]
+    loaded = RunConfig.from_dict(old)
+    assert loaded.kernels.attention == "reference" and loaded.model == RunConfig().model
+    both = RunConfig().replace(**{"kernels.attention": "sdpa"}).to_dict()
+    both["model"]["attention"] = "reference"
+    assert RunConfig.from_dict(both).kernels.attention == "sdpa"  # a choice in kernels wins

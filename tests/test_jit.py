@@ -13,7 +13,7 @@ from pixelrepa.align.heads import build_align_head
 from pixelrepa.config import JiTConfig, get_preset, list_presets
 from pixelrepa.models import create_model
 from pixelrepa.models.jit import JiT, count_parameters
-from pixelrepa.models.layers import sincos_pos_embed_2d
+from pixelrepa.models.layers import set_attention_impl, sincos_pos_embed_2d
 from helpers import randomize_
 
 
@@ -269,9 +269,9 @@ def test_h_presets_drop_projections_not_attention_probabilities(name):
 @pytest.mark.parametrize("impl", ["sdpa", "reference"])
 def test_dropout_stochastic_in_train_deterministic_in_eval(impl):
     depth = 8
-    cfg = micro(depth=depth, hidden_size=32, num_heads=2, attn_drop=0.2, proj_drop=0.2, in_context_start=2,
-                attention=impl)
+    cfg = micro(depth=depth, hidden_size=32, num_heads=2, attn_drop=0.2, proj_drop=0.2, in_context_start=2)
     net = randomize_(JiT(cfg), seed=4, std=0.2)
+    assert set_attention_impl(net, impl) == depth
     quarter = depth // 4
     cos, sin = net.rope_cos, net.rope_sin
     x = torch.randn(2, cfg.num_patches, cfg.hidden_size)
@@ -302,7 +302,9 @@ def test_dropout_stochastic_in_train_deterministic_in_eval(impl):
 def test_sdpa_network_equals_reference_network():
     cfg = micro(in_context_start=2)
     fast = randomize_(JiT(cfg), seed=6, std=0.1)
-    ref = JiT(dataclasses.replace(cfg, attention="reference"))
+    set_attention_impl(fast, "sdpa")
+    ref = JiT(cfg)
+    set_attention_impl(ref, "reference")
     ref.load_state_dict(fast.state_dict())
     z, t, y = inputs(cfg, n=3)
     out1, out2 = fast(z, t, y), ref(z, t, y)

@@ -145,7 +145,7 @@ def _train_step(overrides: dict) -> tuple[dict[str, float], list[torch.Tensor]]:
 
 @pytest.mark.parametrize("attention", ["auto", "sdpa"])  # on the CPU 'auto' is the explicit form
 def test_training_step_fast_equals_reference(attention):
-    fast_losses, fast_params = _train_step({"model.attention": attention})
+    fast_losses, fast_params = _train_step({"kernels.attention": attention})
     ref_losses, ref_params = _train_step(CPU_REFERENCE)
     for name in ref_losses:
         assert fast_losses[name] == pytest.approx(ref_losses[name], rel=1e-5)

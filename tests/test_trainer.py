@@ -94,7 +94,7 @@ def test_compiled_cpu_run_resumes_bit_identical(pack, tmp_path, caplog):
 
 def test_resume_accepts_another_attention_kernel(pack, tmp_path):
     """How attention is executed is not part of the run's identity (same function)."""
-    train(tiny_config(pack, tmp_path / "run", **{"train.steps": 4, "model.attention": "sdpa"}), progress=False)
+    train(tiny_config(pack, tmp_path / "run", **{"train.steps": 4, "kernels.attention": "sdpa"}), progress=False)
     summary = train(tiny_config(pack, tmp_path / "run", **{"train.steps": 6}), progress=False)
     assert summary.resumed_from is not None and summary.steps == 6
 

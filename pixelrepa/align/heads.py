@@ -31,8 +31,9 @@ def draw_keep_mask(num_images: int, num_tokens: int, mask_ratio: float,
 
 
 def apply_token_mask(tokens: Tensor, keep: Tensor, mask_token: Tensor) -> Tensor:
-    """tokens where keep, else the learned mask token; gradients reach both."""
-    return torch.where(keep.unsqueeze(-1), tokens, mask_token.to(tokens.dtype))
+    """tokens where keep, else the learned mask token; gradients reach both. Under autocast
+    bf16 tokens are promoted to the token's float32, as released (SPEC 7b)."""
+    return torch.where(keep.unsqueeze(-1), tokens, mask_token)
 
 
 class MaskedTransformerAdapter(nn.Module):
@@ -46,8 +47,7 @@ class MaskedTransformerAdapter(nn.Module):
         self.y_embed = LabelEmbedder(backbone.num_classes, dim)
         self.in_context = InContextTokens(self.in_context_len, dim)
         self.blocks = nn.ModuleList([
-            JiTBlock(dim, backbone.num_heads, backbone.mlp_ratio, attention=backbone.attention,
-                     eps=backbone.norm_eps)
+            JiTBlock(dim, backbone.num_heads, backbone.mlp_ratio, eps=backbone.norm_eps)
             for _ in range(align.adapter_depth)
         ])
         # Released quirk: with equal widths the head exists but is not applied.

@@ -103,6 +103,7 @@ class GeneratedImages:
 def run(args: argparse.Namespace, device: torch.device) -> int:
     """`pixelrepa eval sweep MODEL`: checks everything it can before any network is built."""
     from pixelrepa.models.jit import JiT
+    from pixelrepa.models.layers import set_attention_impl
     from pixelrepa.weights import load_model_file
 
     if len(args.paths) != 1:
@@ -181,6 +182,7 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
             raise ValueError(f"{path} holds no backbone ('net' group), only: {', '.join(groups)}")
         if net is None or config.model != base.model:
             net = JiT(config.model).to(device).eval()
+            set_attention_impl(net, config.kernels.attention)
         net.load_state_dict(groups["net"])
         del groups
         base = config

@@ -45,7 +45,7 @@ class JiT(nn.Module):
             JiTBlock(dim, config.num_heads, config.mlp_ratio,
                      attn_drop=config.attn_drop if quarter <= i < 3 * quarter else 0.0,
                      proj_drop=config.proj_drop if quarter <= i < 3 * quarter else 0.0,
-                     attention=config.attention, eps=config.norm_eps)
+                     eps=config.norm_eps)
             for i in range(config.depth)
         ])
         self.final_layer = FinalLayer(dim, config.patch_size, config.in_channels, config.norm_eps)
@@ -67,10 +67,14 @@ class JiT(nn.Module):
     # -- pieces ------------------------------------------------------------------
 
     def embed(self, z: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Image tokens (N, T, D), conditioning c = t_emb + y_emb (N, D), and y_emb."""
+        """Image tokens (N, T, D), conditioning c = t_emb + y_emb (N, D), and y_emb.
+
+        The position table is added in place, so under bf16 autocast the tokens stay bf16
+        until the in-context tokens (float32) are concatenated (SPEC 7b)."""
         y_emb = self.y_embed(y)
         c = self.t_embed(t) + y_emb
-        tokens = self.patch_embed(z) + self.pos_embed
+        tokens = self.patch_embed(z)
+        tokens += self.pos_embed
         return tokens, c, y_emb
 
     def run_blocks(self, x: Tensor, c: Tensor, y_emb: Tensor, start: int, stop: int) -> Tensor:

@@ -19,7 +19,8 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * weight, computed in float32 and cast back."""
+    """weight * x * rsqrt(mean(x^2) + eps), computed in float32 and returned in the input's
+    dtype (bf16 under autocast, as released: SPEC 7b)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -29,7 +30,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return (self.weight * normed).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -87,11 +88,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------
 
 class Attention(nn.Module):
-    """Multi-head self-attention with qk RMSNorm and 2-D RoPE, no mask; `impl` as in
-    `JiTConfig.attention` ('auto': SDPA off the CPU, explicit matmuls on it)."""
+    """Multi-head self-attention with qk RMSNorm and 2-D RoPE, no mask.
+
+    `impl` is `KernelConfig.attention`, set from outside (`set_attention_impl`): 'reference'
+    (the released dtype flow, SPEC 7b), 'sdpa' (torch's fused kernel), 'auto' (SDPA off the
+    CPU, the reference form on it)."""
 
     def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 impl: str = "auto", eps: float = 1e-6):
+                 eps: float = 1e-6, impl: str = "auto"):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -107,11 +111,12 @@ class Attention(nn.Module):
         n, seq, dim = x.shape
         qkv = self.qkv(x).view(n, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (N, heads, seq, head_dim)
-        q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)
-        k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)
+        q = apply_rope(self.q_norm(q), cos, sin)  # float32 tables: q, k float32 also under autocast
+        k = apply_rope(self.k_norm(k), cos, sin)
         drop = self.attn_drop if self.training else 0.0
         if self.impl == "sdpa" or (self.impl == "auto" and q.device.type != "cpu"):
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+            # Fused kernels take one dtype: under autocast q and k are rounded to v's bf16 here.
+            out = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, dropout_p=drop)
         else:
             out = reference_attention(q, k, v, drop)
         out = out.transpose(1, 2).reshape(n, seq, dim)
@@ -119,10 +124,25 @@ class Attention(nn.Module):
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
-    """The released code's attention: float32 logits (scale after the product) and softmax."""
-    logits = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
-    probs = F.dropout(logits.softmax(dim=-1), p=dropout_p)
+    """The released attention (SPEC 7b): float32 logits (scaled after the product) and softmax
+    with autocast off for the tensors' device, then the product with v in v's dtype."""
+    with torch.autocast(q.device.type, enabled=False):
+        logits = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+        probs = F.dropout(logits.softmax(dim=-1), p=dropout_p)
     return probs.to(v.dtype) @ v
+
+
+ATTENTION_IMPLS = ("auto", "sdpa", "reference")
+
+
+def set_attention_impl(module: nn.Module, impl: str) -> int:
+    """Run every attention layer inside `module` with `impl` (see `Attention`); returns how many."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention '{impl}' ({' | '.join(ATTENTION_IMPLS)})")
+    layers = [sub for sub in module.modules() if isinstance(sub, Attention)]
+    for layer in layers:
+        layer.impl = impl
+    return len(layers)
 
 
 class SwiGLU(nn.Module):
@@ -144,10 +164,10 @@ class JiTBlock(nn.Module):
     """adaLN-Zero pre-norm block: x += g_a*Attn(mod(norm x)); x += g_m*MLP(mod(norm x))."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, attention: str = "auto", eps: float = 1e-6):
+                 proj_drop: float = 0.0, eps: float = 1e-6):
         super().__init__()
         self.norm1 = RMSNorm(dim, eps)
-        self.attn = Attention(dim, num_heads, attn_drop, proj_drop, attention, eps)
+        self.attn = Attention(dim, num_heads, attn_drop, proj_drop, eps)
         self.norm2 = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, mlp_ratio, proj_drop)
         self.ada = nn.Linear(dim, 6 * dim)

@@ -1,6 +1,6 @@
 """Device, precision and kernel choices, made in one place: float32 on CPU, bf16 autocast on
-GPU; oneDNN linears on the CPU, torch.compile and the target encoder's memory format as
-`KernelConfig` says (issue 7)."""
+GPU with the released dtype flow (SPEC 7b); attention implementation, oneDNN linears on the
+CPU, torch.compile and the target encoder's memory format as `KernelConfig` says (issue 7)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pixelrepa.config import KernelConfig
+from pixelrepa.models.layers import set_attention_impl
 from pixelrepa.models.onednn import use_onednn_linears
 
 
@@ -51,9 +52,11 @@ def kernels_for_run(kernels: KernelConfig, device: torch.device, train_steps: in
 
 def apply_kernels(module: nn.Module, blocks: Iterable[nn.Module], kernels: KernelConfig, device: torch.device,
                   sampling: bool = False) -> None:
-    """In place, keeping parameter names: oneDNN linears on the CPU ('onednn'), then
-    torch.compile of `module` as a whole ('model') or of each of `blocks` ('blocks').
-    For sampling on a GPU with `cuda_graphs`, the compiled code is captured in CUDA graphs."""
+    """In place, keeping parameter names: the attention implementation, oneDNN linears on the
+    CPU ('onednn'), then torch.compile of `module` as a whole ('model') or of each of `blocks`
+    ('blocks'). For sampling on a GPU with `cuda_graphs`, the compiled code is captured in
+    CUDA graphs."""
+    set_attention_impl(module, kernels.attention)
     if device.type == "cpu" and kernels.cpu_linear == "onednn":
         use_onednn_linears(module)
     mode = resolve_compile(kernels, device)

@@ -26,6 +26,7 @@ from pixelrepa.evaluation.images import save_labelled_grid
 from pixelrepa.interop.init_from import load_released_weights, released_optimizer_state
 from pixelrepa.interop.released import ReleasedCheckpoint, read_released_checkpoint
 from pixelrepa.models.jit import JiT
+from pixelrepa.models.layers import set_attention_impl
 from pixelrepa.objective import draw_randomness
 from pixelrepa.training import checkpoint as ckpt
 from pixelrepa.training.data import build_dataset
@@ -226,9 +227,10 @@ def _accumulate(model, encoder, data_iter, config: RunConfig, dist: DistInfo, st
             target = encoder(x, grid) if encoder is not None else None
         draws = draw_randomness(x, y, config.model.num_classes, config.model.num_patches, config.objective,
                                 config.align, step_generator(config.train.seed, dist.rank, step, micro, dist.device))
-        with no_sync_context(model, enabled=micro < accum - 1), autocast_for(dist.device):
-            losses = model(x, draws, target)
-            (losses["total"] / accum).backward()
+        with no_sync_context(model, enabled=micro < accum - 1):
+            with autocast_for(dist.device):
+                losses = model(x, draws, target)
+            (losses["total"] / accum).backward()  # outside autocast, as released (SPEC 7b)
         for k, v in losses.items():
             totals[k] = totals.get(k, 0) + v.detach().float() / accum
     return totals
@@ -293,10 +295,9 @@ def _report_start(out_dir: Path, released: ReleasedCheckpoint, report: list[str]
 
 
 def _check_same_run(config: RunConfig, saved: RunConfig, path: Path) -> None:
-    """Resuming with another model or objective would silently mix two runs (how attention
-    is executed and how many loader workers read the data may change)."""
-    config = config.replace(**{"model.attention": saved.model.attention,
-                               "data.num_workers": saved.data.num_workers})
+    """Resuming with another model or objective would silently mix two runs (the kernels and
+    how many loader workers read the data may change)."""
+    config = config.replace(**{"data.num_workers": saved.data.num_workers})
     for part in ("model", "align", "objective", "ema", "optim", "data"):
         if getattr(config, part) != getattr(saved, part):
             raise ValueError(f"the configuration's '{part}' differs from the checkpoint's at {path}; "
@@ -341,6 +342,7 @@ def _sample_grid(path: Path, config: RunConfig, ema: BackboneEMA, net: JiT, dist
     if not dist.is_main:
         return
     sampler_net = JiT(config.model)
+    set_attention_impl(sampler_net, config.kernels.attention)
     buffers = {k: v for k, v in sampler_net.state_dict().items() if k not in weights}
     sampler_net.load_state_dict(weights | buffers)
     classes = list(range(min(10, config.model.num_classes)))
