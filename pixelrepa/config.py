@@ -18,6 +18,7 @@ from typing import Any, Callable, Literal
 
 AlignMode = Literal["none", "repa", "pixelrepa"]
 AttentionImpl = Literal["auto", "sdpa", "reference"]
+TargetDtype = Literal["float32", "bfloat16"]
 SamplerMethod = Literal["heun", "euler"]
 CompileMode = Literal["auto", "none", "blocks", "model"]
 LinearKernel = Literal["onednn", "aten"]
@@ -147,8 +148,17 @@ class AlignConfig:
     """REPA's MLP projector width."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """The frozen encoder whose features are the alignment targets."""
+    target_cache: str | None = None
+    """Encoder targets computed once for the whole pack and read with the images (both flip
+    orientations when data.hflip): None computes them every step (as released); 'auto' keeps
+    them in <pack>/targets/<encoder>-<res>px-stage<k>-grid<g>; any other value is that folder."""
+    target_cache_dtype: TargetDtype = "float32"
+    """Storage dtype of cached targets: float32 holds what the encoder gave exactly; bfloat16
+    halves the disk and is exact only where the encoder ran under bf16 autocast."""
 
     def __post_init__(self) -> None:
+        _check(self.target_cache is None or self.target_cache.strip() != "",
+               "align.target_cache is empty: None (off), 'auto' or a folder")
         _check(self.weight >= 0, f"align.weight {self.weight} is negative; the alignment loss is added "
                "with weight >= 0 (0.1 for PixelREPA, 0.5 for REPA)")
         _check(self.mode in ("none", "repa", "pixelrepa"),

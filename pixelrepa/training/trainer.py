@@ -10,6 +10,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -34,6 +35,7 @@ from pixelrepa.training.device import autocast_for, kernels_for_run, prepare_enc
 from pixelrepa.training.ema import BackboneEMA
 from pixelrepa.training.module import TrainingModule
 from pixelrepa.training.optim import learning_rate, make_optimizer
+from pixelrepa.training.targets import PackWithTargets, with_target_cache
 from pixelrepa.training.parallel import (
     DistInfo,
     full_optimizer_state_dict,
@@ -110,6 +112,9 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
         _check_same_run(config, loaded.config, resume_path)
 
     dataset = build_dataset(config, out_dir, dist)
+    if config.align.target_cache is not None and config.align.mode != "none":
+        eager = dataclasses.replace(config.kernels, compile="none")  # one pass: not worth compiling
+        dataset = with_target_cache(config, dataset, _build_encoder(config, eager, device), dist, progress)
     loader = make_loader(dataset, config.train.per_device_batch, num_workers=config.data.num_workers,
                          seed=config.train.seed, rank=dist.rank, world_size=dist.world_size)
     steps_per_epoch = len(loader) // accum
@@ -121,7 +126,7 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
     module = TrainingModule(config).to(device)
     start = load_released_weights(released, module) if released is not None else None
     kernels = kernels_for_run(config.kernels, device, total_steps)
-    encoder = _build_encoder(config, kernels, device)
+    encoder = None if isinstance(dataset, PackWithTargets) else _build_encoder(config, kernels, device)
     if dist.is_main and device.type == "cpu" and kernels.compile == "model":
         compiled = "the model" if encoder is None else "the model and the target encoder"
         logger.warning("compiling %s for the CPU (%d steps, kernels.compile=%s): about a minute before the first "
@@ -220,11 +225,14 @@ def _accumulate(model, encoder, data_iter, config: RunConfig, dist: DistInfo, st
     totals: dict[str, torch.Tensor] = {}
     grid = (config.model.grid_size, config.model.grid_size)
     for micro in range(accum):
-        images, labels = next(data_iter)
+        images, labels, *cached = next(data_iter)
         x = to_model_range(images.to(dist.device, non_blocking=True))
         y = labels.to(dist.device, non_blocking=True)
-        with autocast_for(dist.device):
-            target = encoder(x, grid) if encoder is not None else None
+        if cached:
+            target = cached[0].to(dist.device, non_blocking=True)
+        else:
+            with autocast_for(dist.device):
+                target = encoder(x, grid) if encoder is not None else None
         draws = draw_randomness(x, y, config.model.num_classes, config.model.num_patches, config.objective,
                                 config.align, step_generator(config.train.seed, dist.rank, step, micro, dist.device))
         with no_sync_context(model, enabled=micro < accum - 1):
@@ -295,9 +303,11 @@ def _report_start(out_dir: Path, released: ReleasedCheckpoint, report: list[str]
 
 
 def _check_same_run(config: RunConfig, saved: RunConfig, path: Path) -> None:
-    """Resuming with another model or objective would silently mix two runs (the kernels and
-    how many loader workers read the data may change)."""
-    config = config.replace(**{"data.num_workers": saved.data.num_workers})
+    """Resuming with another model or objective would silently mix two runs (the kernels, how
+    many loader workers read the data and whether encoder targets come from a cache may change)."""
+    config = config.replace(**{"data.num_workers": saved.data.num_workers,
+                               "align.target_cache": saved.align.target_cache,
+                               "align.target_cache_dtype": saved.align.target_cache_dtype})
     for part in ("model", "align", "objective", "ema", "optim", "data"):
         if getattr(config, part) != getattr(saved, part):
             raise ValueError(f"the configuration's '{part}' differs from the checkpoint's at {path}; "
