@@ -514,6 +514,38 @@ MTA_PRESETS: dict[str, str] = {
 }
 
 
+# The offline demo (`pixelrepa demo`): PixelREPA-Tiny/4 on a 32-px MNIST / Fashion-MNIST pack
+# with cached Lite0 targets, no flips (mirrored digits are other glyphs), 1,200 steps at batch 64.
+def _demo() -> RunConfig:
+    return get_preset("PixelREPA-Tiny/4").replace(**{
+        "data.hflip": False, "align.target_cache": "auto",
+        "optim.global_batch": 64, "optim.lr": 1e-3, "optim.warmup_epochs": 0, "optim.warmup_steps": 50,
+        "ema.warmup": True,  # a short run: warm the averages up
+        "train.steps": 1200, "train.per_device_batch": 64, "train.log_every": 20, "train.ckpt_every": 200,
+        "train.sample_every": None, "train.out_dir": "demo/run",
+        "sampler.steps": 25, "sampler.cfg_scale": 3.0,
+    })
+
+
+_PRESETS["PixelREPA-Demo"] = _demo
+
+
+def preset_note(name: str) -> str | None:
+    """Where a preset's numbers do not come from a publication, what they are instead (None:
+    published, by the PixelREPA or the JiT authors)."""
+    family, _, size = name.partition("-")
+    if size.split("/")[0] in ("Tiny", "Micro", "S", "Demo"):
+        return "pixelrepa's CPU preset (32 px, offline EfficientNet-Lite0 targets), not a published model"
+    if size.startswith("G/"):
+        return ("invented: nobody published a G recipe (SPEC 3's G architecture is as JiT's users report it); "
+                "the CFG scale 2.2 is pixelrepa's guess")
+    if family == "PixelREPA" and size.endswith("/32"):
+        return "the CFG scale is not published at 512 px: the /16 scale is reused"
+    if family == "REPA":
+        return "REPA on JiT as the paper's baseline; its CFG scale is not published: JiT's is used"
+    return None
+
+
 def list_presets() -> list[str]:
     return sorted(_PRESETS)
 

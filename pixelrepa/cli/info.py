@@ -11,7 +11,7 @@ import torch
 
 from pixelrepa.align.heads import build_align_head
 from pixelrepa.cli.common import add_config_arguments, resolve_config
-from pixelrepa.config import list_presets
+from pixelrepa.config import list_presets, preset_note
 from pixelrepa.models.jit import JiT, count_parameters
 
 
@@ -23,7 +23,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.list:
-        print("\n".join(list_presets()))
+        for name in list_presets():
+            note = preset_note(name)
+            print(name if note is None else f"{name:<20} ({note})")
         return 0
     config = resolve_config(args)
     if args.json:
@@ -45,4 +47,6 @@ def run(args: argparse.Namespace) -> int:
               f"head {type(head).__name__} {count_parameters(head) / 1e6:.2f}M (training only)")
     s = config.sampler
     print(f"sampler       {s.method} {s.steps} steps, CFG {s.cfg_scale} on ({s.interval_min}, {s.interval_max})")
+    if getattr(args, "preset", None):
+        print(f"provenance    {preset_note(args.preset) or 'published (SPEC 2, 3, 7)'}")
     return 0
