@@ -99,12 +99,23 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant")
 
 
+def cpu_model() -> str:
+    """The CPU's model name as `lscpu` prints it (from /proc/cpuinfo), else the platform's."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_line(device: torch.device) -> str:
     """Device, dtype, library version, threads and load: the context of every figure."""
     if device.type == "cuda":
         name, dtype = torch.cuda.get_device_name(device), "bf16 autocast"
     else:
-        name, dtype = platform.processor() or platform.machine(), "float32"
+        name, dtype = cpu_model(), "float32"
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return (f"device {device.type} ({name}), {dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
             f"cores {os.cpu_count()}, load average {load}")

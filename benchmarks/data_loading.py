@@ -4,7 +4,7 @@ Builds a temporary ImageNet-layout folder (foolbox's 20 ImageNet 512x512 JPEGs c
 robin into 10 class folders; synthetic 500x375 JPEGs when foolbox is absent), packs it at each
 size with `pack_folder`, then reads one and the other through `make_loader` (same batch size,
 workers, flips): ImageFolderDataset decodes and crops every image; PackedDataset copies uint8
-pixels out of a memory map. A third row reads the pack with `get_batch`, one gather per batch.
+pixels out of a memory map. A third row reads the pack with one gather per batch.
 See benchmarks/README.md.
 """
 
@@ -51,7 +51,7 @@ def make_jpeg_tree(root: Path, count: int) -> str:
 
 
 class BatchView(torch.utils.data.Dataset):
-    """Indexed by a list of indices: one `get_batch` gather per batch."""
+    """Indexed by a list of indices: one gather from the memory map per batch (no flips)."""
 
     def __init__(self, dataset: PackedDataset):
         self.dataset = dataset
@@ -60,7 +60,9 @@ class BatchView(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.dataset.get_batch(indices)
+        indices = np.asarray(indices, dtype=np.int64)
+        images = np.ascontiguousarray(self.dataset.images[indices].transpose(0, 3, 1, 2))
+        return torch.from_numpy(images), torch.from_numpy(self.dataset.labels[indices])
 
 
 def batch_loader(dataset: PackedDataset, batch_size: int, workers: int) -> DataLoader:
@@ -121,7 +123,7 @@ def main() -> None:
                                      num_workers=args.workers, seed=0)),
                 ("packed, item by item",
                  lambda: make_loader(packed, args.batch_size, num_workers=args.workers, seed=0)),
-                ("packed, get_batch per batch", lambda: batch_loader(packed, args.batch_size, args.workers)),
+                ("packed, one gather per batch", lambda: batch_loader(packed, args.batch_size, args.workers)),
             ]
             baseline = None
             for label, build in rows:

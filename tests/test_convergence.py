@@ -4,112 +4,132 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-import pixelrepa.training.loop as loop
-from pixelrepa.cli.main import main
-from pixelrepa.evaluation import convergence
-from pixelrepa.evaluation.convergence import ARMS, ConvergenceConfig, arm_config, build_arm, reading
-from pixelrepa.training.loop import LoopSettings, train
+from pixelrepa.data.packed import pack_arrays
+from pixelrepa.training import trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import convergence  # noqa: E402
+from convergence import ARMS, ConvergenceConfig, arm_config, main, reading  # noqa: E402
 
 LITE0 = "encoder:efficientnet-lite0"
 
 
-def test_arm_configs_differ_only_in_alignment():
+def test_arm_configs_differ_only_in_alignment(tmp_path):
     settings = ConvergenceConfig()
-    configs = {arm: arm_config(settings, arm).to_dict() for arm in ARMS}
+    configs = {arm: arm_config(settings, arm, 0, tmp_path / "pack", tmp_path / arm).to_dict() for arm in ARMS}
     for arm in ARMS:
-        assert configs[arm]["align"]["mode"] == arm
-        others = {k: v for k, v in configs[arm].items() if k != "align"}
-        assert others == {k: v for k, v in configs["none"].items() if k != "align"}
+        assert configs[arm]["align"]["mode"] == arm and configs[arm]["align"]["target_cache"] == "auto"
+        others = {k: v for k, v in configs[arm].items() if k not in ("align", "train")}
+        assert others == {k: v for k, v in configs["none"].items() if k not in ("align", "train")}
+        assert {**configs[arm]["train"], "out_dir": None} == {**configs["none"]["train"], "out_dir": None}
     assert configs["pixelrepa"]["align"]["mask_ratio"] == 0.2 and configs["pixelrepa"]["align"]["weight"] == 0.1
     assert configs["repa"]["align"]["weight"] == 0.5
     assert configs["repa"]["align"]["encoder"] == configs["pixelrepa"]["align"]["encoder"]
+    assert configs["none"]["data"]["hflip"]  # the presets' flips, which the trainer applies
 
 
-def test_arms_start_equal_and_see_the_same_batches_and_draws(monkeypatch):
-    settings = ConvergenceConfig(backbone="Micro/8", batch_size=8, lr=1e-3)
+def test_arms_start_equal_and_see_the_same_batches_and_draws(tmp_path, monkeypatch):
+    settings = ConvergenceConfig(backbone="Micro/8", batch_size=8, lr=1e-3, warmup_steps=2)
+    rng = np.random.default_rng(0)
+    pack = tmp_path / "pack"
+    pack_arrays(rng.integers(0, 256, size=(40, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, size=40), pack,
+                [str(c) for c in range(10)], source="random")
     seen: dict[str, list] = {arm: [] for arm in ARMS}
+    initial: dict[str, dict] = {}
     current = {}
-    real_draw = loop.draw_randomness
+    real_draw, real_module = trainer.draw_randomness, trainer.TrainingModule
 
-    def spy(x, y, *args, **kwargs):
+    def spy_draw(x, y, *args, **kwargs):
         draws = real_draw(x, y, *args, **kwargs)
-        seen[current["arm"]].append((x.clone(), y.clone(), draws.t.clone(), draws.noise.clone(),
-                                     draws.labels.clone()))
+        seen[current["arm"]].append((x.clone(), y.clone(), draws.t.clone(), draws.noise.clone(), draws.labels.clone()))
         return draws
 
-    monkeypatch.setattr(loop, "draw_randomness", spy)
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    labels = torch.randint(0, 10, (40,), generator=generator)
-    targets = torch.randn(40, 16, 112, generator=generator)
-    initial = {}
+    def spy_module(config):
+        module = real_module(config)
+        initial[current["arm"]] = {k: v.clone() for k, v in module.net.state_dict().items()}
+        return module
+
+    monkeypatch.setattr(trainer, "draw_randomness", spy_draw)
+    monkeypatch.setattr(trainer, "TrainingModule", spy_module)
     for arm in ARMS:
         current["arm"] = arm
-        config, state = build_arm(settings, arm, train_seed=3, device=torch.device("cpu"))
-        initial[arm] = {k: v.clone() for k, v in state.net.state_dict().items()}
-        train(config, state, images, labels, None if arm == "none" else targets,
-              LoopSettings(steps=7, batch_size=8, lr=1e-3, seed=3, progress=False))
+        config = arm_config(settings, arm, 3, pack, tmp_path / arm).replace(**{
+            "train.steps": 7, "data.num_workers": 0, "align.encoder.img_size": 64})
+        trainer.train(config, progress=False)
     for arm in ARMS[1:]:
-        assert initial[arm].keys() == initial["none"].keys()
         assert all(torch.equal(initial[arm][k], initial["none"][k]) for k in initial["none"])
         assert len(seen[arm]) == len(seen["none"]) == 7  # crosses an epoch boundary (5 batches per epoch)
         for mine, plain in zip(seen[arm], seen["none"]):
             assert all(torch.equal(a, b) for a, b in zip(mine, plain))
-    # A different training seed gives a different backbone and order: the equality above is not vacuous.
-    _, other = build_arm(settings, "none", train_seed=4, device=torch.device("cpu"))
-    assert any(not torch.equal(v, initial["none"][k]) for k, v in other.net.state_dict().items())
+    # Flipped images are among them, and another training seed draws another backbone and order.
+    current["arm"] = "other"
+    seen["other"] = []
+    trainer.train(arm_config(settings, "none", 4, pack, tmp_path / "other").replace(**{
+        "train.steps": 1, "data.num_workers": 0}), progress=False)
+    assert any(not torch.equal(v, initial["none"][k]) for k, v in initial["other"].items())
+    assert not torch.equal(seen["other"][0][0], seen["none"][0][0])
 
 
 def test_benchmark_runs_end_to_end_and_resumes(tmp_path, capsys):
     out, cache = tmp_path / "out", tmp_path / "cache"
-    args = ["bench", "convergence", "--dataset", "mnist", "--backbone", "Micro/8", "--out", str(out),
-            "--cache", str(cache), "--features", LITE0, "--train-images", "64", "--steps", "4", "--eval-steps", "2",
-            "4", "--eval-samples", "12", "--final-samples", "10", "--reference-images", "30", "--sampler-steps",
-            "2", "--batch-size", "16", "--sample-batch", "20", "--feature-batch", "16", "--no-progress"]
+    args = ["--dataset", "mnist", "--backbone", "Micro/8", "--out", str(out), "--cache", str(cache),
+            "--features", LITE0, "--train-images", "64", "--steps", "4", "--eval-steps", "2", "4",
+            "--train-seeds", "0", "1", "--final-only-seeds", "1", "--eval-samples", "12", "--final-samples", "10",
+            "--reference-images", "30", "--sampler-steps", "2", "--batch-size", "16", "--warmup-steps", "1",
+            "--sample-batch", "20", "--feature-batch", "16", "--ckpt-every", "2", "--no-progress"]
     assert main(args) == 0
     rows = list(csv.DictReader((out / "convergence.csv").open()))
-    # per arm: step 2 (seed 0), step 4 (seeds 0, 1 and pooled)
-    assert len(rows) == 3 * 4
+    # per arm: seed 0 at step 2 (one sampling seed) and 4 (two and pooled); seed 1 at step 4 only
+    assert len(rows) == 3 * (1 + 3 + 3)
     assert {r["arm"] for r in rows} == set(ARMS)
+    assert {(r["train_seed"], r["step"]) for r in rows} == {("0", "2"), ("0", "4"), ("1", "4")}
     pooled = [r for r in rows if r["sample_seed"] == "pooled"]
-    assert len(pooled) == 3 and all(int(r["num_images"]) == 20 and r["step"] == "4" for r in pooled)
-    assert all(float(r["fid"]) > 0 for r in rows)
+    assert len(pooled) == 6 and all(int(r["num_images"]) == 20 and r["step"] == "4" for r in pooled)
+    assert all(float(r["fid"]) > 0 and float(r["train_seconds"]) > 0 for r in rows)
     record = json.loads((out / "convergence.json").read_text())
     assert record["settings"]["features"] == LITE0 and record["arms"]["repa"]["align"]["weight"] == 0.5
     assert record["reading"] and "reaches plain JiT's final KID" in " ".join(record["reading"])
     assert (out / "convergence.png").stat().st_size > 1000
     assert "| train seed | step |" in (out / "convergence.md").read_text()
+    # Each arm is one trainer run, checkpointed at every evaluation step; one target cache serves all.
+    assert sorted(p.name for p in (out / "runs" / "pixelrepa-seed0" / "checkpoints").glob("step-*")) == \
+        ["step-00000002", "step-00000004"]
+    assert len(list((cache / "packs").glob("*/targets/*/manifest.json"))) == 1
 
     before = (out / "results.jsonl").read_text()
     capsys.readouterr()
     assert main(args) == 0  # everything finished: nothing is trained or sampled again
-    assert "arm " not in capsys.readouterr().out
+    assert "step " not in capsys.readouterr().out
     assert (out / "results.jsonl").read_text() == before
 
-    # Cut the file as if the run stopped during pixelrepa's last evaluation, mid-line: only that
-    # arm is trained again, and no row is duplicated.
+    # Drop pixelrepa's last evaluation as if the run stopped during it: only that one is redone.
     lines = before.splitlines()
-    kept = [x for x in lines if not (json.loads(x)["arm"] == "pixelrepa" and json.loads(x)["step"] == 4)]
+    kept = [x for x in lines if not (json.loads(x)["arm"] == "pixelrepa" and json.loads(x)["step"] == 4
+                                     and json.loads(x)["train_seed"] == 0)]
     (out / "results.jsonl").write_text("\n".join(kept) + '\n{"train_seed": 0, "ar')
     assert main(args) == 0
-    assert "arm           pixelrepa" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "pixelrepa seed 0" in printed and "none " not in printed and " step      2" not in printed
     again = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    assert sorted((r["arm"], r["step"], str(r["sample_seed"])) for r in again) == \
-        sorted((json.loads(x)["arm"], json.loads(x)["step"], str(json.loads(x)["sample_seed"])) for x in lines)
+    key = lambda r: (r["train_seed"], r["arm"], r["step"], str(r["sample_seed"]))  # noqa: E731
+    assert sorted(map(key, again)) == sorted(key(json.loads(x)) for x in lines)
     before = (out / "results.jsonl").read_text()
 
     (out / "convergence.md").unlink()
-    assert main(["bench", "convergence", "--report", "--out", str(out)]) == 0  # tables from results alone
+    assert main(["--report", "--out", str(out)]) == 0  # tables from results alone
     assert "| train seed | step |" in (out / "convergence.md").read_text()
 
     changed = list(args)
     changed[changed.index("--reference-images") + 1] = "31"
-    assert main(changed) == 2
-    assert "reference_images" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="reference_images"):
+        main(changed)
     assert (out / "results.jsonl").read_text() == before
 
 
@@ -120,6 +140,8 @@ def test_bad_settings_are_refused():
         ConvergenceConfig(steps=100, eval_steps=(60, 50, 100))
     with pytest.raises(KeyError, match="unknown preset"):
         ConvergenceConfig(backbone="Huge/99")
+    with pytest.raises(ValueError, match="final_only_seeds"):
+        ConvergenceConfig(train_seeds=(0,), final_only_seeds=(1,))
 
 
 def _row(arm, step, kid, seed=None, std=0.1e-3):

@@ -51,7 +51,7 @@ def test_arrays_round_trip(pack):
     assert np.array_equal(raw, images.permute(0, 2, 3, 1).numpy())
     image, label = dataset[5]
     assert image.dtype == torch.uint8 and torch.equal(image, images[5]) and label == labels[5].item()
-    batch, batch_labels = dataset.get_batch([3, 0, -1])
+    batch, batch_labels = stacked(dataset, [3, 0, 19])
     assert torch.equal(batch, images[[3, 0, -1]]) and torch.equal(batch_labels, labels[[3, 0, -1]])
     with pytest.raises(IndexError):
         dataset[20]
@@ -59,15 +59,23 @@ def test_arrays_round_trip(pack):
     assert restored._images is None and torch.equal(restored[7][0], images[7])
 
 
+def stacked(dataset: PackedDataset, indices, epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items as a batch: (uint8 (B, 3, size, size), int64 (B,))."""
+    items = [dataset[i] if epoch is None else dataset[(i, epoch)] for i in indices]
+    return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
+
+
 def test_flips_match_item_by_item_and_follow_the_epoch(pack):
     dataset = PackedDataset(pack, hflip=True, seed=3)
     images, _ = random_set()
-    batch, _ = dataset.get_batch(range(20), epoch=1)
-    assert torch.equal(batch, torch.stack([dataset[(i, 1)][0] for i in range(20)]))
+    batch, _ = stacked(dataset, range(20), epoch=1)
+    dataset.set_epoch(1)
+    assert torch.equal(batch, stacked(dataset, range(20))[0])  # plain indices follow set_epoch
+    assert all(dataset.flipped(i, 1) == (not torch.equal(batch[i], images[i])) for i in range(20))
     flipped = [not torch.equal(batch[i], images[i]) for i in range(20)]
     assert all(torch.equal(batch[i], images[i].flip(-1)) for i in range(20) if flipped[i])
     assert 0 < sum(flipped) < 20
-    assert not torch.equal(batch, dataset.get_batch(range(20), epoch=2)[0])
+    assert not torch.equal(batch, stacked(dataset, range(20), epoch=2)[0])
 
 
 def test_make_loader_passes_the_epoch(pack):
@@ -133,7 +141,7 @@ def test_interrupted_pack_resumes_to_the_same_bytes(tmp_path):
     assert not (tmp_path / "resumed" / packed.PROGRESS).exists()
     dataset = PackedDataset(tmp_path / "resumed", verify_checksum=True)
     assert len(dataset) == 22 and dataset.manifest["skipped"] == ["item 4"]
-    assert torch.equal(dataset.get_batch(range(4, 22))[0], images[5:])
+    assert torch.equal(stacked(dataset, range(4, 22))[0], images[5:])
 
 
 def test_kill_between_flush_and_commit_resumes(tmp_path, monkeypatch):
@@ -166,7 +174,7 @@ def test_finished_pack_is_kept_unless_overwrite(pack):
         pack_arrays(*other, pack, CLASSES, "other")
     assert pack_files(pack) == before
     pack_arrays(*other, pack, CLASSES, "other", overwrite=True)
-    assert torch.equal(PackedDataset(pack).get_batch(range(20))[0], other[0])
+    assert torch.equal(stacked(PackedDataset(pack), range(20))[0], other[0])
 
 
 def test_bad_items_are_refused(tmp_path):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pixelrepa.cli import bench, data, demo, export, import_checkpoint, info, sample, train
+from pixelrepa.cli import data, demo, export, import_checkpoint, info, sample, train
 from pixelrepa.cli import eval as eval_command
 
 
 COMMANDS = {"info": info, "train": train, "export": export, "sample": sample, "import": import_checkpoint,
-            "data": data, "demo": demo, "eval": eval_command, "bench": bench}
+            "data": data, "demo": demo, "eval": eval_command}
 
 
 def main(argv: list[str] | None = None) -> int:

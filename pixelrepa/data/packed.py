@@ -103,22 +103,6 @@ class PackedDataset(torch.utils.data.Dataset):
             image = image[:, ::-1]
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), int(self.labels[index])
 
-    def get_batch(self, indices: Sequence[int] | np.ndarray | Tensor, epoch: int | None = None
-                  ) -> tuple[Tensor, Tensor]:
-        """Many items in one gather: (uint8 (B, 3, size, size), int64 (B,)), flipped as item by item."""
-        indices = np.asarray(indices, dtype=np.int64)
-        images = np.asarray(self.images[indices])  # one gather, (B, H, W, 3)
-        batch = torch.empty((len(indices), CHANNELS, self.size, self.size), dtype=torch.uint8)
-        out = batch.numpy()
-        if self.hflip:
-            epoch = self.epoch if epoch is None else epoch
-            flip = np.array([self.flipped(int(i), epoch) for i in indices % len(self)], dtype=bool)
-            out[flip] = images[flip][:, :, ::-1].transpose(0, 3, 1, 2)
-            out[~flip] = images[~flip].transpose(0, 3, 1, 2)
-        else:
-            out[...] = images.transpose(0, 3, 1, 2)
-        return batch, torch.from_numpy(self.labels[indices])
-
     def flipped(self, index: int, epoch: int) -> bool:
         """Whether item `index` is mirrored in `epoch`: the folder dataset's draw for the same (seed, epoch, index)."""
         state = np.random.SeedSequence([self.seed, epoch, index]).generate_state(1, dtype=np.uint64)[0]

@@ -1,35 +1,44 @@
 """The three-way convergence benchmark: plain JiT vs REPA vs PixelREPA, trained identically and scored.
 
+    python benchmarks/convergence.py --out DIR [--scale cpu|gpu] [--arms none repa pixelrepa]
+                                     [--train-seeds 0 1] [--final-only-seeds 1] [--report]
+
 The paper's figure 1 in miniature, at a scale one CPU can run. One backbone preset is trained
 three times, with alignment `none`, `repa` and `pixelrepa` (the presets' recipe: tap block =
 in-context start, REPA's MLP with weight 0.5, the adapter with mask ratio 0.2 and weight 0.1),
 and nothing else differs: the same seed builds the same initial backbone (the heads are built
 after it), the data order is a function of (seed, epoch) only, and a step's draws of t, noise and
 label drop come first from the same generator (the PixelREPA keep-mask is drawn last), so the
-three runs see the same batches and the same noisy inputs. Alignment targets are the offline
-ImageNet EfficientNet-Lite0's features of the training images, computed once.
+three runs see the same batches and the same noisy inputs. Each arm is trained by
+`pixelrepa.training.trainer.train` (the trainer a user runs: horizontal flips as the presets
+ask, warm-up, gradient norm, CPU kernels) to each evaluation step in turn; resuming from its
+checkpoint makes that one uninterrupted run. The training images are a fixed random subset
+packed once, and the alignment targets, the offline ImageNet EfficientNet-Lite0's features of
+both orientations of every image, are cached beside the pack (`align.target_cache`).
 
 At each step of `eval_steps` the EMA backbone samples a class-balanced set from fixed noise
 (image k of sampling seed s always starts from the same noise) and is scored against Inception
 features of real training images, computed once: KID (unbiased at small counts) and FID (biased
 upward at small counts; comparable only at equal counts). At the last step every seed of
-`sample_seeds` gets `final_samples` images, and the pooled set gives the final FID.
+`sample_seeds` gets `final_samples` images, and the pooled set gives the final FID. Training
+seeds in `final_only_seeds` are scored at the last step only.
 
 Results are appended to `results.jsonl` as they are measured and the tables (`convergence.csv`,
 `convergence.md`), the plot (`convergence.png`) and `convergence.json` are rewritten after each
-one: an interrupted run keeps what it measured, and re-running the same command skips the runs
-already finished. Caches (reference features, encoder targets) live in `cache`.
+one: an interrupted run keeps what it measured, and re-running the same command continues
+from the last checkpoint of the arm it was training (DIR/runs/). Caches (the pack with its
+encoder targets, reference features) live in `--cache`.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import io
 import json
 import math
-import os
-import platform
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -40,11 +49,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pixelrepa.align.heads import build_align_head
-from pixelrepa.config import EMAConfig, RunConfig, apply_overrides, get_preset
+from common import cpu_model  # benchmarks/ is on sys.path when run as a script
+from pixelrepa.config import RunConfig, get_preset
 from pixelrepa.data.idx import load_idx_dataset
+from pixelrepa.data.packed import MANIFEST, pack_arrays
 from pixelrepa.evaluation.features import build_feature_extractor
 from pixelrepa.evaluation.generate import class_layout
+from pixelrepa.evaluation.inception import cache_dir
 from pixelrepa.evaluation.metrics import (
     Reference,
     extract_features,
@@ -56,8 +67,13 @@ from pixelrepa.evaluation.metrics import (
 )
 from pixelrepa.evaluation.plots import Panel, line_plot
 from pixelrepa.evaluation.sweep import GeneratedImages
-from pixelrepa.models.jit import JiT, count_parameters
-from pixelrepa.training.loop import LoopSettings, TrainState, build_state, cached_encoder_targets, train
+from pixelrepa.files import write_text_atomic
+from pixelrepa.models.jit import JiT
+from pixelrepa.models.layers import set_attention_impl
+from pixelrepa.training.checkpoint import export_sampling_checkpoint, find_checkpoint
+from pixelrepa.training.device import pick_device
+from pixelrepa.training.trainer import train
+from pixelrepa.weights import load_model_file
 
 ARMS = ("none", "repa", "pixelrepa")
 ARM_PRESET_PREFIX = {"none": "JiT", "repa": "REPA", "pixelrepa": "PixelREPA"}
@@ -85,7 +101,9 @@ class ConvergenceConfig:
     final_samples: int = 2500
     """Samples per sampling seed at the last step."""
     sample_seeds: tuple[int, ...] = (0, 1)
-    train_seeds: tuple[int, ...] = (0,)
+    train_seeds: tuple[int, ...] = (0, 1)
+    final_only_seeds: tuple[int, ...] = (1,)
+    """Training seeds scored at the last step only (the others at every step of eval_steps)."""
     reference_images: int = 5000
     """Real train-split images whose Inception features are the reference."""
     sampler_method: Literal["heun", "euler"] = "heun"
@@ -99,8 +117,14 @@ class ConvergenceConfig:
     feature_batch: int = 50
     data_seed: int = 0
     """Seed of the training-subset and reference-subset draws."""
+    compile: Literal["none", "model"] = "none"
+    """kernels.compile of every training segment (explicit, so that all segments run one code)."""
+    ckpt_every: int = 250
+    """Checkpoint interval of the arms' runs: what an interruption can cost."""
 
     def __post_init__(self) -> None:
+        if not set(self.final_only_seeds) <= set(self.train_seeds):
+            raise ValueError(f"final_only_seeds {self.final_only_seeds} must be among train_seeds {self.train_seeds}")
         for arm in ARMS:
             get_preset(f"{ARM_PRESET_PREFIX[arm]}-{self.backbone}")  # raises naming the missing preset
         if self.dataset not in ("fashion-mnist", "mnist"):
@@ -121,48 +145,54 @@ class ConvergenceConfig:
 
 
 SCALES: dict[str, ConvergenceConfig] = {
-    # About 1.75 hours on a 2-core CPU.
+    # Training seed 0 scored at every evaluation step, seed 1 at the last one (docs/results has
+    # the measured wall time).
     "cpu": ConvergenceConfig(),
     # The larger setting for one GPU: a 32-M backbone, longer, more samples, two training seeds.
     "gpu": ConvergenceConfig(backbone="S/4", train_images=60_000, steps=20_000, batch_size=256, lr=5e-4,
                              warmup_steps=500, eval_steps=(2500, 5000, 10_000, 15_000, 20_000),
-                             eval_samples=5000, final_samples=10_000, train_seeds=(0, 1),
-                             reference_images=10_000, sampler_steps=25, sample_batch=1000, feature_batch=200),
+                             eval_samples=5000, final_samples=10_000, train_seeds=(0, 1), final_only_seeds=(),
+                             compile="model", reference_images=10_000, sampler_steps=25, sample_batch=1000, feature_batch=200),
 }
 
 
-def arm_config(settings: ConvergenceConfig, arm: str) -> RunConfig:
-    """The run config of one arm: the preset of its alignment mode with the shared settings."""
-    config = get_preset(f"{ARM_PRESET_PREFIX[arm]}-{settings.backbone}")
-    return apply_overrides(config, {
-        "ema": EMAConfig(decays=config.ema.decays, warmup=True),  # short runs: warm-up the averages
-        "sampler.method": settings.sampler_method,
-        "sampler.steps": settings.sampler_steps,
+def arm_config(settings: ConvergenceConfig, arm: str, train_seed: int = 0, pack: Path | None = None,
+               out: Path | None = None) -> RunConfig:
+    """The trainer's config of one arm: its preset with the shared settings; nothing else differs."""
+    changes = {
+        "ema.warmup": True,  # short runs: warm the averages up
+        "optim.global_batch": settings.batch_size, "optim.lr": settings.lr,
+        "optim.warmup_epochs": 0, "optim.warmup_steps": settings.warmup_steps,
+        "train.per_device_batch": settings.batch_size, "train.seed": train_seed,
+        "train.log_every": 50, "train.ckpt_every": settings.ckpt_every, "train.sample_every": None,
+        "sampler.method": settings.sampler_method, "sampler.steps": settings.sampler_steps,
         "sampler.cfg_scale": settings.cfg_scale,
-    })
-
-
-def build_arm(settings: ConvergenceConfig, arm: str, train_seed: int, device: torch.device
-              ) -> tuple[RunConfig, TrainState]:
-    """Backbone first, from the training seed, then the arm's head: equal backbones across arms."""
-    config = arm_config(settings, arm)
-    torch.manual_seed(train_seed)
-    net = JiT(config.model).to(device)
-    head = build_align_head(config.model, config.align)
-    return config, build_state(config, net, head.to(device) if head is not None else None, settings.lr)
+        "align.target_cache": "auto", "kernels.compile": settings.compile,
+    }
+    if pack is not None:
+        changes["data.source"] = str(pack)
+    if out is not None:
+        changes["train.out_dir"] = str(out)
+    return get_preset(f"{ARM_PRESET_PREFIX[arm]}-{settings.backbone}").replace(**changes)
 
 
 # ---------------------------------------------------------------------------
 # Data, reference features, scoring
 # ---------------------------------------------------------------------------
 
-def training_subset(settings: ConvergenceConfig) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+def training_pack(settings: ConvergenceConfig, cache: Path) -> Path:
+    """A fixed random subset of the train split (drawn from data_seed), packed once in `cache`."""
+    pack = cache / "packs" / f"{settings.dataset}-{settings.train_images}-seed{settings.data_seed}"
+    if (pack / MANIFEST).is_file():
+        return pack
     images, labels, names = load_idx_dataset(settings.dataset, "train", 32)
     if settings.train_images > len(images):
         raise ValueError(f"train_images {settings.train_images} exceeds the {len(images)} images of the split")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(settings.data_seed))
     pick = order[:settings.train_images]
-    return images[pick], labels[pick], names
+    pack_arrays(images[pick], labels[pick], pack, names,
+                source=f"{settings.dataset}-train-{settings.train_images}-seed{settings.data_seed}")
+    return pack
 
 
 class ArrayImages:
@@ -241,27 +271,35 @@ def report(out: Path) -> dict:
                          saved.get("feature_network", {}))
 
 
+def pending_evaluations(settings: ConvergenceConfig, rows: list[dict], arms: tuple[str, ...]) -> list[tuple]:
+    """(train seed, arm, step) still to score, in run order."""
+    done = {(r["train_seed"], r["arm"], r["step"]) for r in rows
+            if r["sample_seed"] == "pooled" or r["step"] != settings.steps}
+    return [(seed, arm, step) for seed in settings.train_seeds for arm in arms
+            for step in (settings.eval_steps[-1:] if seed in settings.final_only_seeds else settings.eval_steps)
+            if (seed, arm, step) not in done]
+
+
 def run(settings: ConvergenceConfig, out: Path, cache: Path, device: torch.device, scale: str = "custom",
         progress: bool = True, arms: tuple[str, ...] = ARMS) -> dict:
-    """Train and score every (training seed, arm of `arms`, in that order) not yet in `out`;
-    returns the summary record of everything `out` holds."""
+    """Train and score every (training seed, arm of `arms`, step) not yet in `out`; returns the
+    summary record of everything `out` holds."""
     unknown = [arm for arm in arms if arm not in ARMS]
     if unknown or not arms:
         raise ValueError(f"unknown arm(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(ARMS)}")
     out.mkdir(parents=True, exist_ok=True)
     settings_path, results_path = out / "settings.json", out / "results.jsonl"
-    settings_dict = dataclasses.asdict(settings)
+    settings_dict = json.loads(json.dumps(dataclasses.asdict(settings)))
     if settings_path.is_file():
         saved = json.loads(settings_path.read_text())
-        if saved != json.loads(json.dumps(settings_dict)):
-            changed = sorted(k for k in settings_dict if saved.get(k) != json.loads(json.dumps(settings_dict[k])))
+        if saved != settings_dict:
+            changed = sorted(k for k in settings_dict if saved.get(k) != settings_dict[k])
             raise ValueError(f"{out} holds results of other settings ({', '.join(changed)} differ): "
                              "use another --out, or delete the folder to start over")
     else:
-        settings_path.write_text(json.dumps(settings_dict, indent=2) + "\n")
+        write_text_atomic(settings_path, json.dumps(settings_dict, indent=2) + "\n")
     rows = _read_rows(results_path)
-    pending = [(seed, arm) for seed in settings.train_seeds for arm in arms
-               if not any(r["train_seed"] == seed and r["arm"] == arm and r["sample_seed"] == "pooled" for r in rows)]
+    pending = pending_evaluations(settings, rows, arms)
     if not pending:
         print(f"done          the runs asked for are finished in {out}; tables and plot rewritten")
         saved = json.loads((out / "convergence.json").read_text())
@@ -270,59 +308,60 @@ def run(settings: ConvergenceConfig, out: Path, cache: Path, device: torch.devic
     started = time.perf_counter()
     extractor, network = build_feature_extractor(settings.features, device)
     reference = reference_features(settings, extractor, network, cache, device)
-    images, labels, _ = training_subset(settings)
-    for train_seed, arm in pending:
-        rows = [r for r in rows if not (r["train_seed"] == train_seed and r["arm"] == arm)]
-        _write_text(results_path, "".join(json.dumps(r) + "\n" for r in rows))  # drop an interrupted run's rows
-        config, state = build_arm(settings, arm, train_seed, device)
-        targets = None
-        if config.align.mode != "none":
-            enc = config.align.encoder
-            targets = cached_encoder_targets(
-                config, images, cache / f"targets-{settings.dataset}-{settings.train_images}-seed"
-                f"{settings.data_seed}-{enc.name}-{enc.img_size}-s{enc.stage}.safetensors", device)
-        print(f"arm           {arm} (train seed {train_seed}): {count_parameters(state.net) / 1e6:.2f}M backbone"
-              + (f" + {count_parameters(state.head) / 1e6:.2f}M {type(state.head).__name__}"
-                 if state.head is not None else ""), flush=True)
-        train_seconds = 0.0
-        for step in settings.eval_steps:
-            tic = time.perf_counter()
-            train(config, state, images, labels, targets,
-                  LoopSettings(steps=step, batch_size=settings.batch_size, lr=settings.lr,
-                               warmup_steps=settings.warmup_steps, seed=train_seed, progress=progress))
-            train_seconds += time.perf_counter() - tic
-            new = _evaluate(state, config, settings, train_seed, arm, step, train_seconds, extractor,
-                            reference, device)
-            rows.extend(new)
-            with open(results_path, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in new)
-            write_outputs(out, settings, rows, scale, network)
-            for r in new:
-                print(f"  step {step:>6}  {arm:<9} seed {r['sample_seed']}: KID x1e3 {r['kid_mean'] * 1e3:.3f} "
-                      f"± {r['kid_std'] * 1e3:.3f}, FID {r['fid']:.2f} ({r['num_images']} samples, "
-                      f"{r['eval_seconds']:.0f} s)", flush=True)
+    pack = training_pack(settings, cache)
+    for train_seed, arm, step in pending:
+        run_dir = out / "runs" / f"{arm}-seed{train_seed}"
+        config = arm_config(settings, arm, train_seed, pack, run_dir).replace(**{"train.steps": step})
+        tic = time.perf_counter()
+        summary = train(config, progress=progress)
+        seconds = _add_train_seconds(run_dir, step, time.perf_counter() - tic)
+        new = _evaluate(run_dir, config, settings, train_seed, arm, step, seconds,
+                        summary.last_metrics.get("denoise"), extractor, reference, device)
+        rows = [r for r in rows if not (r["train_seed"] == train_seed and r["arm"] == arm and r["step"] == step)]
+        rows.extend(new)
+        write_text_atomic(results_path, "".join(json.dumps(r) + "\n" for r in rows))
+        write_outputs(out, settings, rows, scale, network)
+        for r in new:
+            print(f"  step {step:>6}  {arm:<9} seed {train_seed}, samples {r['sample_seed']}: KID x1e3 "
+                  f"{r['kid_mean'] * 1e3:.3f} ± {r['kid_std'] * 1e3:.3f}, FID {r['fid']:.2f} "
+                  f"({r['num_images']} samples, {r['eval_seconds']:.0f} s)", flush=True)
     record = write_outputs(out, settings, rows, scale, network)
     print(f"wall time     {time.perf_counter() - started:.0f} s (this invocation)")
     return record
 
 
-def _evaluate(state: TrainState, config: RunConfig, settings: ConvergenceConfig, train_seed: int, arm: str,
-              step: int, train_seconds: float, extractor, reference: Reference, device) -> list[dict]:
+def _add_train_seconds(run_dir: Path, step: int, seconds: float) -> float:
+    """Training wall time of an arm up to `step`, summed over the invocations that trained it."""
+    path = run_dir / "train_seconds.json"
+    spent = json.loads(path.read_text()) if path.is_file() else {}
+    total = sum(v for k, v in spent.items() if int(k) < step) + seconds
+    spent[str(step)] = spent.get(str(step), 0.0) + seconds
+    write_text_atomic(path, json.dumps(spent))
+    return total
+
+
+def _evaluate(run_dir: Path, config: RunConfig, settings: ConvergenceConfig, train_seed: int, arm: str,
+              step: int, train_seconds: float, loss: float | None, extractor, reference: Reference,
+              device: torch.device) -> list[dict]:
+    """Score the exported EMA `settings.ema` of `run_dir`'s checkpoint at `step`."""
+    model_path = run_dir / "exports" / f"ema{settings.ema}-step{step:08d}.safetensors"
+    export_sampling_checkpoint(find_checkpoint(run_dir), model_path, ema=settings.ema)
+    saved, groups, _ = load_model_file(model_path)
+    net = JiT(saved.model)
+    net.load_state_dict(groups["net"])
+    net = net.to(device).eval()
+    set_attention_impl(net, config.kernels.attention)
     base = {"train_seed": train_seed, "arm": arm, "step": step, "train_seconds": round(train_seconds, 1),
-            "loss": state.history[-1]["denoise"] if state.history else None}
+            "loss": loss}
     final = step == settings.steps
     rows, pooled = [], []
-    with state.ema.swapped_in(state.net, settings.ema - 1):
-        state.net.eval()
-        seeds = settings.sample_seeds if final else settings.sample_seeds[:1]
-        for seed in seeds:
-            tic = time.perf_counter()
-            count = settings.final_samples if final else settings.eval_samples
-            features = sample_features(state.net, config, settings, count, seed, extractor, device)
-            pooled.append(features)
-            rows.append({**base, "sample_seed": seed, **score(features, reference),
-                         "eval_seconds": round(time.perf_counter() - tic, 1)})
-        state.net.train()
+    for seed in (settings.sample_seeds if final else settings.sample_seeds[:1]):
+        tic = time.perf_counter()
+        count = settings.final_samples if final else settings.eval_samples
+        features = sample_features(net, saved, settings, count, seed, extractor, device)
+        pooled.append(features)
+        rows.append({**base, "sample_seed": seed, **score(features, reference),
+                     "eval_seconds": round(time.perf_counter() - tic, 1)})
     if final:
         tic = time.perf_counter()
         rows.append({**base, "sample_seed": "pooled", **score(np.concatenate(pooled), reference),
@@ -466,19 +505,53 @@ def write_outputs(out: Path, settings: ConvergenceConfig, rows: list[dict], scal
         "arms": {arm: {"preset": f"{ARM_PRESET_PREFIX[arm]}-{settings.backbone}",
                        "align": dataclasses.asdict(arm_config(settings, arm).align)} for arm in ARMS},
         "feature_network": {k: v for k, v in network.items() if k in ("id", "network", "features", "weights_sha1")},
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "reading": reading(rows, settings),
         "rows": rows,
     }
-    _write_text(out / "convergence.csv", format_csv(rows))
-    _write_text(out / "convergence.md", format_markdown(rows, settings))
-    _write_text(out / "convergence.json", json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out / "convergence.csv", format_csv(rows))
+    write_text_atomic(out / "convergence.md", format_markdown(rows, settings))
+    write_text_atomic(out / "convergence.json", json.dumps(record, indent=2) + "\n")
     plot(rows, settings, out / "convergence.png")
     return record
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu",
+                        help="preset sizes: cpu (default; see docs/results for its wall time) or gpu")
+    parser.add_argument("--out", type=Path, required=True, help="results folder (tables, plot, JSON, the arms' runs)")
+    parser.add_argument("--cache", type=Path, help="the training pack with its encoder targets, reference features "
+                        "(default $PIXELREPA_CACHE/convergence or ~/.cache/pixelrepa/convergence)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--report", action="store_true",
+                        help="only rewrite DIR's tables, plot and JSON from its results (no training)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                        help="which arms to run now, in this order (default: none repa pixelrepa); "
+                             "the tables hold every finished measurement of DIR")
+    overrides = parser.add_argument_group("overrides of the scale's settings")
+    for field in dataclasses.fields(ConvergenceConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(SCALES["cpu"], field.name)
+        if isinstance(default, tuple):
+            overrides.add_argument(flag, type=int, nargs="*", metavar="N")
+        else:
+            overrides.add_argument(flag, type=type(default), metavar=type(default).__name__.upper())
+    args = parser.parse_args(argv)
+    if args.report:
+        report(args.out)
+    else:
+        changes = {f.name: tuple(v) if isinstance(v, list) else v
+                   for f in dataclasses.fields(ConvergenceConfig) if (v := getattr(args, f.name)) is not None}
+        settings = dataclasses.replace(SCALES[args.scale], **changes)
+        device = torch.device(args.device) if args.device else pick_device()
+        run(settings, args.out, args.cache or cache_dir() / "convergence", device, scale=args.scale,
+            progress=not args.no_progress, arms=tuple(args.arms))
+    print(f"results       {args.out}/convergence.md, .csv, .json, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
