@@ -33,7 +33,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo"), help="output folder (default ./demo)")
     parser.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
     parser.add_argument("--data-dir", type=Path, help="folder with the IDX .gz files (default: installed)")
-    parser.add_argument("--images", type=int, default=12_000,
+    parser.add_argument("--images", type=int, default=6_000,
                         help="training images: a fixed random subset of the train split, packed once")
     parser.add_argument("--steps", type=int, help=f"training steps (default: the {PRESET} preset's)")
     parser.add_argument("--per-class", type=int, default=8, help="samples per class in the grid")
