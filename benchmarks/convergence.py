@@ -55,7 +55,6 @@ from pixelrepa.data.idx import load_idx_dataset
 from pixelrepa.data.packed import MANIFEST, pack_arrays
 from pixelrepa.evaluation.features import build_feature_extractor
 from pixelrepa.evaluation.generate import class_layout
-from pixelrepa.evaluation.inception import cache_dir
 from pixelrepa.evaluation.metrics import (
     Reference,
     extract_features,
@@ -67,7 +66,7 @@ from pixelrepa.evaluation.metrics import (
 )
 from pixelrepa.evaluation.plots import Panel, line_plot
 from pixelrepa.evaluation.sweep import GeneratedImages
-from pixelrepa.files import write_text_atomic
+from pixelrepa.files import cache_dir, write_text_atomic
 from pixelrepa.models.jit import JiT
 from pixelrepa.models.layers import set_attention_impl
 from pixelrepa.training.checkpoint import export_sampling_checkpoint, find_checkpoint

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import os
 import types
+import signal
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -319,9 +320,14 @@ class TrainConfig:
     """Write a sample grid from EMA 1 every this many steps (None = never)."""
     max_nonfinite_skips: int = 0
     """Steps with a non-finite loss that may be skipped before the run stops."""
+    stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
+    """Signals on which every rank finishes its step, the run checkpoints and exits (exit
+    status 75): what SLURM sends before preemption or at the time limit."""
 
     def __post_init__(self) -> None:
         _check(self.parallel in ("ddp", "fsdp2"), f"unknown parallel mode '{self.parallel}' (ddp | fsdp2)")
+        unknown = [name for name in self.stop_signals if not isinstance(getattr(signal, name, None), signal.Signals)]
+        _check(not unknown, f"train.stop_signals: unknown signal(s) {', '.join(unknown)} (e.g. SIGTERM, SIGUSR1)")
         _check(self.per_device_batch >= 1, f"per_device_batch must be >= 1, got {self.per_device_batch}")
         _check(self.ckpt_every >= 1 and self.keep_last >= 1, "ckpt_every and keep_last must be >= 1")
 
@@ -515,14 +521,14 @@ MTA_PRESETS: dict[str, str] = {
 
 
 # The offline demo (`pixelrepa demo`): PixelREPA-Tiny/4 on a 32-px MNIST / Fashion-MNIST pack
-# with cached Lite0 targets, no flips (mirrored digits are other glyphs), 800 steps at batch 64:
+# with cached Lite0 targets, no flips (mirrored digits are other glyphs), 1,600 steps at batch 32:
 # README command 1 in about 8 minutes on a 2-core CPU, installation included.
 def _demo() -> RunConfig:
     return get_preset("PixelREPA-Tiny/4").replace(**{
         "data.hflip": False, "align.target_cache": "auto",
-        "optim.global_batch": 64, "optim.lr": 1e-3, "optim.warmup_epochs": 0, "optim.warmup_steps": 50,
+        "optim.global_batch": 32, "optim.lr": 1e-3, "optim.warmup_epochs": 0, "optim.warmup_steps": 50,
         "ema.warmup": True,  # a short run: warm the averages up
-        "train.steps": 800, "train.per_device_batch": 64, "train.log_every": 20, "train.ckpt_every": 200,
+        "train.steps": 1600, "train.per_device_batch": 32, "train.log_every": 20, "train.ckpt_every": 200,
         "train.sample_every": None, "train.out_dir": "demo/run",
         "sampler.steps": 25, "sampler.cfg_scale": 3.0,
     })

@@ -9,20 +9,35 @@ from pathlib import Path
 from typing import Callable
 
 
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """`write(tmp)` to a temporary name in the same folder, then rename it over `path`."""
+def atomic_write(path: Path, write: Callable[[Path], object], durable: bool = False) -> None:
+    """`write(tmp)` to a temporary name in the same folder, then rename it over `path`.
+
+    `durable`: the file's bytes and the rename are flushed to the disk (fsync) before this
+    returns, for records that must survive a power loss, not only a killed process."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
+        if durable:
+            _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+def write_text_atomic(path: Path, text: str, durable: bool = False) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text), durable)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256", block: int = 1 << 24) -> str:
@@ -32,6 +47,11 @@ def file_digest(path: str | Path, algorithm: str = "sha256", block: int = 1 << 2
         while data := f.read(block):
             digest.update(data)
     return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where pixelrepa caches converted weights and features: `$PIXELREPA_CACHE`, else `~/.cache/pixelrepa`."""
+    return Path(os.environ.get("PIXELREPA_CACHE") or Path.home() / ".cache" / "pixelrepa")
 
 
 def created() -> dict:

@@ -38,24 +38,22 @@ class GuidedVelocity:
     def __init__(self, net: Denoiser, labels: Tensor, null_class: int, sampler: SamplerConfig, t_eps: float):
         self.net, self.labels, self.sampler, self.t_eps = net, labels, sampler, t_eps
         self.null_labels = torch.full_like(labels, null_class)
-        self.network_images = 0
-        """Images passed through the network so far (cond + uncond), for accounting."""
 
     def __call__(self, z: Tensor, t: float) -> Tensor:
         n = z.shape[0]
         t_vec = torch.full((n,), t, dtype=torch.float32, device=z.device)
         scale = guidance_scale(t, self.sampler)
         if scale == 1.0 and self.sampler.skip_unguided:
-            self.network_images += n
             return velocity(self.net(z, t_vec, self.labels), z, t_vec, self.t_eps)
-        self.network_images += 2 * n
         if self.sampler.batched_guidance:
             x_both = self.net(torch.cat([z, z]), torch.cat([t_vec, t_vec]), torch.cat([self.labels, self.null_labels]))
             x_cond, x_uncond = x_both.chunk(2)
+            v_cond = velocity(x_cond, z, t_vec, self.t_eps)
         else:
-            x_cond = self.net(z, t_vec, self.labels)
+            # v_cond is computed before the second call: a network captured in CUDA graphs
+            # ('reduce-overhead') reuses its output buffer, which would overwrite x_cond.
+            v_cond = velocity(self.net(z, t_vec, self.labels), z, t_vec, self.t_eps)
             x_uncond = self.net(z, t_vec, self.null_labels)
-        v_cond = velocity(x_cond, z, t_vec, self.t_eps)
         v_uncond = velocity(x_uncond, z, t_vec, self.t_eps)
         return v_uncond + scale * (v_cond - v_uncond)
 

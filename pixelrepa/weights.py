@@ -13,7 +13,6 @@ so that `align.encoder.weights` can be checked against the encoder config on loa
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from pixelrepa.config import RunConfig
+from pixelrepa.files import atomic_write
 
 FORMAT = "pixelrepa-model/1"
 ENCODER_FORMAT = "pixelrepa-encoder/1"
@@ -57,13 +57,7 @@ def encoder_file_metadata(path: str | Path) -> dict[str, str] | None:
 
 
 def _write_atomically(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return path
 
 

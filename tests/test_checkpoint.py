@@ -16,12 +16,10 @@ from pixelrepa.config import get_preset
 from pixelrepa.models.jit import JiT
 from pixelrepa.training.checkpoint import (
     capture_rng_state,
-    checkpoint_groups,
     export_sampling_checkpoint,
     finalize_checkpoint,
     find_checkpoint,
     load_checkpoint,
-    restore_groups,
     restore_rng_state,
     save_checkpoint,
     stage_checkpoint,
@@ -51,7 +49,15 @@ class Run:
         self.ema.update(self.module.net)
 
     def groups(self):
-        return checkpoint_groups(self.module.net, self.module.head, self.ema)
+        """The model file's groups, as the trainer writes them: net, head, ema1, ema2."""
+        return {"net": self.module.net.state_dict(), "head": self.module.head.state_dict(),
+                **{f"ema{k + 1}": self.ema.state_dict(k) for k in range(len(self.ema.shadows))}}
+
+    def restore(self, groups) -> None:
+        self.module.net.load_state_dict(groups["net"])
+        self.module.head.load_state_dict(groups["head"])
+        for k in range(len(self.ema.shadows)):
+            self.ema.load_state_dict(k, groups[f"ema{k + 1}"])
 
     def save(self, out: Path, step: int, keep_last: int = 10, keep_every: int | None = None,
              train_state: dict | None = None) -> Path:
@@ -98,7 +104,7 @@ def test_round_trip(run, tmp_path):
     assert draws() == expected
 
     fresh = Run(seed=1)
-    restore_groups(loaded.groups, fresh.module.net, fresh.module.head, fresh.ema)
+    fresh.restore(loaded.groups)
     fresh.optimizer.load_state_dict(loaded.optimizer_state)
     assert_states_equal(fresh.module.state_dict(), run.module.state_dict())
     for k in range(2):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import numpy as np
@@ -11,8 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from pixelrepa.data.folder import (ImageFolderDataset, LabelledFilesDataset, check_num_classes,
-                                   foolbox_data_dir)
+from pixelrepa.data.folder import ImageFolderDataset, check_num_classes
 from pixelrepa.data.loader import make_loader
 from pixelrepa.data.transforms import adm_center_crop, random_hflip, to_rgb
 
@@ -301,22 +299,6 @@ def test_folder_loader_batches_follow_epoch_in_persistent_workers(tmp_path):
         assert labels.tolist() == [ds.samples[i][1] for i, _ in keys]
         by_epoch[epoch] = torch.stack([ds[(i, epoch)][0] for i in range(8)])
     assert not torch.equal(by_epoch[0], by_epoch[1])
-
-
-# ---- foolbox's labelled files --------------------------------------------------------------
-
-@pytest.mark.skipif(importlib.util.find_spec("foolbox") is None, reason="foolbox not installed")
-def test_foolbox_imagenet_files():
-    ds = LabelledFilesDataset(foolbox_data_dir(), 32, pattern="imagenet_*", hflip=False)
-    assert len(ds) == 20 and ds.skipped == []
-    names_labels = {p.name: label for p, label in ds.samples}
-    assert names_labels["imagenet_00_243.jpg"] == 243 and names_labels["imagenet_19_305.jpg"] == 305
-    assert all(label == int(name.rsplit("_", 1)[1].split(".")[0]) for name, label in names_labels.items())
-    image, label = ds[0]
-    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and label == 243
-    check_num_classes(ds, 1000)
-    with pytest.raises(ValueError, match=r"labels from 22 to 990 but the model has num_classes=10"):
-        check_num_classes(ds, 10)
 
 
 def test_empty_classes_reachable_from_the_run_config_and_the_pack_command(tmp_path):

@@ -14,7 +14,7 @@ from helpers import FIXTURES, load_released
 
 from pixelrepa.cli.common import config_from_file
 from pixelrepa.cli.main import main
-from pixelrepa.data.idx import to_model_range
+from pixelrepa.data.transforms import to_model_range
 from pixelrepa.data.loader import make_loader
 from pixelrepa.data.packed import pack_arrays
 from pixelrepa.interop.init_from import released_optimizer_state

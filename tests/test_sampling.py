@@ -93,6 +93,29 @@ def test_guided_velocity_formula():
         torch.testing.assert_close(v, v_u + s * (v_c - v_u))
 
 
+class ReusedOutputBuffer:
+    """A network that writes every output into one buffer, as a CUDA-graph capture does."""
+
+    def __init__(self, fn):
+        self.fn, self.buffer = fn, None
+
+    def __call__(self, z, t, y):
+        out = self.fn(z, t, y)
+        if self.buffer is None or self.buffer.shape != out.shape:
+            self.buffer = torch.empty_like(out)
+        return self.buffer.copy_(out)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_guidance_survives_a_network_that_reuses_its_output_buffer(batched):
+    z = torch.randn(3, 1, 2, 2)
+    sampler = SamplerConfig(cfg_scale=2.5, interval_min=0.1, interval_max=1.0, batched_guidance=batched)
+    labels = torch.tensor([0, 4, 9])
+    fresh = GuidedVelocity(cond_one_uncond_zero, labels, NULL, sampler, 0.05)(z, 0.5)
+    reused = GuidedVelocity(ReusedOutputBuffer(cond_one_uncond_zero), labels, NULL, sampler, 0.05)(z, 0.5)
+    torch.testing.assert_close(reused, fresh, rtol=0, atol=0)
+
+
 def run_recorded(sampler: SamplerConfig, n: int = 2):
     rec = Recorder(cond_one_uncond_zero)
     sample(rec, torch.randn(n, 1, 2, 2), torch.arange(n), NULL, sampler)

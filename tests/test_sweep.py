@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from helpers import randomize_
 from PIL import Image
 
@@ -79,7 +80,7 @@ def test_sweep_writes_tables_plot_and_best(setup, tmp_path, capsys):
 
 
 def test_sweep_same_images_for_each_setting(setup, monkeypatch, tmp_path):
-    """Every setting samples the same indices and noise; only the sampler settings differ."""
+    """Every setting samples the same indices and noise; only the sampler settings differ (the library call)."""
     model, ref = setup
     seen = []
     real = sweep.generate
@@ -94,14 +95,15 @@ def test_sweep_same_images_for_each_setting(setup, monkeypatch, tmp_path):
     monkeypatch.setattr(sweep, "resolve_model_path", lambda path, ema=1: model)
     run = tmp_path / "run"
     run.mkdir()
+    settings = sweep.SweepSettings(run, tmp_path / "out", num_images=4, ref=ref, metrics=("kid",), emas=(1, 2),
+                                   steps=(1,), cfg=(1.5,), seed=9, kid_subsets=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main(["eval", "sweep", str(run), "--ref", str(ref), "--cfg", "1.5", "--steps", "1", "--ema", "1", "2",
-                     "--num-images", "4", "--seed", "9", "--out", str(tmp_path / "out"), "--device", "cpu",
-                     "--metrics", "kid", "--kid-subsets", "3"]) == 0
+        returned = sweep.run(settings, torch.device("cpu"))
     assert [(c, s) for c, s, *_ in seen] == [(1.5, 1), (1.5, 1)]
     assert all(x[2:] == (list(range(4)), [0, 1, 2, 3], 9) for x in seen)
     record = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert record == json.loads(json.dumps(returned))
     assert [r["ema"] for r in record["results"]] == [1, 2] and record["best"]["ema"] in (1, 2)
     # Same weights for both EMAs: the same images, so the same KID; without FID the best is by KID.
     assert record["results"][0]["kid_mean"] == pytest.approx(record["results"][1]["kid_mean"], rel=1e-6)
@@ -123,6 +125,12 @@ def test_sweep_errors(setup, tmp_path, capsys, monkeypatch):
     assert main(sweep_args(model, ref, tmp_path / "o", "--metrics", "is")) == 2
     err = capsys.readouterr().err
     assert "Inception Score" in err and "--inception-weights" in err
+    assert main(sweep_args(model, ref, tmp_path / "o", "--metrics", "fid", "pr")) == 2
+    assert "a sweep computes fid, kid, is, not pr" in capsys.readouterr().err
+    assert main(sweep_args(model, ref, tmp_path / "o", "--steps", "2", "0")) == 2
+    assert "steps must be >= 1, got [2, 0]" in capsys.readouterr().err
+    assert main(sweep_args(tmp_path / "missing", ref, tmp_path / "o")) == 2
+    assert "no model file or training run at" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

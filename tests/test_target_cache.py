@@ -62,7 +62,7 @@ def test_training_with_the_cache_equals_training_without(tmp_path, mode):
 
 def test_cached_targets_are_the_encoders_features_of_each_orientation(tmp_path):
     from pixelrepa.align.encoders import build_encoder
-    from pixelrepa.data.idx import to_model_range
+    from pixelrepa.data.transforms import to_model_range
 
     pack = make_pack(tmp_path / "pack", count=20)
     config = config_for(pack, tmp_path / "run", **{"align.target_cache": "auto"})

@@ -278,3 +278,46 @@ def test_torchrun_two_processes(pack, tmp_path, parallel):
     result = subprocess.run(command, env=_child_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [step for step, _ in losses(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_no_host_sync_between_logging_steps(pack, tmp_path, monkeypatch):
+    """`.item()`, `.tolist()`, `bool()`, `float()` of a tensor from pixelrepa's own code outside the
+    CPU-side data pipeline (on a GPU each waits for the device), counted per step: none in a step
+    that neither logs nor checkpoints."""
+    import sys
+
+    from pixelrepa.training import trainer
+
+    events: list[str] = []
+    package, data_pipeline = str(REPO / "pixelrepa"), str(REPO / "pixelrepa" / "data")
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(package) and not caller.startswith(data_pipeline):
+                events.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    real_accumulate = trainer._accumulate
+
+    def marking(*args, **kwargs):
+        events.append("step")
+        return real_accumulate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_accumulate", marking)
+    config = tiny_config(pack, tmp_path / "run", **{"train.steps": 8, "train.log_every": 4, "train.ckpt_every": 8})
+    train(config, progress=False)
+    per_step, count = [], None
+    for event in events:
+        if event == "step":
+            if count is not None:
+                per_step.append(count)
+            count = 0
+        elif count is not None:
+            count += 1
+    per_step.append(count)
+    assert len(per_step) == 8
+    assert per_step[:3] == [0, 0, 0] and per_step[4:7] == [0, 0, 0], per_step  # steps 1-3 and 5-7
+    assert per_step[3] > 0 and per_step[7] > 0  # the logging steps 4 and 8 do read values

@@ -18,7 +18,6 @@ Two families:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import importlib.resources
 import os
@@ -33,6 +32,7 @@ from timm.models import load_state_dict
 from torch import Tensor, nn
 
 from pixelrepa.config import EncoderConfig
+from pixelrepa.files import atomic_write, cache_dir, file_digest
 from pixelrepa.weights import encoder_file_metadata
 
 LITE0 = "efficientnet-lite0"
@@ -189,19 +189,15 @@ def lite0_weights(source: str | None = None) -> Path:
     timm key names is returned as is.
     """
     src = _existing(source) if source is not None else _packaged_lite0()
-    cache_dir = Path(os.environ.get("PIXELREPA_CACHE") or Path.home() / ".cache" / "pixelrepa")
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
-    cached = cache_dir / f"{_LITE0_TIMM}-{digest}.safetensors"
+    digest = file_digest(src)[:12]
+    cached = cache_dir() / f"{_LITE0_TIMM}-{digest}.safetensors"
     if cached.is_file():
         return cached
     state = load_state_dict(str(src))
     if "conv_stem.weight" in state:
         return src
     converted = _convert_lite0(state)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")  # atomic against concurrent writers
-    safetensors.torch.save_file(converted, str(tmp))
-    os.replace(tmp, cached)
+    atomic_write(cached, lambda tmp: safetensors.torch.save_file(converted, str(tmp)))  # concurrent writers too
     return cached
 
 

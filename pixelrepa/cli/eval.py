@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -86,7 +87,16 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                              f"({inception.CLASSIFIER_FILE}, or pytorch-fid's {inception.PYTORCH_FID_FILE}); "
                              "default: that file in torch hub's checkpoints/ folder when present")
     parser.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (default 10)")
-    sweep.add_arguments(parser)
+    group = parser.add_argument_group("sweep", "options of `pixelrepa eval sweep MODEL`")
+    group.add_argument("--cfg", type=float, nargs="+", help="sweep: CFG scales (default: the model's)")
+    group.add_argument("--ema", type=int, nargs="+", help="sweep: EMAs of a training run (default 1)")
+    group.add_argument("--steps", type=int, nargs="+", help="sweep: sampler step counts (default: the model's)")
+    group.add_argument("--method", choices=["heun", "euler"], help="sweep: sampler (default: the model's)")
+    group.add_argument("--interval", type=float, nargs=2, metavar=("MIN", "MAX"),
+                       help="sweep: guidance interval (default: the model's)")
+    group.add_argument("--num-images", type=int, help="sweep: images per setting")
+    group.add_argument("--per-class", type=int,
+                       help="sweep: consecutive images per class (default: N spread over every class)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,8 +107,7 @@ def run(args: argparse.Namespace) -> int:
         return in_process_group(args, device,
                                 lambda d: reference_stats(Path(args.paths[0]), Path(args.paths[1]), args, d))
     if args.samples == "sweep":
-        args.seed = 0 if args.seed is None else args.seed
-        return sweep.run(args, device)
+        return run_sweep(sweep_settings(args), device)
     if args.seed is None:
         args.seed = 2020
     if args.paths:
@@ -252,3 +261,52 @@ def evaluate(samples_path: Path, ref_path: Path, args: argparse.Namespace, devic
 def report_warnings(caught: list[warnings.WarningMessage]) -> None:
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
+
+
+def sweep_settings(args: argparse.Namespace) -> sweep.SweepSettings:
+    """`eval sweep`'s arguments, checked, as the library's settings (each list without repeats)."""
+    if len(args.paths) != 1:
+        raise ValueError("usage: pixelrepa eval sweep MODEL --ref REF.npz --cfg ... --num-images N --out DIR")
+    metrics = tuple(dict.fromkeys(args.metrics))
+    unsupported = [m for m in metrics if m not in sweep.SWEEP_METRICS]
+    if unsupported:
+        raise ValueError(f"a sweep computes {', '.join(sweep.SWEEP_METRICS)}, not {', '.join(unsupported)}; "
+                         "evaluate a sample folder with `pixelrepa eval` for that")
+    if args.ref is None and {"fid", "kid"} & set(metrics):
+        raise ValueError("--ref REF.npz is required: reference statistics (from `pixelrepa eval ref-stats`)")
+    if args.features != "inception":
+        raise ValueError(f"a sweep uses the Inception features, not --features {args.features}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("a sweep runs in one process: start it without torchrun")
+    if args.out is None:
+        raise ValueError("--out DIR is required: the folder for sweep.csv, sweep.md, sweep.json and sweep.png")
+    if args.num_images is None or args.num_images < 2:
+        raise ValueError(f"--num-images N >= 2 is required (the covariance needs 2 images), got {args.num_images}")
+    if "is" in metrics and (args.is_splits < 1 or args.num_images < args.is_splits):
+        raise ValueError(f"the Inception Score in --is-splits {args.is_splits} needs splits >= 1 and --num-images of "
+                         f"at least {max(args.is_splits, 1)}, got {args.num_images}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.per_class is not None and args.per_class < 1:
+        raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
+    emas = tuple(dict.fromkeys(args.ema or [1]))
+    if any(e < 1 for e in emas):
+        raise ValueError(f"EMA indices start at 1, got {list(emas)}")
+    steps = tuple(dict.fromkeys(args.steps)) if args.steps else None
+    if steps and any(s < 1 for s in steps):
+        raise ValueError(f"steps must be >= 1, got {list(steps)}")
+    return sweep.SweepSettings(
+        model=Path(args.paths[0]), out=args.out, num_images=args.num_images, ref=args.ref, metrics=metrics,
+        emas=emas, steps=steps, cfg=tuple(dict.fromkeys(args.cfg)) if args.cfg else None, method=args.method,
+        interval=tuple(args.interval) if args.interval else None, per_class=args.per_class,
+        batch_size=args.batch_size, seed=0 if args.seed is None else args.seed, kid_subsets=args.kid_subsets,
+        kid_subset_size=args.kid_subset_size, is_splits=args.is_splits, inception_weights=args.inception_weights)
+
+
+def run_sweep(settings: sweep.SweepSettings, device: torch.device) -> int:
+    """Run the sweep; print its table and best setting."""
+    record = sweep.run(settings, device)
+    print(sweep.format_markdown(record["results"]))
+    print(f"best: {sweep.describe_row(record['best'])} ({sweep.best_criterion(record['results'])})")
+    print(f"wrote {settings.out / 'sweep.csv'}, sweep.md, sweep.json, sweep.png")
+    return 0

@@ -3,12 +3,18 @@
 Re-running the same command resumes from the run folder's latest checkpoint. --init-from
 starts a new run (step 0, a run folder without checkpoints) from a released
 checkpoint-last.pth: its raw weights, both EMAs, the adapter and, where it provably fits,
-the optimizer state; the configuration is still this command's and must fit the weights."""
+the optimizer state; the configuration is still this command's and must fit the weights.
+One process trains a run folder at a time (OUT/train.lock). On SIGTERM or SIGUSR1 the run
+finishes its step, checkpoints and exits with status 75; --requeue then resubmits the SLURM job."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from pixelrepa.cli.common import add_config_arguments, resolve_config
@@ -26,6 +32,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         help="align.encoder.weights: a local encoder file, e.g. from `pixelrepa import --encoder-out`")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and stop")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--requeue", action="store_true",
+                        help="on a stop signal (train.stop_signals), after the checkpoint, resubmit this SLURM job "
+                             "with `scontrol requeue $SLURM_JOB_ID`")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,10 +46,29 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
+    from pixelrepa.training.runlock import PREEMPTED_EXIT_CODE, Preempted
     from pixelrepa.training.trainer import train
 
-    summary = train(config, resume=args.resume, progress=not args.no_progress, init_from=args.init_from)
+    try:
+        summary = train(config, resume=args.resume, progress=not args.no_progress, init_from=args.init_from)
+    except Preempted as stopped:
+        print(f"pixelrepa train: {stopped}", file=sys.stderr)
+        if args.requeue and int(os.environ.get("RANK", "0")) == 0:
+            requeue()
+        return PREEMPTED_EXIT_CODE
     if summary.rank == 0:
         print(f"trained to step {summary.steps}; run folder {summary.out_dir}; "
               f"last checkpoint {summary.last_checkpoint}")
     return 0
+
+
+def requeue() -> None:
+    """Put this SLURM job back in the queue (it then resumes from the checkpoint just written)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None or shutil.which("scontrol") is None:
+        print("pixelrepa train: --requeue: not a SLURM job (no SLURM_JOB_ID / scontrol); not requeued",
+              file=sys.stderr)
+        return
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    print(f"pixelrepa train: scontrol requeue {job}: "
+          + ("done" if done.returncode == 0 else f"failed ({done.stderr.strip()})"), file=sys.stderr)

@@ -1,9 +1,8 @@
-"""Image files on disk as uint8 data sets: an ImageNet-layout folder, or a flat labelled folder.
+"""Image files on disk as a uint8 data set: an ImageNet-layout folder.
 
-`ImageFolderDataset(root, size)` reads `root/CLASS/IMAGE` (the ImageNet train layout);
-`LabelledFilesDataset(folder, size)` reads a flat folder whose file names carry the label
-(`imagenet_06_17.jpg` -> 17, like foolbox's `data/`). Items are (uint8 (3, size, size), int
-label): decoded, converted by `to_rgb`, cut by `adm_center_crop`, optionally flipped.
+`ImageFolderDataset(root, size)` reads `root/CLASS/IMAGE` (the ImageNet train layout). Items
+are (uint8 (3, size, size), int label): decoded, converted by `to_rgb`, cut by
+`adm_center_crop`, optionally flipped.
 
 Files and classes
 - Image files are those with extension .jpeg .jpg .png .bmp .webp .tif .tiff, any case,
@@ -45,12 +44,9 @@ worker processes too.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import re
 from collections import Counter
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -201,55 +197,9 @@ def _match_classes(root: Path, folders: list[str], class_names: list[str] | None
     return names
 
 
-def label_from_last_number(name: str) -> int:
-    """The last run of digits in a file name's stem: 'imagenet_06_17.jpg' -> 17."""
-    numbers = re.findall(r"\d+", Path(name).stem)
-    if not numbers:
-        raise ValueError(f"no number in file name '{name}' to read a label from")
-    return int(numbers[-1])
-
-
-class LabelledFilesDataset(_ImageFiles):
-    """A flat folder of images whose names give the label; policy in the module docstring.
-
-    `pattern` (a glob) selects files, e.g. "imagenet_*" in foolbox's data folder;
-    `label_from_name(file_name) -> int` reads the label (default: the last number).
-    A name that gives no label is an error, not a skip.
-    """
-
-    def __init__(self, folder: str | Path, size: int, *,
-                 label_from_name: Callable[[str], int] = label_from_last_number, pattern: str = "*",
-                 hflip: bool = True, seed: int = 0, validate: bool = True) -> None:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"image folder {folder} does not exist")
-        files = [p for p in image_files(folder) if p.match(pattern)]
-        candidates = [(path, int(label_from_name(path.name))) for path in files]
-        super().__init__(folder, candidates, size, hflip=hflip, seed=seed, validate=validate)
-
-
-def foolbox_data_dir() -> Path:
-    """foolbox's `data/` folder (20 ImageNet images among others), found without importing foolbox."""
-    spec = importlib.util.find_spec("foolbox")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("foolbox is not installed (its data/ folder holds the sample images)")
-    return Path(list(spec.submodule_search_locations)[0]) / "data"
-
-
-def check_num_classes(dataset: ImageFolderDataset | LabelledFilesDataset, num_classes: int) -> None:
-    """Fail before training when the data's labels do not fit a model with `num_classes`.
-
-    An ImageFolderDataset must have exactly `num_classes` classes; a LabelledFilesDataset
-    (labels read from names) must have every label in [0, num_classes).
-    """
-    if isinstance(dataset, ImageFolderDataset):
-        if len(dataset.classes) != num_classes:
-            raise ValueError(f"{dataset.root} has {len(dataset.classes)} classes but the model has "
-                             f"num_classes={num_classes}: train on it with --set model.num_classes="
-                             f"{len(dataset.classes)}")
-        return
-    labels = [label for _, label in dataset.samples]
-    if min(labels) < 0 or max(labels) >= num_classes:
-        raise ValueError(f"{dataset.root} has labels from {min(labels)} to {max(labels)} but the model has "
-                         f"num_classes={num_classes} (labels must lie in [0, {num_classes - 1}]): train on "
-                         f"it with --set model.num_classes={max(labels) + 1}")
+def check_num_classes(dataset: ImageFolderDataset, num_classes: int) -> None:
+    """Fail before training when the folder's class count is not the model's `num_classes`."""
+    if len(dataset.classes) != num_classes:
+        raise ValueError(f"{dataset.root} has {len(dataset.classes)} classes but the model has "
+                         f"num_classes={num_classes}: train on it with --set model.num_classes="
+                         f"{len(dataset.classes)}")

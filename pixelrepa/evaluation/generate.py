@@ -27,9 +27,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from pixelrepa.config import RunConfig
-from pixelrepa.data.idx import to_uint8
+from pixelrepa.data.transforms import to_uint8
 from pixelrepa.sampling import sample
-from pixelrepa.files import atomic_write
+from pixelrepa.files import atomic_write, write_text_atomic
 from pixelrepa.training.checkpoint import export_sampling_checkpoint, find_checkpoint
 from pixelrepa.training.device import autocast_for
 
@@ -127,7 +127,7 @@ def prepare_output(out: Path, model_path: Path, settings: dict, overwrite: bool)
     for stale in (out / IMAGES_DIR).glob(".*.tmp-*"):  # left by an interrupted write
         stale.unlink()
     manifest = {"format": MANIFEST_FORMAT, "model": str(model_path.resolve()), "settings": settings}
-    atomic_write(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
 
 
 def _read_manifest(path: Path) -> dict | None:

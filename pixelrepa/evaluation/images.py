@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 from torch import Tensor
+
+from pixelrepa.files import atomic_write
 
 
 def save_labelled_grid(images: Tensor, row_labels: list[str], path: str | Path, scale: int = 2,
@@ -28,8 +29,5 @@ def save_labelled_grid(images: Tensor, row_labels: list[str], path: str | Path, 
             tile_img = Image.fromarray(tile).resize((w, h), Image.NEAREST)
             canvas.paste(tile_img, (label_width + pad + c * (w + pad), top))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
     return path

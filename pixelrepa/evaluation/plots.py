@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from pixelrepa.files import atomic_write
+
 Series = tuple[str, list[tuple[float, float]]]
 
 
@@ -54,10 +56,8 @@ def _plot_matplotlib(panels: list[Panel], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -136,6 +136,4 @@ def _plot_pil(panels: list[Panel], path: Path) -> None:
             ly = by + 10 + 14 * i
             draw.line([(bx + 6, ly), (bx + 24, ly)], fill=color, width=2)
             draw.text((bx + 30, ly - 6), name, fill="black", font=font)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

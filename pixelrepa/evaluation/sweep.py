@@ -1,39 +1,36 @@
 """Sampler sweeps: FID / KID (and the Inception Score) of a model over EMA x steps x CFG scale, in one process.
 
-  pixelrepa eval sweep MODEL --ref REF.npz --cfg 1.0 1.5 2.0 [--ema 1 2] [--steps 50 ...]
-                       --num-images N [--per-class K] [--batch-size B] [--seed S] --out DIR
-                       [--metrics fid kid is] [--inception-weights PATH]
+`run(SweepSettings(model, out, num_images, ref=..., cfg=..., ...), device)`; `pixelrepa eval sweep`
+is its command line. The model is a training run (or checkpoint) folder, whose EMAs `emas` picks, or
+a model file (or a folder holding `model.safetensors`), which has only its own weights. For every
+setting the same N images are drawn (image k from the noise of index k and `seed`, labels
+class-major with `per_class` per class: see `pixelrepa.evaluation.generate`), so settings differ
+only in the setting. Images are made and turned into Inception features batch by batch; only
+features stay in memory. The backbone and the feature network are built once, and each EMA's
+weights are loaded once for all its settings.
 
-MODEL is a training run (or checkpoint) folder, whose EMAs `--ema` picks, or a model file (or a
-folder holding `model.safetensors`), which has only its own weights. For every setting the same N
-images are drawn (image k from the noise of index k and `--seed`, labels class-major with K per
-class: see `pixelrepa.evaluation.generate`), so settings differ only in the setting. Images are made
-and turned into Inception features batch by batch; only features stay in memory. The backbone and
-the feature network are built once, and each EMA's weights are loaded once for all its settings.
-
-DIR gets sweep.csv, sweep.md (one row per setting), sweep.json (settings, results, the best
+`out` gets sweep.csv, sweep.md (one row per setting), sweep.json (settings, results, the best
 setting: lowest FID, else lowest KID, else highest IS; and which weights produced each metric) and
 sweep.png (FID, KID and IS, those computed, against the CFG scale, one line per EMA and step count).
 They are rewritten after every setting, so an interrupted sweep keeps what it finished.
 
-The Inception Score (`--metrics is`, 10 splits, torch-fidelity's split shuffle seed 2020) needs
-torch-fidelity's classifier weights (`--inception-weights PATH`, or its download cache: see
+The Inception Score (metric `is`, 10 splits, torch-fidelity's split shuffle seed 2020) needs
+torch-fidelity's classifier weights (`inception_weights`, or its download cache: see
 `pixelrepa.evaluation.inception`); the sweep refuses to start without them. The classifier runs on
 the same sampled batches as the feature network, so the images are sampled once. IS needs no
-reference: a sweep of IS alone may leave out --ref.
+reference: a sweep of IS alone may leave out `ref`.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import math
-import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,22 +59,44 @@ SWEEP_FORMAT = "pixelrepa-sweep/1"
 SWEEP_METRICS = ("fid", "kid", "is")
 COLUMNS = ("ema", "steps", "method", "cfg", "interval", "num_images", "fid", "kid_mean", "kid_std", "is_mean",
            "is_std", "seconds")
-KID_SEED = 2020  # KID subset draws (torch-fidelity's default); --seed is the sampling seed here
+KID_SEED = 2020  # KID subset draws (torch-fidelity's default); `seed` is the sampling seed here
 IS_SEED = 2020  # IS split shuffle (torch-fidelity's default)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options only `eval sweep` uses (it shares --ref, --metrics, --batch-size, --seed, --out, --device)."""
-    group = parser.add_argument_group("sweep", "options of `pixelrepa eval sweep MODEL`")
-    group.add_argument("--cfg", type=float, nargs="+", help="sweep: CFG scales (default: the model's)")
-    group.add_argument("--ema", type=int, nargs="+", help="sweep: EMAs of a training run (default 1)")
-    group.add_argument("--steps", type=int, nargs="+", help="sweep: sampler step counts (default: the model's)")
-    group.add_argument("--method", choices=["heun", "euler"], help="sweep: sampler (default: the model's)")
-    group.add_argument("--interval", type=float, nargs=2, metavar=("MIN", "MAX"),
-                       help="sweep: guidance interval (default: the model's)")
-    group.add_argument("--num-images", type=int, help="sweep: images per setting")
-    group.add_argument("--per-class", type=int,
-                       help="sweep: consecutive images per class (default: N spread over every class)")
+@dataclass(frozen=True)
+class SweepSettings:
+    """One sweep: the model, the sampler settings it runs through, the metrics, the output folder."""
+
+    model: Path
+    """A model file (or a folder holding model.safetensors), or a training run or checkpoint folder."""
+    out: Path
+    """Folder for sweep.csv, sweep.md, sweep.json and sweep.png."""
+    num_images: int
+    """Images sampled per setting: at least 2 (the covariance), and at least `is_splits` for IS."""
+    ref: Path | None = None
+    """Reference statistics (.npz from `eval ref-stats`) or reference images; FID and KID need it."""
+    metrics: tuple[str, ...] = ("fid",)
+    """Of SWEEP_METRICS, each once."""
+    emas: tuple[int, ...] = (1,)
+    """EMAs (1-based, each once) of a training run folder; a model file has only its own weights: (1,)."""
+    steps: tuple[int, ...] | None = None
+    """Sampler step counts (each once); None: the model's."""
+    cfg: tuple[float, ...] | None = None
+    """CFG scales (each once); None: the model's."""
+    method: str | None = None
+    """Sampler, heun or euler; None: the model's."""
+    interval: tuple[float, float] | None = None
+    """Guidance interval (min, max); None: the model's."""
+    per_class: int | None = None
+    """Consecutive images per class; None: `num_images` spread over every class."""
+    batch_size: int = 50
+    seed: int = 0
+    """Sampling seed: image k is drawn from the noise of index k and this seed."""
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    is_splits: int = 10
+    inception_weights: str | None = None
+    """torch-fidelity's classifier weights for the Inception Score; None: its download cache."""
 
 
 # ---------------------------------------------------------------------------
@@ -100,69 +119,38 @@ class GeneratedImages:
             yield images.permute(0, 2, 3, 1).numpy()
 
 
-def run(args: argparse.Namespace, device: torch.device) -> int:
-    """`pixelrepa eval sweep MODEL`: checks everything it can before any network is built."""
+def run(settings: SweepSettings, device: torch.device) -> dict:
+    """Sample and score every (EMA, steps, CFG) setting, rewriting the outputs after each; returns the
+    record of sweep.json. The model, the reference and the classifier weights are checked before any
+    network is built."""
     from pixelrepa.models.jit import JiT
     from pixelrepa.models.layers import set_attention_impl
     from pixelrepa.weights import load_model_file
 
-    if len(args.paths) != 1:
-        raise ValueError("usage: pixelrepa eval sweep MODEL --ref REF.npz --cfg ... --num-images N --out DIR")
-    model = Path(args.paths[0])
+    model, metrics = Path(settings.model), list(settings.metrics)
     if not model.exists():
         raise FileNotFoundError(f"no model file or training run at {model}")
-    metrics = list(dict.fromkeys(args.metrics))
-    unsupported = [m for m in metrics if m not in SWEEP_METRICS]
-    if unsupported:
-        raise ValueError(f"a sweep computes {', '.join(SWEEP_METRICS)}, not {', '.join(unsupported)}; "
-                         "evaluate a sample folder with `pixelrepa eval` for that")
-    needs_reference = bool({"fid", "kid"} & set(metrics))
-    if args.ref is None and needs_reference:
-        raise ValueError("--ref REF.npz is required: reference statistics (from `pixelrepa eval ref-stats`)")
-    if getattr(args, "features", "inception") != "inception":
-        raise ValueError(f"a sweep uses the Inception features, not --features {args.features}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("a sweep runs in one process: start it without torchrun")
-    if args.out is None:
-        raise ValueError("--out DIR is required: the folder for sweep.csv, sweep.md, sweep.json and sweep.png")
-    if args.num_images is None or args.num_images < 2:
-        raise ValueError(f"--num-images N >= 2 is required (the covariance needs 2 images), got {args.num_images}")
-    is_splits = getattr(args, "is_splits", 10)
-    if "is" in metrics and (is_splits < 1 or args.num_images < is_splits):
-        raise ValueError(f"the Inception Score in --is-splits {is_splits} needs splits >= 1 and --num-images of at "
-                         f"least {max(is_splits, 1)}, got {args.num_images}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.per_class is not None and args.per_class < 1:
-        raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
-    emas = list(dict.fromkeys(args.ema or [1]))
-    if any(e < 1 for e in emas):
-        raise ValueError(f"EMA indices start at 1, got {emas}")
     is_model_file = not model.is_dir() or (model / MODEL_FILE_NAME).is_file()
-    if is_model_file and emas != [1]:
-        raise ValueError(f"{model} is a model file with one set of weights: --ema {' '.join(map(str, emas))} "
+    if is_model_file and list(settings.emas) != [1]:
+        raise ValueError(f"{model} is a model file with one set of weights: --ema {' '.join(map(str, settings.emas))} "
                          "picks EMAs of a training run folder; pass the run folder, or leave --ema out")
-    steps_list = list(dict.fromkeys(args.steps)) if args.steps else None
-    if steps_list and any(s < 1 for s in steps_list):
-        raise ValueError(f"steps must be >= 1, got {steps_list}")
-
-    found = feature_networks.resolve_classifier(metrics, getattr(args, "inception_weights", None))
+    found = feature_networks.resolve_classifier(metrics, settings.inception_weights)
     if "is" in metrics and found is None:
         raise ValueError(f"the Inception Score is {inception.classifier_missing_reason()}")
     reference, ref_info = None, None
-    if args.ref is not None and needs_reference:
-        reference, ref_info = _reference(args.ref, "kid" in metrics, args.batch_size, device)
+    if settings.ref is not None and {"fid", "kid"} & set(metrics):
+        reference, ref_info = _reference(settings.ref, "kid" in metrics, settings.batch_size, device)
         if reference.features is not None and "kid" in metrics and len(reference.features) < 2:
-            raise ValueError(f"{args.ref} holds {len(reference.features)} feature row(s); KID needs at least 2")
+            raise ValueError(f"{settings.ref} holds {len(reference.features)} feature row(s); KID needs at least 2")
 
-    paths = {e: resolve_model_path(model, e) for e in emas} if not is_model_file else \
+    paths = {e: resolve_model_path(model, e) for e in settings.emas} if not is_model_file else \
         {None: resolve_model_path(model, 1)}
     extractor, network = inception.load_extractor(device), inception.describe()
     classifier = None
     if found is not None:  # one pass per batch through both networks: the images are sampled once
         classifier_net, classifier = feature_networks.build_classifier(found, device)
         extractor = feature_networks.WithClassifier(feature_networks.InceptionFeatures(extractor), classifier_net)
-    out: Path = args.out
+    out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"format": SWEEP_FORMAT, "model": str(model.resolve()),
               "model_files": {("model" if e is None else str(e)): str(p.resolve()) for e, p in paths.items()},
@@ -187,19 +175,18 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
         del groups
         base = config
         if record["settings"] is None:
-            layout = class_layout(config.model.num_classes, None,
-                                  args.per_class or max(1, math.ceil(args.num_images / config.model.num_classes)))
+            per_class = settings.per_class or max(1, math.ceil(settings.num_images / config.model.num_classes))
+            layout = class_layout(config.model.num_classes, None, per_class)
             record["settings"] = {
-                "emas": list(paths), "steps": steps_list or [config.sampler.steps],
-                "cfg": list(dict.fromkeys(args.cfg or [config.sampler.cfg_scale])),
-                "method": args.method or config.sampler.method,
-                "interval": list(args.interval) if args.interval else [config.sampler.interval_min,
-                                                                       config.sampler.interval_max],
-                "num_images": args.num_images, "per_class": layout.per_class, "seed": args.seed,
-                "metrics": metrics, "batch_size": args.batch_size, "device": str(device), "fid_eps": FID_EPS,
-                "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size, "kid_seed": KID_SEED,
-                "is_splits": is_splits, "is_seed": IS_SEED,
-                "inception_weights": getattr(args, "inception_weights", None)}
+                "emas": list(paths), "steps": list(settings.steps or [config.sampler.steps]),
+                "cfg": list(settings.cfg or [config.sampler.cfg_scale]),
+                "method": settings.method or config.sampler.method,
+                "interval": list(settings.interval or [config.sampler.interval_min, config.sampler.interval_max]),
+                "num_images": settings.num_images, "per_class": layout.per_class, "seed": settings.seed,
+                "metrics": metrics, "batch_size": settings.batch_size, "device": str(device), "fid_eps": FID_EPS,
+                "kid_subsets": settings.kid_subsets, "kid_subset_size": settings.kid_subset_size,
+                "kid_seed": KID_SEED, "is_splits": settings.is_splits, "is_seed": IS_SEED,
+                "inception_weights": settings.inception_weights}
         s = record["settings"]
         for steps in s["steps"]:
             for cfg in s["cfg"]:
@@ -207,35 +194,31 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
                                                    "sampler.method": s["method"],
                                                    "sampler.interval_min": s["interval"][0],
                                                    "sampler.interval_max": s["interval"][1]})
-                row = evaluate_setting(net, setting, layout, args, reference, extractor, device, metrics, record)
+                row = evaluate_setting(net, setting, layout, settings, reference, extractor, device, record)
                 row["ema"] = ema
                 record["results"].append({k: row[k] for k in COLUMNS} | {"kid": row.get("kid"), "is": row.get("is")})
                 record["best"] = best_setting(record["results"])
                 write_outputs(out, record, write_text_atomic)
-    best = record["best"]
-    print(format_markdown(record["results"]))
-    print(f"best: {describe_row(best)} ({best_criterion(record['results'])})")
-    print(f"wrote {out / 'sweep.csv'}, sweep.md, sweep.json, sweep.png")
-    return 0
+    return record
 
 
-def evaluate_setting(net, config: RunConfig, layout, args, reference: Reference | None, extractor, device,
-                     metrics: list[str], record: dict) -> dict:
+def evaluate_setting(net, config: RunConfig, layout, settings: SweepSettings, reference: Reference | None,
+                     extractor, device, record: dict) -> dict:
     """Sample the images of one setting, their features (and classifier logits, when `extractor` is a
     `WithClassifier`) batch by batch, and the metrics."""
     s = config.sampler
     start = time.perf_counter()
-    source = GeneratedImages(net, config, args.num_images, layout, args.batch_size, device, args.seed)
+    source = GeneratedImages(net, config, settings.num_images, layout, settings.batch_size, device, settings.seed)
     label = f"{s.method} {s.steps} steps, CFG {s.cfg_scale:g}"
-    with tqdm(total=args.num_images, desc=label, unit="img", dynamic_ncols=True, disable=None) as bar:
-        features = extract_features(source, extractor, args.batch_size, device, bar.update)
+    with tqdm(total=settings.num_images, desc=label, unit="img", dynamic_ncols=True, disable=None) as bar:
+        features = extract_features(source, extractor, settings.batch_size, device, bar.update)
     logits = None
     if isinstance(extractor, feature_networks.WithClassifier):
         features, logits = extractor.split(features)
     row = {"steps": s.steps, "method": s.method, "cfg": s.cfg_scale,
            "interval": f"{s.interval_min:g}-{s.interval_max:g}", "num_images": len(features),
            "fid": None, "kid_mean": None, "kid_std": None, "kid": None, "is_mean": None, "is_std": None, "is": None}
-    if "fid" in metrics:
+    if "fid" in settings.metrics:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             mu, sigma = feature_statistics(features)
@@ -244,12 +227,12 @@ def evaluate_setting(net, config: RunConfig, layout, args, reference: Reference 
                 record["warnings"].append(str(w.message))
                 print(f"warning: {w.message}", file=sys.stderr)
         row["fid"] = frechet_distance(mu, sigma, reference.mu, reference.sigma)
-    if "kid" in metrics:
-        kid = kernel_inception_distance(features, reference.features, args.kid_subsets, args.kid_subset_size,
-                                        KID_SEED)
+    if "kid" in settings.metrics:
+        kid = kernel_inception_distance(features, reference.features, settings.kid_subsets,
+                                        settings.kid_subset_size, KID_SEED)
         row.update(kid=kid, kid_mean=float(kid["mean"]), kid_std=float(kid["std"]))
-    if "is" in metrics:
-        score = inception_score(logits, getattr(args, "is_splits", 10), IS_SEED)
+    if "is" in settings.metrics:
+        score = inception_score(logits, settings.is_splits, IS_SEED)
         row.update({"is": score, "is_mean": float(score["value"]), "is_std": float(score["std"])})
     row["seconds"] = round(time.perf_counter() - start, 3)
     return row

@@ -114,18 +114,6 @@ class JiT(nn.Module):
         x = self.run_blocks(x, c, y_emb, tap, self.config.depth)
         return self.head(x, c), tapped
 
-    def forward_encoder(self, z: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        """Image tokens after the first `in_context_start` blocks (the released split)."""
-        x, c, y_emb = self.embed(z, t, y)
-        return self.run_blocks(x, c, y_emb, 0, self.config.in_context_start)
-
-    def forward_decoder(self, tokens: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        """The remaining blocks and the head, from `forward_encoder`'s tokens."""
-        y_emb = self.y_embed(y)
-        c = self.t_embed(t) + y_emb
-        x = self.run_blocks(tokens, c, y_emb, self.config.in_context_start, self.config.depth)
-        return self.head(x, c)
-
 
 def count_parameters(module: nn.Module, include_fixed_tables: bool = False) -> int:
     """Learnable parameters (131.12M for JiT-B/16); optionally plus the fixed sin-cos table,

@@ -37,10 +37,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from pixelrepa.config import RunConfig
-from pixelrepa.training.ema import BackboneEMA
 from pixelrepa.weights import load_model_file, save_model_file
 
 FORMAT = "pixelrepa-train-checkpoint/1"
@@ -58,32 +57,8 @@ def rng_file(rank: int) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Model groups and RNG state
+# RNG state
 # ---------------------------------------------------------------------------
-
-def checkpoint_groups(net: nn.Module, head: nn.Module | None, ema: BackboneEMA) -> dict[str, dict[str, Tensor]]:
-    """The model file's groups: `net`, `head` (if any), `ema1`, `ema2`, ..."""
-    groups = {"net": net.state_dict()}
-    if head is not None:
-        groups["head"] = head.state_dict()
-    for k in range(len(ema.shadows)):
-        groups[f"ema{k + 1}"] = ema.state_dict(k)
-    return groups
-
-
-def restore_groups(groups: dict[str, dict[str, Tensor]], net: nn.Module, head: nn.Module | None,
-                   ema: BackboneEMA) -> None:
-    """Load the groups of `checkpoint_groups` back (strictly); `ema.step` is the trainer's."""
-    net.load_state_dict(groups["net"])
-    if head is not None:
-        if "head" not in groups:
-            raise KeyError("checkpoint has no 'head' group for the alignment head")
-        head.load_state_dict(groups["head"])
-    for k in range(len(ema.shadows)):
-        if f"ema{k + 1}" not in groups:
-            raise KeyError(f"checkpoint has no 'ema{k + 1}' group (EMA decays {ema.config.decays})")
-        ema.load_state_dict(k, groups[f"ema{k + 1}"])
-
 
 def capture_rng_state() -> dict[str, Any]:
     """This process's Python, NumPy, torch CPU and CUDA RNG states, in weights-only-loadable types."""

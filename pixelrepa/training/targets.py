@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from pixelrepa.config import RunConfig
 from pixelrepa.data.packed import IMAGES, PackedDataset
-from pixelrepa.data.idx import to_model_range
+from pixelrepa.data.transforms import to_model_range
 from pixelrepa.files import write_text_atomic
 from pixelrepa.training.parallel import DistInfo
 

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from pixelrepa.config import KernelConfig, RunConfig
-from pixelrepa.data.idx import to_model_range
+from pixelrepa.data.transforms import to_model_range
 from pixelrepa.data.loader import make_loader
 from pixelrepa.evaluation.images import save_labelled_grid
 from pixelrepa.interop.init_from import load_released_weights, released_optimizer_state
@@ -35,6 +36,7 @@ from pixelrepa.training.device import autocast_for, kernels_for_run, prepare_enc
 from pixelrepa.training.ema import BackboneEMA
 from pixelrepa.training.module import TrainingModule
 from pixelrepa.training.optim import learning_rate, make_optimizer
+from pixelrepa.training.runlock import Preempted, RunFolderBusy, StopSignals, run_folder_lock
 from pixelrepa.training.targets import PackWithTargets, with_target_cache
 from pixelrepa.training.parallel import (
     DistInfo,
@@ -91,7 +93,8 @@ def train(config: RunConfig, resume: str | Path | None = None, progress: bool = 
     run folder without checkpoints (SPEC 8; `pixelrepa.interop.init_from`)."""
     dist = init_distributed()
     try:
-        summary = _train(config, dist, resume, progress, init_from)
+        with _run_folder_lock(Path(config.train.out_dir), dist), StopSignals(config.train.stop_signals) as stop:
+            summary = _train(config, dist, resume, progress, init_from, stop)
     except BaseException:
         shutdown_distributed(barrier=False)
         raise
@@ -99,8 +102,28 @@ def train(config: RunConfig, resume: str | Path | None = None, progress: bool = 
     return summary
 
 
+@contextmanager
+def _run_folder_lock(out_dir: Path, dist: DistInfo):
+    """Rank 0 holds the run folder's lock; every rank stops if it cannot (runlock.py)."""
+    with ExitStack() as stack:
+        refused = None
+        if dist.is_main:
+            try:
+                stack.enter_context(run_folder_lock(out_dir))
+            except RunFolderBusy as err:
+                refused = err
+        if dist.world_size > 1:
+            message = [str(refused) if refused else None]
+            torch.distributed.broadcast_object_list(message, src=0)
+            if message[0] is not None and refused is None:
+                refused = RunFolderBusy(message[0])
+        if refused is not None:
+            raise refused
+        yield
+
+
 def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progress: bool,
-           init_from: str | Path | None) -> RunSummary:
+           init_from: str | Path | None, stop: StopSignals) -> RunSummary:
     out_dir = Path(config.train.out_dir)
     device = dist.device
     accum = accumulation_steps(config, dist.world_size)
@@ -114,7 +137,7 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
     dataset = build_dataset(config, out_dir, dist)
     if config.align.target_cache is not None and config.align.mode != "none":
         eager = dataclasses.replace(config.kernels, compile="none")  # one pass: not worth compiling
-        dataset = with_target_cache(config, dataset, _build_encoder(config, eager, device), dist, progress)
+        dataset = with_target_cache(config, dataset, _build_encoder(config, eager, dist), dist, progress)
     loader = make_loader(dataset, config.train.per_device_batch, num_workers=config.data.num_workers,
                          seed=config.train.seed, rank=dist.rank, world_size=dist.world_size)
     steps_per_epoch = len(loader) // accum
@@ -126,7 +149,7 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
     module = TrainingModule(config).to(device)
     start = load_released_weights(released, module) if released is not None else None
     kernels = kernels_for_run(config.kernels, device, total_steps)
-    encoder = None if isinstance(dataset, PackWithTargets) else _build_encoder(config, kernels, device)
+    encoder = None if isinstance(dataset, PackWithTargets) else _build_encoder(config, kernels, dist)
     if dist.is_main and device.type == "cpu" and kernels.compile == "model":
         compiled = "the model" if encoder is None else "the model and the target encoder"
         logger.warning("compiling %s for the CPU (%d steps, kernels.compile=%s): about a minute before the first "
@@ -163,6 +186,11 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
     timer = time.perf_counter()
     data_iter, data_epoch = None, -1
     step = start_step
+    # Skipping a non-finite step exactly needs the answer before the update (a host sync per
+    # step); otherwise the first non-finite step is recorded on the device and checked later.
+    exact_skips = config.train.max_nonfinite_skips > 0
+    first_bad = torch.tensor(-1, device=device)
+    grad_norm = None
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         if epoch != data_epoch:
@@ -178,11 +206,15 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
                 f"out of memory at step {step} with per_device_batch {config.train.per_device_batch}: lower it "
                 f"(accumulation keeps the global batch {config.optim.global_batch}) or set "
                 "train.activation_checkpointing=true") from err
-        if _all_finite(losses["total"], dist):
-            grad_norm = _clip(model, config.optim.grad_clip)
+        logs_next = (step + 1) % config.train.log_every == 0 or step + 1 == total_steps
+        if not exact_skips or _all_finite(losses["total"], dist):
+            if config.optim.grad_clip is not None or logs_next:  # a collective under FSDP2: only when needed
+                grad_norm = _clip(model, config.optim.grad_clip)
             optimizer.step()
             ema.update(unwrap(model).net)
-            window.append(losses | {"grad_norm": grad_norm})
+            window.append(losses)
+            if not exact_skips:  # checked at the next logging or checkpoint step, without a host sync here
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses["total"]), step, first_bad)
         else:
             skipped_steps += 1
             values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
@@ -197,11 +229,18 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
         step += 1
         bar.update(1)
 
-        if window and (step % config.train.log_every == 0 or step == total_steps):
+        signal_name = stop.requested()  # a stop signal: this step is logged and checkpointed, then the run ends
+        logs = window and (step % config.train.log_every == 0 or step == total_steps or signal_name)
+        saves = step % config.train.ckpt_every == 0 or step == total_steps or signal_name
+        if (logs or saves) and not exact_skips:
+            _raise_if_nonfinite(first_bad, step, last_checkpoint, dist)
+        if logs:
             elapsed = time.perf_counter() - timer
             metrics = reduce_mean({k: torch.stack([w[k] for w in window]).mean() for k in window[0]}, dist)
             metrics.update(lr=lr, img_per_s=len(window) * config.optim.global_batch / elapsed,
                            skipped_steps=skipped_steps)
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)  # of the logging step
             if device.type == "cuda":
                 metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if writer is not None:
@@ -209,10 +248,16 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
             bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("total", "denoise", "align") if k in metrics}
                             | {"img/s": f"{metrics['img_per_s']:.0f}"})
             window, timer, last_metrics = [], time.perf_counter(), metrics
-        if step % config.train.ckpt_every == 0 or step == total_steps:
+        if saves:
             last_checkpoint = _save(out_dir, step, config, model, optimizer, ema, dist, skipped_steps, steps_per_epoch)
         if config.train.sample_every and (step % config.train.sample_every == 0 or step == total_steps):
             _sample_grid(out_dir / "samples" / f"step-{step:08d}.png", config, ema, unwrap(model).net, dist)
+        if signal_name:
+            bar.close()
+            if writer is not None:
+                writer.close()
+            logger.warning("%s: stopping after step %d with checkpoint %s", signal_name, step, last_checkpoint)
+            raise Preempted(signal_name, step, last_checkpoint)
     bar.close()
     if writer is not None:
         writer.close()
@@ -244,6 +289,21 @@ def _accumulate(model, encoder, data_iter, config: RunConfig, dist: DistInfo, st
     return totals
 
 
+def _raise_if_nonfinite(first_bad: torch.Tensor, step: int, last_checkpoint: Path | None, dist: DistInfo) -> None:
+    """NonFiniteLossError if any rank saw a non-finite loss since the run (re)started: before a
+    log line or a checkpoint is written, so no checkpoint holds weights updated by one."""
+    earliest = torch.where(first_bad < 0, torch.iinfo(torch.int64).max, first_bad).to(torch.int64)
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(earliest, op=torch.distributed.ReduceOp.MIN)
+    bad = earliest.item()
+    if bad != torch.iinfo(torch.int64).max:
+        raise NonFiniteLossError(
+            f"non-finite loss at step {bad} (found at step {step}, when logging or checkpointing; steps {bad}-"
+            f"{step - 1} are not saved); the last good checkpoint is "
+            f"{last_checkpoint or 'none (no checkpoint written yet)'}; train.max_nonfinite_skips=N skips up to "
+            "N such steps instead (checking every step)")
+
+
 def _all_finite(total: torch.Tensor, dist: DistInfo) -> bool:
     flag = torch.isfinite(total).float()
     if dist.world_size > 1:
@@ -257,12 +317,19 @@ def _clip(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def _build_encoder(config: RunConfig, kernels: KernelConfig, device: torch.device):
+def _build_encoder(config: RunConfig, kernels: KernelConfig, dist: DistInfo):
+    """The frozen target encoder; under torchrun rank 0 builds it first (a hub download lands
+    in the shared cache once) while the other ranks wait, then they load the cached weights."""
     if config.align.mode == "none":
         return None
     from pixelrepa.align.encoders import build_encoder
 
-    return prepare_encoder(build_encoder(config.align.encoder).to(device), kernels, device)
+    if dist.world_size > 1 and not dist.is_main:
+        torch.distributed.barrier()
+    encoder = prepare_encoder(build_encoder(config.align.encoder).to(dist.device), kernels, dist.device)
+    if dist.world_size > 1 and dist.is_main:
+        torch.distributed.barrier()
+    return encoder
 
 
 def _resume_point(out_dir: Path, resume: str | Path | None) -> Path | None:
