@@ -26,3 +26,27 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torc
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
     return module
+
+
+def write_legacy_checkpoint(source: Path, run_dir: Path) -> Path:
+    """Rewrite checkpoint `source` (format 2) as format 1 (model.safetensors + optimizer.pt,
+    before DCP) under `run_dir/checkpoints/`, with the same step, state and RNG files."""
+    import json
+    import shutil
+
+    from pixelrepa.training import checkpoint as ckpt
+    from pixelrepa.weights import save_model_file
+
+    state = ckpt.read_state(source)
+    info = json.loads((source / ckpt.STATE).read_text())
+    folder = run_dir / ckpt.CHECKPOINTS / source.name
+    folder.mkdir(parents=True)
+    groups = {g: {k[len(g) + 1:]: v for k, v in state["model"].items() if k.startswith(f"{g}.")} for g in ("net", "head")}
+    groups = {g: v for g, v in groups.items() if v} | {k: v for k, v in state.items() if k.startswith("ema")}
+    save_model_file(folder / ckpt.LEGACY_MODEL, ckpt.RunConfig.from_dict(info["config"]), groups, {})
+    torch.save(state["optimizer"], folder / ckpt.LEGACY_OPTIMIZER)
+    for rng in source.glob("rng-rank*.pt"):
+        shutil.copy(rng, folder / rng.name)
+    (folder / ckpt.STATE).write_text(json.dumps({**info, "format": ckpt.LEGACY_FORMAT}))
+    (run_dir / ckpt.CHECKPOINTS / ckpt.LATEST).write_text(f"{source.name}\n")
+    return folder

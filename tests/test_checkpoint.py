@@ -1,11 +1,11 @@
-"""Training checkpoints: round trip, pruning, `latest`, crash safety, export, multi-rank RNG."""
+"""Training checkpoints: round trip, pruning, `latest`, crash safety, export, RNG files, format 1."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
-import threading
-from concurrent.futures import ThreadPoolExecutor
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +20,18 @@ from pixelrepa.training.checkpoint import (
     finalize_checkpoint,
     find_checkpoint,
     load_checkpoint,
+    load_state,
+    read_state,
     restore_rng_state,
     save_checkpoint,
-    stage_checkpoint,
     write_rank_rng,
 )
 from pixelrepa.training.ema import BackboneEMA
 from pixelrepa.training.module import TrainingModule
+from pixelrepa.training.parallel import load_sharded_state, sharded_state
 from pixelrepa.weights import load_model_file
 
-from helpers import randomize_
+from helpers import randomize_, write_legacy_checkpoint
 
 TRAIN_STATE = {"epoch": 3, "data": {"index": 17, "images": 1234}, "ema_step": 1,
                "scheduler": {"last_lr": 1e-4}, "elapsed": 12.5}
@@ -38,31 +40,26 @@ TRAIN_STATE = {"epoch": 3, "data": {"index": 17, "images": 1234}, "ema_step": 1,
 class Run:
     """A tiny PixelREPA model one AdamW step and one EMA update into training."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, train: bool = True):
         torch.manual_seed(seed)
         self.config = get_preset("PixelREPA-Micro/8")
         self.module = randomize_(TrainingModule(self.config), seed=seed)
         self.optimizer = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad], lr=1e-3)
         self.ema = BackboneEMA(self.module.net, self.config.ema)
-        sum(p.square().sum() for p in self.module.parameters()).backward()
-        self.optimizer.step()
-        self.ema.update(self.module.net)
+        if train:
+            sum(p.square().sum() for p in self.module.parameters()).backward()
+            self.optimizer.step()
+            self.ema.update(self.module.net)
+            self.optimizer.zero_grad(set_to_none=True)
 
-    def groups(self):
-        """The model file's groups, as the trainer writes them: net, head, ema1, ema2."""
-        return {"net": self.module.net.state_dict(), "head": self.module.head.state_dict(),
+    def state(self) -> dict:
+        """The checkpoint state, as the trainer passes it."""
+        return {**sharded_state(self.module, self.optimizer),
                 **{f"ema{k + 1}": self.ema.state_dict(k) for k in range(len(self.ema.shadows))}}
-
-    def restore(self, groups) -> None:
-        self.module.net.load_state_dict(groups["net"])
-        self.module.head.load_state_dict(groups["head"])
-        for k in range(len(self.ema.shadows)):
-            self.ema.load_state_dict(k, groups[f"ema{k + 1}"])
 
     def save(self, out: Path, step: int, keep_last: int = 10, keep_every: int | None = None,
              train_state: dict | None = None) -> Path:
-        return save_checkpoint(out, step, config=self.config, groups=self.groups(),
-                               optimizer_state=self.optimizer.state_dict(),
+        return save_checkpoint(out, step, config=self.config, state=self.state(),
                                train_state=TRAIN_STATE if train_state is None else train_state,
                                keep_last=keep_last, keep_every=keep_every)
 
@@ -86,32 +83,42 @@ def assert_states_equal(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
-def test_round_trip(run, tmp_path):
-    random.gauss(0, 1)  # leave cached Gaussians in Python's and NumPy's generators
-    np.random.standard_normal()
-    folder = run.save(tmp_path, 1200)
-    expected = draws()
-    assert folder == tmp_path / "checkpoints" / "step-00001200"
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "model.safetensors", "optimizer.pt", "rng-rank0.pt", "state.json"]
-
-    loaded = load_checkpoint(tmp_path)
-    assert loaded.path == folder and loaded.step == 1200
-    assert loaded.config == run.config
-    assert loaded.train_state == TRAIN_STATE
-    assert set(loaded.groups) == {"net", "head", "ema1", "ema2"}
-    restore_rng_state(loaded.rng_state)
-    assert draws() == expected
-
-    fresh = Run(seed=1)
-    fresh.restore(loaded.groups)
-    fresh.optimizer.load_state_dict(loaded.optimizer_state)
+def assert_same_training_state(fresh: Run, run: Run) -> None:
     assert_states_equal(fresh.module.state_dict(), run.module.state_dict())
     for k in range(2):
         assert_states_equal(fresh.ema.state_dict(k), run.ema.state_dict(k))
     for mine, theirs in zip(fresh.optimizer.state.values(), run.optimizer.state.values()):
         assert_states_equal(mine, theirs)
     assert fresh.optimizer.state_dict()["param_groups"] == run.optimizer.state_dict()["param_groups"]
+
+
+def test_round_trip(run, tmp_path):
+    random.gauss(0, 1)  # leave cached Gaussians in Python's and NumPy's generators
+    np.random.standard_normal()
+    folder = run.save(tmp_path, 1200)
+    expected = draws()
+    assert folder == tmp_path / "checkpoints" / "step-00001200"
+    assert sorted(p.name for p in folder.iterdir()) == ["rng-rank0.pt", "state", "state.json"]
+    assert sorted(p.name for p in (folder / "state").iterdir()) == [".metadata", "__0_0.distcp"]
+
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.path == folder and loaded.step == 1200 and loaded.world_size == 1 and not loaded.legacy
+    assert loaded.config == run.config
+    assert loaded.train_state == TRAIN_STATE
+    restore_rng_state(loaded.rng_state)
+    assert draws() == expected
+
+    fresh = Run(seed=1, train=False)  # a new process: fresh optimizer, no state yet
+    state = fresh.state()
+    load_state(folder, state)
+    load_sharded_state(fresh.module, fresh.optimizer, state)
+    assert_same_training_state(fresh, run)
+
+    full = read_state(folder)  # one process, no model: whole tensors by name
+    assert set(full) == {"model", "optimizer", "ema1", "ema2"}
+    assert_states_equal(full["model"], run.module.state_dict())
+    assert_states_equal(full["ema2"], run.ema.state_dict(1))
+    assert full["optimizer"]["param_groups"][0]["lr"] == 1e-3
 
 
 def test_pruning_keeps_last_and_every(run, tmp_path):
@@ -133,10 +140,10 @@ def test_latest_pointer(run, tmp_path):
     assert find_checkpoint(tmp_path) == root / "step-00000020"
     (root / "latest").write_text("step-00000040\n")  # names a missing folder: highest complete one
     assert find_checkpoint(tmp_path) == root / "step-00000030"
-    (root / "step-00000030" / "optimizer.pt").unlink()  # incomplete: skipped
+    (root / "step-00000030" / "state" / ".metadata").unlink()  # incomplete: skipped
     assert find_checkpoint(tmp_path) == root / "step-00000020"
     assert find_checkpoint(root / "step-00000010") == root / "step-00000010"
-    with pytest.raises(FileNotFoundError, match="optimizer.pt"):
+    with pytest.raises(FileNotFoundError, match="state/.metadata"):
         find_checkpoint(root / "step-00000030")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
@@ -170,9 +177,8 @@ def test_interrupted_write_keeps_previous(run, tmp_path, monkeypatch):
 def test_stale_tmp_folder_ignored_then_removed(run, tmp_path):
     run.save(tmp_path, 100)
     root = tmp_path / "checkpoints"
-    stale = stage_checkpoint(tmp_path, 900, config=run.config, groups=run.groups(),
-                             optimizer_state={}, train_state={})
-    write_rank_rng(stale, 0)  # complete except for the rename
+    stale = run.save(tmp_path / "elsewhere", 900)  # complete except for the rename
+    shutil.move(stale, root / ".step-00000900.tmp")
     (root / ".step-00000100.old-1").mkdir()
     (root / ".latest.tmp-1").write_text("step-00000900\n")
     assert find_checkpoint(tmp_path).name == "step-00000100"
@@ -196,15 +202,16 @@ def test_resave_same_step(run, tmp_path, monkeypatch):
 def test_corrupt_files_raise_naming_the_file(run, tmp_path):
     run.save(tmp_path, 100)
     newest = run.save(tmp_path, 200)
-    model = newest / "model.safetensors"
-    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    shards = newest / "state" / "__0_0.distcp"
+    shards.write_bytes(shards.read_bytes()[: shards.stat().st_size // 2])
     assert find_checkpoint(tmp_path) == newest  # completeness is by files present
-    with pytest.raises(ValueError, match="model.safetensors"):
-        load_checkpoint(tmp_path)
-    assert load_checkpoint(tmp_path / "checkpoints" / "step-00000100").step == 100
+    with pytest.raises(ValueError, match="state"):
+        read_state(newest)
+    assert read_state(tmp_path / "checkpoints" / "step-00000100", ("ema1",))["ema1"].keys() == \
+        run.ema.state_dict(0).keys()
     newest = run.save(tmp_path, 300)
-    (newest / "optimizer.pt").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="optimizer.pt"):
+    (newest / "rng-rank0.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="rng-rank0.pt"):
         load_checkpoint(newest)
     (newest / "state.json").write_text("{")
     with pytest.raises(ValueError, match="state.json"):
@@ -226,37 +233,34 @@ def test_export_keeps_only_the_ema_backbone(run, tmp_path):
         export_sampling_checkpoint(folder, tmp_path / "bad.safetensors", ema=3)
 
 
-def test_multi_rank_two_phase(run, tmp_path):
-    tmp = stage_checkpoint(tmp_path, 50, config=run.config, groups=run.groups(),
-                           optimizer_state=run.optimizer.state_dict(), train_state=TRAIN_STATE, world_size=2)
-    torch.manual_seed(0)
-    write_rank_rng(tmp, 0)
+def test_finalize_waits_for_every_rank_rng_file(run, tmp_path):
+    folder = run.save(tmp_path / "one", 50)
+    tmp = tmp_path / "checkpoints" / ".step-00000050.tmp"
+    tmp.parent.mkdir()
+    shutil.copytree(folder, tmp)
+    info = json.loads((tmp / "state.json").read_text())
+    (tmp / "state.json").write_text(json.dumps({**info, "world_size": 2}))  # as two processes save it
     with pytest.raises(FileNotFoundError, match="rng-rank1.pt"):
         finalize_checkpoint(tmp, keep_last=3, keep_every=None)
     torch.manual_seed(1)  # rank 1 is another process with its own state
     rank1 = capture_rng_state()["torch"]
     write_rank_rng(tmp, 1)
     folder = finalize_checkpoint(tmp, keep_last=3, keep_every=None)
-    assert load_checkpoint(folder, rank=0).rng_state["torch"].equal(torch.manual_seed(0).get_state())
     assert load_checkpoint(folder, rank=1).rng_state["torch"].equal(rank1)
-    with pytest.raises(FileNotFoundError, match="rng-rank2.pt"):
-        load_checkpoint(folder, rank=2)
+    assert load_checkpoint(folder, rank=2).rng_state is None  # a third process: resharded resume
 
 
-def test_save_checkpoint_with_barrier(run, tmp_path):
-    barrier = threading.Barrier(2, timeout=30)
-
-    def rank(r: int) -> Path:
-        payload = (run.groups(), run.optimizer.state_dict(), TRAIN_STATE) if r == 0 else ({}, {}, {})
-        return save_checkpoint(tmp_path, 60, config=run.config, groups=payload[0], optimizer_state=payload[1],
-                               train_state=payload[2], keep_last=3, keep_every=None, rank=r, world_size=2,
-                               barrier=barrier.wait)
-
-    with ThreadPoolExecutor(2) as pool:
-        paths = [f.result() for f in [pool.submit(rank, r) for r in (0, 1)]]
-    assert paths[0] == paths[1] == tmp_path / "checkpoints" / "step-00000060"
-    assert sorted(p.name for p in paths[0].glob("rng-rank*.pt")) == ["rng-rank0.pt", "rng-rank1.pt"]
-    assert load_checkpoint(tmp_path, rank=1).train_state == TRAIN_STATE
-    with pytest.raises(ValueError, match="barrier"):
-        save_checkpoint(tmp_path, 70, config=run.config, groups={}, optimizer_state={}, train_state={},
-                        keep_last=3, keep_every=None, rank=0, world_size=2)
+def test_format_1_checkpoints_still_load(run, tmp_path):
+    folder = run.save(tmp_path / "new", 100)
+    legacy = write_legacy_checkpoint(folder, tmp_path / "old")
+    assert find_checkpoint(tmp_path / "old") == legacy
+    loaded = load_checkpoint(tmp_path / "old")
+    assert loaded.legacy and loaded.step == 100 and loaded.train_state == TRAIN_STATE
+    old, new = read_state(legacy), read_state(folder)
+    assert old.keys() == new.keys()
+    assert_states_equal(old["model"], new["model"])
+    assert_states_equal(old["ema1"], new["ema1"])
+    export_sampling_checkpoint(legacy, tmp_path / "old.safetensors", ema=2)
+    export_sampling_checkpoint(folder, tmp_path / "new.safetensors", ema=2)
+    assert_states_equal(load_model_file(tmp_path / "old.safetensors")[1]["net"],
+                        load_model_file(tmp_path / "new.safetensors")[1]["net"])

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 
 from pixelrepa.config import get_preset
@@ -22,8 +23,6 @@ from pixelrepa.training.parallel import (
     _env_from_slurm,
     _first_host,
     broadcast_object,
-    full_optimizer_state_dict,
-    full_state_dict,
     init_distributed,
     load_full_optimizer_state_dict,
     load_full_state_dict,
@@ -156,6 +155,23 @@ def assert_states_close(actual: dict, expected: dict) -> None:
 # ---------------------------------------------------------------------------
 # Two gloo processes
 # ---------------------------------------------------------------------------
+
+def _gathered(state: dict, info: DistInfo) -> dict | None:
+    # Offloading leaves CPU tensors as the live ones: copy them so later steps leave the result alone.
+    return copy.deepcopy(state) if info.is_main else None
+
+
+def full_state_dict(wrapped, info: DistInfo) -> dict | None:
+    """The whole model state on rank 0 (None elsewhere); collective."""
+    return _gathered(get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True,
+                                                                            cpu_offload=True)), info)
+
+
+def full_optimizer_state_dict(wrapped, optimizer, info: DistInfo) -> dict | None:
+    """The whole optimizer state, keyed by parameter name, on rank 0; collective."""
+    return _gathered(get_optimizer_state_dict(wrapped, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True)), info)
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -19,6 +19,8 @@ from pixelrepa.data.packed import pack_arrays
 from pixelrepa.training import checkpoint as ckpt
 from pixelrepa.training.trainer import NonFiniteLossError, train
 
+from helpers import write_legacy_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -61,8 +63,10 @@ def test_runs_and_writes_everything(pack, tmp_path, mode):
     assert [r["step"] for r in log] == list(range(1, 9))
     assert all(np.isfinite(r["total"]) for r in log) and ("align" in log[0]) == (mode != "none")
     loaded = ckpt.load_checkpoint(ckpt.find_checkpoint(tmp_path / "run"))
-    assert loaded.train_state["step"] == 8 and {"net", "ema1", "ema2"} <= set(loaded.groups)
-    assert ("head" in loaded.groups) == (mode != "none")
+    state = ckpt.read_state(loaded.path)
+    assert loaded.train_state["step"] == 8 and set(state) == {"model", "optimizer", "ema1", "ema2"}
+    assert any(k.startswith("net.") for k in state["model"])
+    assert any(k.startswith("head.") for k in state["model"]) == (mode != "none")
     assert (tmp_path / "run" / "samples" / "step-00000008.png").is_file()
     assert json.loads((tmp_path / "run" / "classes.json").read_text()) == [str(c) for c in range(10)]
 
@@ -80,6 +84,17 @@ def test_resume_is_bit_identical(pack, tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("PIXELREPA_COMPILE_TESTS"),
                     reason="compiles three times (about a minute cold); set PIXELREPA_COMPILE_TESTS=1")
+def test_a_format_1_checkpoint_resumes_bit_identical(pack, tmp_path):
+    """A run checkpointed before DCP (model.safetensors + optimizer.pt) continues exactly."""
+    train(tiny_config(pack, tmp_path / "reference"), progress=False)
+    train(tiny_config(pack, tmp_path / "new", **{"train.steps": 4}), progress=False)
+    old = tmp_path / "old"
+    write_legacy_checkpoint(ckpt.find_checkpoint(tmp_path / "new"), old)
+    (old / "log.jsonl").write_bytes((tmp_path / "new" / "log.jsonl").read_bytes())
+    train(tiny_config(pack, old), progress=False)
+    assert losses(old) == losses(tmp_path / "reference")
+
+
 def test_compiled_cpu_run_resumes_bit_identical(pack, tmp_path, caplog):
     """compile='auto' compiles a long CPU run (here: from 0 steps on); resuming recompiles the
     same code, so the losses still match the uninterrupted run exactly."""
@@ -145,30 +160,42 @@ def test_kill_9_at_a_random_step_then_resume(pack, tmp_path):
 
 _CRASH_IN_SAVE = """
 import os, signal, sys
+from torch.distributed.checkpoint import FileSystemWriter
 from pixelrepa.training import checkpoint
 from pixelrepa.cli.main import main
-real_replace = os.replace
+moment = sys.argv.pop(1)
 saves = []
-def replace(src, dst):
-    # kill -9 the second checkpoint write after its files are written, before the rename
-    if str(src).endswith(".tmp") and "step-" in str(src) and os.path.isdir(src):
-        saves.append(src)
-        if len(saves) == 2:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return real_replace(src, dst)
-checkpoint.os.replace = replace
+def crash_on_second_save():
+    saves.append(1)
+    if len(saves) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+if moment == "shards":  # the second save's shard files are written, DCP's metadata is not
+    real_finish = FileSystemWriter.finish
+    def finish(self, *args, **kwargs):
+        crash_on_second_save()
+        return real_finish(self, *args, **kwargs)
+    FileSystemWriter.finish = finish
+else:  # every file of the second save is written, the folder is not renamed yet
+    real_replace = os.replace
+    def replace(src, dst):
+        if str(src).endswith(".tmp") and "step-" in str(src) and os.path.isdir(src):
+            crash_on_second_save()
+        return real_replace(src, dst)
+    checkpoint.os.replace = replace
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_kill_9_while_writing_a_checkpoint_keeps_the_previous_one(pack, tmp_path):
+@pytest.mark.parametrize("moment", ["shards", "rename"])
+def test_kill_9_while_writing_a_checkpoint_keeps_the_previous_one(pack, tmp_path, moment):
     reference = tiny_config(pack, tmp_path / "reference")
     train(reference, progress=False)
     config = tiny_config(pack, tmp_path / "run")
     config_path = _write_config(config, tmp_path / "run.json")
-    crashed = subprocess.run([sys.executable, "-c", _CRASH_IN_SAVE, "train", "--config", str(config_path),
+    crashed = subprocess.run([sys.executable, "-c", _CRASH_IN_SAVE, moment, "train", "--config", str(config_path),
                               "--no-progress"], env=_child_env(), capture_output=True, text=True)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    assert (tmp_path / "run" / "checkpoints" / ".step-00000008.tmp").is_dir()  # the interrupted save
     survivor = ckpt.find_checkpoint(tmp_path / "run")
     assert survivor.name == "step-00000004"
     assert ckpt.load_checkpoint(survivor).train_state["step"] == 4
@@ -201,7 +228,7 @@ def test_non_finite_loss_stops_and_names_the_last_checkpoint(pack, tmp_path, mon
     assert "step 5" in message and "step-00000004" in message
     loaded = ckpt.load_checkpoint(ckpt.find_checkpoint(tmp_path / "run"))
     assert loaded.train_state["step"] == 4
-    assert all(torch.isfinite(v).all() for v in loaded.groups["net"].values())
+    assert all(torch.isfinite(v).all() for v in ckpt.read_state(loaded.path)["model"].values())
 
 
 def test_non_finite_loss_may_be_skipped(pack, tmp_path, monkeypatch):
@@ -211,8 +238,7 @@ def test_non_finite_loss_may_be_skipped(pack, tmp_path, monkeypatch):
     assert summary.steps == 8
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["skipped_steps"] == 1 and 3 not in [r["step"] for r in log]
-    loaded = ckpt.load_checkpoint(ckpt.find_checkpoint(tmp_path / "run"))
-    assert all(torch.isfinite(v).all() for v in loaded.groups["net"].values())
+    assert all(torch.isfinite(v).all() for v in ckpt.read_state(tmp_path / "run")["model"].values())
 
 
 def test_batch_split_must_divide(pack, tmp_path):
@@ -271,7 +297,8 @@ def test_torchrun_two_processes(pack, tmp_path, parallel):
     result = subprocess.run(command, env=_child_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = ckpt.load_checkpoint(ckpt.find_checkpoint(tmp_path / "run"), rank=1)
-    assert loaded.train_state["step"] == 4 and set(loaded.groups) >= {"net", "head", "ema1", "ema2"}
+    assert loaded.train_state["step"] == 4 and loaded.world_size == 2 and loaded.rng_state is not None
+    assert sorted(p.name for p in (loaded.path / "state").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert [step for step, _ in losses(tmp_path / "run")] == [1, 2, 3, 4]
     longer = _write_config(config.replace(**{"train.steps": 6}), tmp_path / "longer.json")
     command[command.index(str(config_path))] = str(longer)

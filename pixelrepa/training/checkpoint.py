@@ -2,28 +2,33 @@
 
 A checkpoint is a folder `OUT/checkpoints/step-00001200/` holding
 
-- `model.safetensors`: a model file (`pixelrepa.weights`) with groups `net` (the raw
-  backbone state), `head` (the alignment head, if any) and `ema1`, `ema2`, ... (the EMA
-  parameters; buffers live in `net` only), and the run config in its metadata;
-- `optimizer.pt`: the optimiser state dict;
+- `state/`: a `torch.distributed.checkpoint` (DCP) folder with the training state:
+  `model` (the TrainingModule's state, keys `net.*` and `head.*`), `optimizer` (keyed by
+  parameter name, as `get_optimizer_state_dict` gives it) and `ema1`, `ema2`, ... (the EMA
+  parameters; buffers live in `model` only). Every rank writes only what it holds (its
+  FSDP2 shards; under DDP the replicated tensors are written once in all) and reads only
+  what it needs, so a checkpoint saved by N processes resumes on M (DCP reshards);
 - `rng-rank{r}.pt`: every RNG state of rank r (Python, NumPy, torch CPU, CUDA);
 - `state.json`: format tag, step, world size, save time, the full config and the
-  trainer's own state (`train`: epoch, data position, EMA step, scheduler, ...).
+  trainer's own state (`train`: epoch, data position, EMA step, ...).
 
+Checkpoints of format 1 (`model.safetensors` + `optimizer.pt`, before DCP) still load:
+`read_legacy` gives their full state, which the trainer broadcasts from rank 0.
 Every `.pt` file loads with `torch.load(..., weights_only=True)`.
 
-Write protocol (a crash never costs the previous checkpoint): rank 0 removes stale
-staging folders and writes model, optimiser and state into `checkpoints/.step-N.tmp/`;
-every rank adds its `rng-rank{r}.pt`; rank 0 checks that all files are there, fsyncs,
-renames the folder to `step-N` (an existing `step-N` is first moved aside and deleted
-only once the rename has succeeded), fsyncs `checkpoints/`, points `checkpoints/latest`
-at it (temporary file + rename) and prunes. The staging name depends on the step only,
-so all ranks find it without communicating. Readers ignore every name starting with a
-dot; the next save removes what a crashed one left behind.
+Write protocol (a crash at any moment never costs the previous checkpoint): rank 0 removes
+stale staging folders and creates `checkpoints/.step-N.tmp/`; every rank writes its part of
+`state/` (DCP, fsynced) and its `rng-rank{r}.pt`; rank 0 adds `state.json`, checks that all
+files are there, fsyncs, renames the folder to `step-N` (an existing `step-N` is first moved
+aside and deleted only once the rename has succeeded), fsyncs `checkpoints/`, points
+`checkpoints/latest` at it (temporary file + rename) and prunes. The staging name depends on
+the step only, so all ranks find it without communicating. Readers ignore every name starting
+with a dot; the next save removes what a crashed one left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -31,29 +36,41 @@ import random
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import Tensor
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from pixelrepa.config import RunConfig
 from pixelrepa.weights import load_model_file, save_model_file
 
-FORMAT = "pixelrepa-train-checkpoint/1"
+FORMAT = "pixelrepa-train-checkpoint/2"
+LEGACY_FORMAT = "pixelrepa-train-checkpoint/1"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
-MODEL = "model.safetensors"
-OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
-REQUIRED = (STATE, MODEL, OPTIMIZER)
+SHARDS = "state"
+SHARDS_METADATA = f"{SHARDS}/.metadata"
+REQUIRED = (STATE, SHARDS_METADATA)
+LEGACY_MODEL = "model.safetensors"
+LEGACY_OPTIMIZER = "optimizer.pt"
+LEGACY_REQUIRED = (STATE, LEGACY_MODEL, LEGACY_OPTIMIZER)
 _STEP_NAME = re.compile(r"step-(\d+)")
-
 
 def rng_file(rank: int) -> str:
     return f"rng-rank{rank}.pt"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 # ---------------------------------------------------------------------------
@@ -94,65 +111,51 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 # Saving
 # ---------------------------------------------------------------------------
 
-def save_checkpoint(out_dir: str | Path, step: int, *, config: RunConfig, groups: dict[str, dict[str, Tensor]],
-                    optimizer_state: dict[str, Any], train_state: dict[str, Any], keep_last: int,
-                    keep_every: int | None, rank: int = 0, world_size: int = 1,
-                    barrier: Callable[[], Any] | None = None) -> Path:
+def save_checkpoint(out_dir: str | Path, step: int, *, config: RunConfig, state: dict[str, Any],
+                    train_state: dict[str, Any], keep_last: int, keep_every: int | None) -> Path:
     """Write checkpoint `step` under `out_dir/checkpoints/` and return its folder.
 
-    Single process: one call. Several processes: every rank calls it with
-    `barrier=torch.distributed.barrier`; only rank 0's `groups`, `optimizer_state` and
-    `train_state` are written (other ranks may pass empty dicts), every rank writes its
-    own RNG file. On return the checkpoint is complete on every rank (if rank 0 fails,
-    the others wait in the barrier until its timeout). `train_state` must be
+    `state`: the DCP state (`model`, `optimizer`, `ema1`, ...: tensors, DTensors and plain
+    values); in a process group every rank calls this with its own `state` (a collective).
+    On return the checkpoint is complete on every rank. `train_state` (rank 0's) must be
     JSON-serialisable.
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
-    if world_size > 1 and barrier is None:
-        raise ValueError("a multi-process save needs a barrier (e.g. torch.distributed.barrier)")
-    sync = barrier or (lambda: None)
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    distributed = _distributed()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    sync = dist.barrier if distributed else (lambda: None)
     root = Path(out_dir) / CHECKPOINTS
+    tmp = _staging_dir(root, step)
     if rank == 0:
-        stage_checkpoint(out_dir, step, config=config, groups=groups, optimizer_state=optimizer_state,
-                         train_state=train_state, world_size=world_size)
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale(root)
+        tmp.mkdir()
     sync()
-    write_rank_rng(_staging_dir(root, step), rank)
+    with _single_process_quiet():
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp / SHARDS, sync_files=True), no_dist=not distributed)
+    write_rank_rng(tmp, rank)
+    if rank == 0:
+        state_text = json.dumps({"format": FORMAT, "step": step, "world_size": world_size, "saved_at": time.time(),
+                                 "config": config.to_dict(), "train": train_state}, indent=1)
+        _write_file(tmp / STATE, lambda f: f.write(state_text.encode()))
     sync()
     final = root / _folder_name(step)
     if rank == 0:
-        finalize_checkpoint(_staging_dir(root, step), keep_last=keep_last, keep_every=keep_every)
+        finalize_checkpoint(tmp, keep_last=keep_last, keep_every=keep_every)
     sync()
     return final
 
 
-def stage_checkpoint(out_dir: str | Path, step: int, *, config: RunConfig, groups: dict[str, dict[str, Tensor]],
-                     optimizer_state: dict[str, Any], train_state: dict[str, Any], world_size: int = 1) -> Path:
-    """Phase 1 (rank 0): remove stale staging folders, write model, optimiser and state
-    into the staging folder `checkpoints/.step-N.tmp/` and return it."""
-    state_text = json.dumps({"format": FORMAT, "step": step, "world_size": world_size, "saved_at": time.time(),
-                             "config": config.to_dict(), "train": train_state}, indent=1)
-    root = Path(out_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale(root)
-    tmp = _staging_dir(root, step)
-    tmp.mkdir()
-    save_model_file(tmp / MODEL, config, groups, {"checkpoint_step": str(step)})
-    _fsync(tmp / MODEL)
-    _write_file(tmp / OPTIMIZER, lambda f: torch.save(optimizer_state, f))
-    _write_file(tmp / STATE, lambda f: f.write(state_text.encode()))
-    return tmp
-
-
 def write_rank_rng(tmp_dir: str | Path, rank: int) -> Path:
-    """Phase 2 (every rank, after rank 0 has staged): this process's RNG state file."""
+    """This process's RNG state file in the staging folder."""
     state = capture_rng_state()
     return _write_file(Path(tmp_dir) / rng_file(rank), lambda f: torch.save(state, f))
 
 
 def finalize_checkpoint(tmp_dir: str | Path, *, keep_last: int, keep_every: int | None) -> Path:
-    """Phase 3 (rank 0, after every rank's RNG file is written): rename the staging
-    folder to its final name, update `latest`, prune; returns the final folder.
+    """Rank 0, once every rank has written its files: rename the staging folder to its final
+    name, update `latest`, prune; returns the final folder.
 
     Kept: the `keep_last` highest steps, every step that is a multiple of `keep_every`,
     and the one just written."""
@@ -160,11 +163,12 @@ def finalize_checkpoint(tmp_dir: str | Path, *, keep_last: int, keep_every: int 
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     tmp = Path(tmp_dir)
     state = _read_state(tmp / STATE)
-    needed = [*REQUIRED, *(rng_file(r) for r in range(state["world_size"]))]
+    needed = [*_required(tmp), *(rng_file(r) for r in range(state["world_size"]))]
     missing = [name for name in needed if not (tmp / name).is_file()]
     if missing:
         raise FileNotFoundError(f"cannot finalize {tmp}: missing {', '.join(missing)}")
-    _fsync(tmp)
+    for entry in [*tmp.rglob("*"), tmp]:  # DCP fsyncs its data files; this covers metadata and folders
+        _fsync(entry)
     root = tmp.parent
     final = root / _folder_name(state["step"])
     if final.exists():
@@ -242,20 +246,29 @@ def _prune(root: Path, keep: Path, keep_last: int, keep_every: int | None) -> No
 
 @dataclass
 class LoadedCheckpoint:
+    """What `state.json` and this rank's RNG file say; the tensors are read by `load_state`
+    (in place, sharded) or, for format 1, `read_legacy`."""
+
     path: Path
     step: int
+    format: str
+    world_size: int
+    """The number of processes that saved it."""
     config: RunConfig
-    groups: dict[str, dict[str, Tensor]]
-    optimizer_state: dict[str, Any]
     train_state: dict[str, Any]
-    rng_state: dict[str, Any]
-    """This rank's state, for `restore_rng_state`."""
+    rng_state: dict[str, Any] | None
+    """This rank's state, for `restore_rng_state`; None when the checkpoint was saved by
+    fewer processes than this rank needs."""
+
+    @property
+    def legacy(self) -> bool:
+        return self.format == LEGACY_FORMAT
 
 
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder itself, or for a run folder or its `checkpoints/` the one named
-    by `latest` if complete, else the highest-step complete one. Complete: state.json,
-    model.safetensors and optimizer.pt exist (contents are checked on loading)."""
+    by `latest` if complete, else the highest-step complete one. Complete: state.json and
+    the DCP metadata (format 1: model.safetensors and optimizer.pt) exist."""
     path = Path(path)
     if _STEP_NAME.fullmatch(path.name) or (path / STATE).is_file():
         missing = _missing(path)
@@ -277,41 +290,125 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, rank: int = 0) -> LoadedCheckpoint:
-    """Everything needed to resume rank `rank`, from `find_checkpoint(path)`, on the CPU.
+    """The step, config, trainer state and rank `rank`'s RNG state of `find_checkpoint(path)`.
 
     A file that exists but cannot be read raises ValueError naming it."""
     folder = find_checkpoint(path)
     state = _read_state(folder / STATE)
-    _, groups, _ = load_model_file(folder / MODEL)
-    optimizer_state = _load_torch(folder / OPTIMIZER)
     rng_path = folder / rng_file(rank)
-    if not rng_path.is_file():
-        raise FileNotFoundError(f"no RNG state for rank {rank}: {rng_path} is missing "
-                                f"(checkpoint saved with world size {state['world_size']})")
-    return LoadedCheckpoint(folder, state["step"], RunConfig.from_dict(state["config"]), groups,
-                            optimizer_state, state["train"], _load_torch(rng_path))
+    if rank < state["world_size"] and not rng_path.is_file():
+        raise FileNotFoundError(f"no RNG state for rank {rank}: {rng_path} is missing")
+    rng_state = _load_torch(rng_path) if rank < state["world_size"] else None
+    return LoadedCheckpoint(folder, state["step"], state["format"], state["world_size"],
+                            RunConfig.from_dict(state["config"]), state["train"], rng_state)
+
+
+def load_state(folder: str | Path, state: dict[str, Any]) -> None:
+    """Read a format-2 checkpoint's `state/` into `state` in place (each rank its own shards
+    of every tensor, whatever the process count that saved it); a collective in a process
+    group. Every key of `state` must be in the checkpoint."""
+    _dcp_load(state, Path(folder) / SHARDS, no_dist=not _distributed())
+
+
+def _dcp_load(state: dict[str, Any], shards: Path, no_dist: bool) -> None:
+    try:
+        with _single_process_quiet():
+            dcp.load(state, storage_reader=dcp.FileSystemReader(shards), no_dist=no_dist)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, CheckpointException) as err:
+        raise ValueError(f"{shards} is not a readable checkpoint state: {err}") from None
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it assumes a single process even where it is told so (no_dist=True)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def read_state(folder: str | Path, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Full (unsharded) CPU copies of a checkpoint's state in this process alone: the
+    top-level entries `keys` (default all) of `model`, `optimizer`, `ema1`, ... For inspection
+    and export; resuming uses `load_state`. Format 1 gives the same layout."""
+    folder = find_checkpoint(folder)
+    if _read_state(folder / STATE)["format"] == LEGACY_FORMAT:
+        groups, optimizer = read_legacy(folder)
+        state = {"model": {f"{g}.{k}": v for g in ("net", "head") if g in groups for k, v in groups[g].items()},
+                 "optimizer": optimizer, **{g: v for g, v in groups.items() if g.startswith("ema")}}
+        return {k: v for k, v in state.items() if keys is None or k in keys}
+    try:
+        metadata = dcp.FileSystemReader(folder / SHARDS).read_metadata()
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{folder / SHARDS_METADATA} is not readable checkpoint metadata: {err}") from None
+    state: dict[str, Any] = {}
+    for key, path in metadata.planner_data.items():
+        if keys is not None and path[0] not in keys:
+            continue
+        entry = metadata.state_dict_metadata[key]
+        value = (torch.empty(entry.size, dtype=entry.properties.dtype)
+                 if isinstance(entry, TensorStorageMetadata) else None)  # plain values are read into place
+        _set_path(state, path, value)
+    _dcp_load(state, folder / SHARDS, no_dist=True)
+    return state
+
+
+def _set_path(tree: dict[str, Any], path: tuple, value: Any) -> None:
+    """tree[path[0]][path[1]]... = value, creating dicts (and lists for integer keys)."""
+    node: Any = tree
+    for key, after in zip(path[:-1], path[1:]):
+        child_type = list if isinstance(after, int) else dict
+        if isinstance(node, list):
+            while len(node) <= key:
+                node.append(None)
+            if node[key] is None:
+                node[key] = child_type()
+        elif key not in node:
+            node[key] = child_type()
+        node = node[key]
+    if isinstance(node, list):
+        while len(node) <= path[-1]:
+            node.append(None)
+    node[path[-1]] = value
+
+
+def read_legacy(folder: str | Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+    """A format-1 checkpoint's model-file groups (`net`, `head`, `ema1`, ...) and full optimizer state."""
+    folder = Path(folder)
+    _, groups, _ = load_model_file(folder / LEGACY_MODEL)
+    return groups, _load_torch(folder / LEGACY_OPTIMIZER)
+
+
+def backbone_with_ema(checkpoint_path: str | Path, ema: int = 1) -> tuple[RunConfig, dict[str, Tensor], int]:
+    """(config, full backbone state with EMA `ema` (1-based) as its parameters, step)."""
+    folder = find_checkpoint(checkpoint_path)
+    state = _read_state(folder / STATE)
+    name = f"ema{ema}"
+    emas = sorted(f"ema{k + 1}" for k in range(len(RunConfig.from_dict(state["config"]).ema.decays)))
+    if name not in emas:
+        raise ValueError(f"{folder} has no EMA {ema} (available: {', '.join(emas) or 'none'})")
+    tensors = read_state(folder, ("model", name))
+    net = {k[4:]: v for k, v in tensors["model"].items() if k.startswith("net.")}
+    unknown = sorted(set(tensors[name]) - set(net))
+    if unknown:
+        raise ValueError(f"{folder}: EMA {ema} has '{unknown[0]}', which the backbone lacks")
+    return RunConfig.from_dict(state["config"]), {**net, **tensors[name]}, state["step"]
 
 
 def export_sampling_checkpoint(checkpoint_path: str | Path, out_file: str | Path, ema: int = 1) -> Path:
     """Write a model file holding only EMA `ema` (1-based) as a full backbone state
     (EMA parameters + the net's buffers) under group `net`, as `pixelrepa sample` reads."""
     folder = find_checkpoint(checkpoint_path)
-    state = _read_state(folder / STATE)
-    config, groups, _ = load_model_file(folder / MODEL)
-    name = f"ema{ema}"
-    if name not in groups:
-        available = sorted(g for g in groups if g.startswith("ema"))
-        raise ValueError(f"{folder / MODEL} has no EMA {ema} (available: {', '.join(available) or 'none'})")
-    net = groups["net"]
-    unknown = sorted(set(groups[name]) - set(net))
-    if unknown:
-        raise ValueError(f"{folder / MODEL}: EMA {ema} has '{unknown[0]}', which the backbone lacks")
-    provenance = {"source": str(folder.resolve()), "ema": str(ema), "step": str(state["step"])}
-    return save_model_file(out_file, config, {"net": {**net, **groups[name]}}, provenance)
+    config, net, step = backbone_with_ema(folder, ema)
+    provenance = {"source": str(folder.resolve()), "ema": str(ema), "step": str(step)}
+    return save_model_file(out_file, config, {"net": net}, provenance)
+
+
+def _required(folder: Path) -> tuple[str, ...]:
+    return LEGACY_REQUIRED if (folder / LEGACY_MODEL).is_file() else REQUIRED
 
 
 def _missing(folder: Path) -> list[str]:
-    return [name for name in REQUIRED if not (folder / name).is_file()]
+    return [name for name in _required(folder) if not (folder / name).is_file()]
 
 
 def _step_folders(root: Path) -> list[tuple[int, Path]]:
@@ -326,7 +423,7 @@ def _read_state(path: Path) -> dict[str, Any]:
         state = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ValueError(f"{path} is not a readable checkpoint state file: {err}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in (FORMAT, LEGACY_FORMAT):
         tag = state.get("format") if isinstance(state, dict) else None
         raise ValueError(f"{path} is not a pixelrepa training checkpoint (format tag {tag!r}, expected {FORMAT!r})")
     return state

@@ -1,11 +1,11 @@
-"""Multi-process training: process-group set-up, DDP / FSDP2 wrapping, full state dicts.
+"""Multi-process training: process-group set-up, DDP / FSDP2 wrapping, state for checkpoints.
 
 One process per device. `init_distributed` reads torchrun's or SLURM's environment;
 `wrap_for_training` puts the `TrainingModule` under DDP or FSDP2 (optionally with
 per-block activation checkpointing); `no_sync_context` skips gradient sync on the
-accumulation micro-steps; the `full_*state_dict` helpers give and take whole,
-unsharded, FQN-keyed state (the keys of `TrainingModule.state_dict()`), the same in
-every mode, so checkpoints do not depend on how a run was parallelised.
+accumulation micro-steps. `sharded_state` / `load_sharded_state` give and take the state
+each rank holds, and `load_full_*` take a whole state from rank 0, always under the keys of
+`TrainingModule.state_dict()`, so checkpoints do not depend on how a run was parallelised.
 
 Typical use::
 
@@ -24,7 +24,6 @@ Typical use::
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import os
 import re
@@ -266,18 +265,8 @@ def no_sync_context(wrapped: nn.Module, enabled: bool) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------
-# Full (unsharded) state
+# State for checkpoints
 # ---------------------------------------------------------------------------
-
-def _gather_options() -> StateDictOptions:
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def _snapshot(state: dict[str, Any], dist_info: DistInfo) -> dict[str, Any]:
-    # Offloading copies device tensors to the CPU, but CPU tensors come back as the live
-    # parameters / optimizer buffers themselves: copy them so later steps leave the result alone.
-    return copy.deepcopy(state) if dist_info.device.type == "cpu" else state
-
 
 def _load_options() -> StateDictOptions:
     # A full state on rank 0 is broadcast (and sharded where needed) to the other ranks.
@@ -286,31 +275,30 @@ def _load_options() -> StateDictOptions:
     return StateDictOptions()
 
 
-def full_state_dict(wrapped: nn.Module, dist_info: DistInfo) -> dict[str, Tensor] | None:
-    """A snapshot of the whole model state on the CPU under `TrainingModule.state_dict()`'s
-    keys, on rank 0; None on the other ranks. Collective: every rank must call it."""
-    state = get_model_state_dict(wrapped, options=_gather_options())
-    return _snapshot(state, dist_info) if dist_info.is_main else None
+def sharded_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`{"model": ..., "optimizer": ...}` as this rank holds them (FSDP2: its shards as DTensors;
+    otherwise whole tensors), under `TrainingModule.state_dict()`'s keys in every mode, for
+    `torch.distributed.checkpoint`. A fresh optimizer's state is first created (a step at lr 0
+    with zero gradients, which changes no parameter) so that a checkpoint can be read into it."""
+    return {"model": get_model_state_dict(wrapped), "optimizer": get_optimizer_state_dict(wrapped, optimizer)}
+
+
+def load_sharded_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """Put a `sharded_state` layout (as read from a checkpoint) into the model and optimizer."""
+    set_model_state_dict(wrapped, state["model"])
+    set_optimizer_state_dict(wrapped, optimizer, state["optimizer"])
 
 
 def load_full_state_dict(wrapped: nn.Module, state: Mapping[str, Tensor] | None) -> None:
-    """Load a whole model state (as `full_state_dict` gives). In a process group only rank
+    """Load a whole model state (`TrainingModule.state_dict()` keys). In a process group only rank
     0's `state` is read (others may pass None); it is broadcast and sharded as needed.
     Keys must match exactly. Collective."""
     set_model_state_dict(wrapped, dict(state or {}), options=_load_options())
 
 
-def full_optimizer_state_dict(wrapped: nn.Module, optimizer: torch.optim.Optimizer,
-                              dist_info: DistInfo) -> dict[str, Any] | None:
-    """A snapshot of the whole optimizer state on the CPU, keyed by parameter FQN (as the
-    model state), on rank 0; None on the other ranks. Collective."""
-    state = get_optimizer_state_dict(wrapped, optimizer, options=_gather_options())
-    return _snapshot(state, dist_info) if dist_info.is_main else None
-
-
 def load_full_optimizer_state_dict(wrapped: nn.Module, optimizer: torch.optim.Optimizer,
                                    state: Mapping[str, Any] | None) -> None:
-    """Load an optimizer state from `full_optimizer_state_dict`; in a process group only rank
+    """Load a whole optimizer state (keyed by parameter name); in a process group only rank
     0's `state` is read. Collective. Like `Optimizer.load_state_dict`, the optimizer may keep
     (and go on to update) tensors of `state`: pass a copy if `state` is used afterwards."""
     set_optimizer_state_dict(wrapped, optimizer, dict(state or {}), options=_load_options())

@@ -17,6 +17,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -40,19 +41,24 @@ from pixelrepa.training.runlock import Preempted, RunFolderBusy, StopSignals, ru
 from pixelrepa.training.targets import PackWithTargets, with_target_cache
 from pixelrepa.training.parallel import (
     DistInfo,
-    full_optimizer_state_dict,
-    full_state_dict,
+    broadcast_object,
     init_distributed,
     load_full_optimizer_state_dict,
     load_full_state_dict,
+    load_sharded_state,
     no_sync_context,
     reduce_mean,
+    sharded_state,
     shutdown_distributed,
     unwrap,
     wrap_for_training,
 )
 
 logger = logging.getLogger("pixelrepa.train")
+
+
+MAX_SLOTS = 1024
+"""Micro-batches per step (processes x accumulation) that draw distinct noise."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,13 +81,20 @@ def accumulation_steps(config: RunConfig, world_size: int) -> int:
     if config.optim.global_batch % per_step:
         raise ValueError(f"global_batch {config.optim.global_batch} is not a multiple of per_device_batch "
                          f"{config.train.per_device_batch} x {world_size} processes")
-    return config.optim.global_batch // per_step
+    accum = config.optim.global_batch // per_step
+    if accum * world_size > MAX_SLOTS:
+        raise ValueError(f"{accum * world_size} micro-batches per step (global_batch {config.optim.global_batch} / "
+                         f"per_device_batch {config.train.per_device_batch}) exceed {MAX_SLOTS}: raise "
+                         "train.per_device_batch")
+    return accum
 
 
-def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device) -> torch.Generator:
-    """The generator for one micro-step's draws, a function of (seed, rank, step, micro)."""
+def step_generator(seed: int, step: int, slot: int, device: torch.device) -> torch.Generator:
+    """The generator for one micro-batch's draws, a function of (seed, step, slot); the slot
+    (micro-step m of rank r of W: m*W + r, `pixelrepa.data.loader`) names the same images for
+    any process count, so the draws do not depend on how the step is split."""
     generator = torch.Generator(device=device)
-    generator.manual_seed((((seed * 1_000_003 + rank) * 1_000_003 + step) * 1024 + micro) % 2**63)
+    generator.manual_seed(((seed * 1_000_003**2 + step) * MAX_SLOTS + slot) % 2**63)
     return generator
 
 
@@ -159,15 +172,9 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
     ema = BackboneEMA(unwrap(model).net, config.ema)
     start_step, skipped_steps = 0, 0
     if resume_path is not None:
-        # Rank 0's full states are broadcast (and sharded under FSDP2) to the other ranks.
-        load_full_state_dict(model, _join_groups(loaded.groups) if dist.is_main else None)
-        load_full_optimizer_state_dict(model, optimizer, loaded.optimizer_state if dist.is_main else None)
-        for k in range(len(config.ema.decays)):
-            ema.load_state_dict(k, loaded.groups[f"ema{k + 1}"])
-        ema.step = loaded.train_state["ema_step"]
+        _resume(loaded, model, optimizer, ema, config, dist)
         start_step = loaded.train_state["step"]
         skipped_steps = loaded.train_state.get("skipped_steps", 0)
-        ckpt.restore_rng_state(loaded.rng_state)
     elif start is not None:
         for k, state in enumerate(start.ema):
             ema.load_state_dict(k, state)
@@ -278,8 +285,9 @@ def _accumulate(model, encoder, data_iter, config: RunConfig, dist: DistInfo, st
         else:
             with autocast_for(dist.device):
                 target = encoder(x, grid) if encoder is not None else None
+        generator = step_generator(config.train.seed, step, micro * dist.world_size + dist.rank, dist.device)
         draws = draw_randomness(x, y, config.model.num_classes, config.model.num_patches, config.objective,
-                                config.align, step_generator(config.train.seed, dist.rank, step, micro, dist.device))
+                                config.align, generator)
         with no_sync_context(model, enabled=micro < accum - 1):
             with autocast_for(dist.device):
                 losses = model(x, draws, target)
@@ -392,23 +400,45 @@ def _ema_groups(ema: BackboneEMA) -> dict[str, dict[str, torch.Tensor]]:
             for k in range(len(ema.shadows))}
 
 
+def _training_state(model, optimizer, ema: BackboneEMA) -> dict[str, Any]:
+    """What a checkpoint's `state/` holds, as this rank has it (sharded under FSDP2)."""
+    return {**sharded_state(model, optimizer),
+            **{f"ema{k + 1}": ema.state_dict(k) for k in range(len(ema.shadows))}}
+
+
 def _save(out_dir: Path, step: int, config: RunConfig, model, optimizer, ema: BackboneEMA, dist: DistInfo,
           skipped_steps: int, steps_per_epoch: int) -> Path:
-    state = full_state_dict(model, dist)
-    optimizer_state = full_optimizer_state_dict(model, optimizer, dist) or {}
-    groups = _ema_groups(ema)
-    if state is not None:
-        groups["net"] = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
-        head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
-        if head:
-            groups["head"] = head
     epoch, position = divmod(step, steps_per_epoch)
     train_state = {"step": step, "epoch": epoch, "data_position": {"epoch": epoch, "step_in_epoch": position},
                    "ema_step": ema.step, "skipped_steps": skipped_steps}
-    return ckpt.save_checkpoint(out_dir, step, config=config, groups=groups, optimizer_state=optimizer_state,
-                                train_state=train_state, rank=dist.rank, world_size=dist.world_size,
-                                keep_last=config.train.keep_last, keep_every=config.train.keep_every,
-                                barrier=torch.distributed.barrier if dist.world_size > 1 else None)
+    return ckpt.save_checkpoint(out_dir, step, config=config, state=_training_state(model, optimizer, ema),
+                                train_state=train_state, keep_last=config.train.keep_last,
+                                keep_every=config.train.keep_every)
+
+
+def _resume(loaded: ckpt.LoadedCheckpoint, model, optimizer, ema: BackboneEMA, config: RunConfig,
+            dist: DistInfo) -> None:
+    """Model, optimizer, EMAs and RNG from a checkpoint saved by any number of processes."""
+    if loaded.legacy:  # format 1: rank 0 reads the full state and broadcasts it (sharded under FSDP2)
+        groups, optimizer_state = ckpt.read_legacy(loaded.path) if dist.is_main else ({}, None)
+        load_full_state_dict(model, _join_groups(groups) if dist.is_main else None)
+        load_full_optimizer_state_dict(model, optimizer, optimizer_state)
+        for k in range(len(config.ema.decays)):
+            ema.load_state_dict(k, broadcast_object(groups.get(f"ema{k + 1}"), dist))
+    else:
+        state = _training_state(model, optimizer, ema)
+        ckpt.load_state(loaded.path, state)  # the EMA shadows are filled in place
+        load_sharded_state(model, optimizer, state)
+    ema.step = loaded.train_state["ema_step"]
+    if loaded.world_size == dist.world_size:
+        ckpt.restore_rng_state(loaded.rng_state)
+    else:
+        # Step draws depend on (seed, step, slot) only; the global RNG (dropout) is re-seeded.
+        torch.manual_seed((config.train.seed * 1_000_003 + loaded.step) * 1_000_003 + dist.rank)
+        if dist.is_main:
+            logger.warning("resuming %s, saved by %d processes, on %d: the data order and the noise draws continue "
+                           "as saved; the global RNG (dropout) is re-seeded", loaded.path, loaded.world_size,
+                           dist.world_size)
 
 
 def _sample_grid(path: Path, config: RunConfig, ema: BackboneEMA, net: JiT, dist: DistInfo) -> None:
