@@ -304,16 +304,26 @@ class TrainConfig:
     """The run itself: length, batch split, parallelism, checkpoints, logging."""
 
     out_dir: str = "runs/default"
+    """The run folder: config, logs, checkpoints, samples."""
     steps: int | None = None
     """Optimiser steps; None = optim.epochs over the data set."""
     per_device_batch: int = 128
     """Micro-batch per process; accumulation = global_batch / (per_device_batch * world)."""
     seed: int = 0
+    """Seeds the initialisation, the data order and every step's draws."""
     parallel: Literal["ddp", "fsdp2"] = "ddp"
+    """Data parallelism over processes: 'ddp' (replicated) or 'fsdp2' (sharded per block)."""
+    fsdp_bf16: bool | None = None
+    """FSDP2 mixed precision: all-gather parameters in bf16, reduce-scatter gradients in fp32
+    (MixedPrecisionPolicy); None = on with CUDA, off on the CPU (float32 there)."""
     activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of storing them."""
     log_every: int = 50
+    """Log (and check the losses are finite) every this many steps."""
     ckpt_every: int = 1000
+    """Write a checkpoint every this many steps (and at the end, and on a stop signal)."""
     keep_last: int = 3
+    """Checkpoints kept besides those `keep_every` keeps."""
     keep_every: int | None = None
     """Also keep every checkpoint whose step is a multiple of this."""
     sample_every: int | None = 5000

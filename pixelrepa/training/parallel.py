@@ -41,11 +41,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
-from pixelrepa.config import KernelConfig
+from pixelrepa.config import KernelConfig, RunConfig
 from pixelrepa.training.device import apply_kernels, resolve_compile
 from pixelrepa.training.module import TrainingModule
 
@@ -195,36 +195,56 @@ def apply_activation_checkpointing(module: TrainingModule) -> None:
         block.forward = types.MethodType(_checkpointed_forward, block)
 
 
-def _broadcast_module_state(module: nn.Module) -> None:
-    """Rank 0's parameters and buffers on every rank (what DDP does at construction)."""
-    with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(tensor, src=0)
+def build_training_module(config: RunConfig, dist_info: DistInfo) -> TrainingModule:
+    """The TrainingModule, initialised from the global RNG (seed it first). Under FSDP2 with
+    several processes only rank 0 builds it for real, on the host; the others build it on
+    the meta device, and `wrap_for_training` gives every rank its shards of rank 0's weights,
+    so no rank but one ever holds the whole fp32 model."""
+    if config.train.parallel == "fsdp2" and _distributed(dist_info) and not dist_info.is_main:
+        with torch.device("meta"):
+            return TrainingModule(config)
+    return TrainingModule(config)
+
+
+def fsdp_mixed_precision(config: RunConfig, device: torch.device) -> MixedPrecisionPolicy | None:
+    """bf16 parameters for compute, fp32 gradient reduction (`train.fsdp_bf16`; default on with CUDA)."""
+    enabled = config.train.fsdp_bf16 if config.train.fsdp_bf16 is not None else device.type == "cuda"
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if enabled else None
 
 
 def wrap_for_training(module: TrainingModule, mode: ParallelMode, dist_info: DistInfo,
-                      activation_checkpointing: bool = False, kernels: KernelConfig | None = None) -> nn.Module:
+                      activation_checkpointing: bool = False, kernels: KernelConfig | None = None,
+                      mixed_precision: MixedPrecisionPolicy | None = None) -> nn.Module:
     """Move `module` to `dist_info.device` and wrap it for data-parallel training.
 
     - a single process: the module itself (no wrapper);
     - 'ddp': DistributedDataParallel, by default without unused-parameter search (the graph
       is static: TrainingModule freezes what its mode does not use);
-    - 'fsdp2': `fully_shard` on every block of the backbone and the head, then on the root.
-      Parameters become sharded DTensors in place, so build the optimizer after wrapping.
+    - 'fsdp2': `fully_shard` on every block of the backbone and the head, then on the root,
+      with `mixed_precision` (see `fsdp_mixed_precision`). Parameters become sharded DTensors
+      in place, so build the optimizer after wrapping. A module on the meta device (the other
+      ranks of `build_training_module`) is materialised shard by shard.
 
     Both modes start every rank from rank 0's weights. Activation checkpointing is per
     block and leaves state-dict keys unchanged. `kernels` (default: KernelConfig()) picks
-    the CPU linear kernel and torch.compile ('model' compiles the module inside the DDP
-    wrapper; under FSDP2 it compiles each block, as FSDP2's per-block hooks split the graph).
-    On the CPU, compile='auto' needs the run's length: pass `kernels_for_run(...)`.
+    the CPU linear kernel and torch.compile: with several processes 'model' compiles each
+    block instead (as torchtitan does), so that DDP's all-reduce of a block's gradients and
+    FSDP2's reduce-scatter overlap the backward of the blocks before it (a whole compiled
+    graph releases its gradients only at its end). On the CPU, compile='auto' needs the
+    run's length: pass `kernels_for_run(...)`.
     """
     kernels = kernels or KernelConfig()
     if mode not in ("ddp", "fsdp2"):
         raise ValueError(f"unknown parallel mode '{mode}' (ddp | fsdp2)")
-    module.to(dist_info.device)
+    on_meta = any(t.is_meta for t in [*module.parameters(), *module.buffers()])
+    if on_meta and not (mode == "fsdp2" and _distributed(dist_info)):
+        raise ValueError("a module on the meta device is materialised only under FSDP2 with several processes")
+    full_state = module.state_dict() if mode == "fsdp2" and dist_info.is_main else {}
+    if not on_meta:
+        module.to(dist_info.device)
     if activation_checkpointing:
         apply_activation_checkpointing(module)
-    if mode == "fsdp2" and resolve_compile(kernels, dist_info.device) == "model" and _distributed(dist_info):
+    if resolve_compile(kernels, dist_info.device) == "model" and _distributed(dist_info):
         kernels = dataclasses.replace(kernels, compile="blocks")
     apply_kernels(module, _blocks(module), kernels, dist_info.device)
     if not _distributed(dist_info):
@@ -233,10 +253,17 @@ def wrap_for_training(module: TrainingModule, mode: ParallelMode, dist_info: Dis
         device_ids = [dist_info.local_rank] if dist_info.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True,
                                        find_unused_parameters=kernels.ddp_find_unused_parameters)
-    _broadcast_module_state(module)
+    shard_options = {"mp_policy": mixed_precision} if mixed_precision is not None else {}
     for block in _blocks(module):
-        fully_shard(block)
-    fully_shard(module)
+        fully_shard(block, **shard_options)
+    fully_shard(module, **shard_options)
+    if on_meta:
+        module.to_empty(device=dist_info.device)
+    with torch.no_grad():
+        for buffer in module.buffers():  # not sharded; the meta ranks' (RoPE tables...) are empty
+            dist.broadcast(buffer, src=0)
+    set_model_state_dict(module, full_state, options=StateDictOptions(full_state_dict=True,
+                                                                      broadcast_from_rank0=True))
     return module
 
 

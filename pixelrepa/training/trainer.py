@@ -42,6 +42,8 @@ from pixelrepa.training.targets import PackWithTargets, with_target_cache
 from pixelrepa.training.parallel import (
     DistInfo,
     broadcast_object,
+    build_training_module,
+    fsdp_mixed_precision,
     init_distributed,
     load_full_optimizer_state_dict,
     load_full_state_dict,
@@ -159,7 +161,8 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
     total_steps = config.train.steps or config.optim.epochs * steps_per_epoch
 
     torch.manual_seed(config.train.seed)
-    module = TrainingModule(config).to(device)
+    # Under FSDP2 the other ranks build on the meta device; a released start loads into real weights.
+    module = build_training_module(config, dist) if released is None else TrainingModule(config)
     start = load_released_weights(released, module) if released is not None else None
     kernels = kernels_for_run(config.kernels, device, total_steps)
     encoder = None if isinstance(dataset, PackWithTargets) else _build_encoder(config, kernels, dist)
@@ -167,7 +170,8 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
         compiled = "the model" if encoder is None else "the model and the target encoder"
         logger.warning("compiling %s for the CPU (%d steps, kernels.compile=%s): about a minute before the first "
                        "step; kernels.compile=none skips it", compiled, total_steps, config.kernels.compile)
-    model = wrap_for_training(module, config.train.parallel, dist, config.train.activation_checkpointing, kernels)
+    model = wrap_for_training(module, config.train.parallel, dist, config.train.activation_checkpointing, kernels,
+                              fsdp_mixed_precision(config, device))
     optimizer = make_optimizer(model, config)
     ema = BackboneEMA(unwrap(model).net, config.ema)
     start_step, skipped_steps = 0, 0
