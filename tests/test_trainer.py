@@ -114,6 +114,25 @@ def test_resume_accepts_another_attention_kernel(pack, tmp_path):
     assert summary.resumed_from is not None and summary.steps == 6
 
 
+def test_sample_grids_are_written_off_the_training_thread(pack, tmp_path, monkeypatch):
+    import threading
+
+    from pixelrepa.training import trainer
+
+    writers = []
+    real = trainer.save_labelled_grid
+
+    def recording(*args, **kwargs):
+        writers.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "save_labelled_grid", recording)
+    train(tiny_config(pack, tmp_path / "run", "none", **{"train.steps": 4, "train.sample_every": 2}), progress=False)
+    assert len(writers) == 2 and all(name.startswith("sample-png") for name in writers)
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == ["step-00000002.png",
+                                                                               "step-00000004.png"]
+
+
 def test_resume_refuses_a_different_model(pack, tmp_path):
     train(tiny_config(pack, tmp_path / "run", **{"train.steps": 4}), progress=False)
     with pytest.raises(ValueError, match="'align' differs"):

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,8 +109,11 @@ def train(config: RunConfig, resume: str | Path | None = None, progress: bool = 
     run folder without checkpoints (SPEC 8; `pixelrepa.interop.init_from`)."""
     dist = init_distributed()
     try:
-        with _run_folder_lock(Path(config.train.out_dir), dist), StopSignals(config.train.stop_signals) as stop:
-            summary = _train(config, dist, resume, progress, init_from, stop)
+        # Sample grids are written by a thread (the device does not wait on the disk); leaving
+        # the block waits for the last one.
+        with (_run_folder_lock(Path(config.train.out_dir), dist), StopSignals(config.train.stop_signals) as stop,
+              ThreadPoolExecutor(1, thread_name_prefix="sample-png") as png_writer):
+            summary = _train(config, dist, resume, progress, init_from, stop, png_writer)
     except BaseException:
         shutdown_distributed(barrier=False)
         raise
@@ -138,7 +142,7 @@ def _run_folder_lock(out_dir: Path, dist: DistInfo):
 
 
 def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progress: bool,
-           init_from: str | Path | None, stop: StopSignals) -> RunSummary:
+           init_from: str | Path | None, stop: StopSignals, png_writer: ThreadPoolExecutor) -> RunSummary:
     out_dir = Path(config.train.out_dir)
     device = dist.device
     accum = accumulation_steps(config, dist.world_size)
@@ -202,6 +206,7 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
     exact_skips = config.train.max_nonfinite_skips > 0
     first_bad = torch.tensor(-1, device=device)
     grad_norm = None
+    pending_grid = None
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         if epoch != data_epoch:
@@ -262,7 +267,10 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
         if saves:
             last_checkpoint = _save(out_dir, step, config, model, optimizer, ema, dist, skipped_steps, steps_per_epoch)
         if config.train.sample_every and (step % config.train.sample_every == 0 or step == total_steps):
-            _sample_grid(out_dir / "samples" / f"step-{step:08d}.png", config, ema, unwrap(model).net, dist)
+            if pending_grid is not None:
+                pending_grid.result()  # raises what writing the previous grid raised
+            pending_grid = _sample_grid(out_dir / "samples" / f"step-{step:08d}.png", config, ema,
+                                        unwrap(model).net, dist, png_writer)
         if signal_name:
             bar.close()
             if writer is not None:
@@ -272,6 +280,8 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
     bar.close()
     if writer is not None:
         writer.close()
+    if pending_grid is not None:
+        pending_grid.result()
     return RunSummary(out_dir, step, resume_path, last_checkpoint, last_metrics, dist.rank)
 
 
@@ -445,20 +455,22 @@ def _resume(loaded: ckpt.LoadedCheckpoint, model, optimizer, ema: BackboneEMA, c
                            dist.world_size)
 
 
-def _sample_grid(path: Path, config: RunConfig, ema: BackboneEMA, net: JiT, dist: DistInfo) -> None:
-    """A grid from EMA 1 with fixed noise and labels (rank 0, on a full copy of the backbone)."""
+def _sample_grid(path: Path, config: RunConfig, ema: BackboneEMA, net: JiT, dist: DistInfo,
+                 png_writer: ThreadPoolExecutor) -> Future | None:
+    """A grid from EMA 1 with fixed noise and labels (rank 0, on a full copy of the backbone);
+    the PNG is written by `png_writer`'s thread while training goes on (its future is returned)."""
     from pixelrepa.evaluation.generate import sample_classes
 
     weights = _ema_groups(ema)["ema1"]
     if not dist.is_main:
-        return
+        return None
     sampler_net = JiT(config.model)
     set_attention_impl(sampler_net, config.kernels.attention)
     buffers = {k: v for k, v in sampler_net.state_dict().items() if k not in weights}
     sampler_net.load_state_dict(weights | buffers)
     classes = list(range(min(10, config.model.num_classes)))
     images = sample_classes(sampler_net.to(dist.device).eval(), config, classes, 4, config.train.seed, dist.device)
-    save_labelled_grid(images, [str(c) for c in classes], path)
+    return png_writer.submit(save_labelled_grid, images.cpu(), [str(c) for c in classes], path)
 
 
 class _Logger:
