@@ -21,6 +21,7 @@ import torch
 from pixelrepa.config import get_preset
 from pixelrepa.data.packed import pack_arrays
 from pixelrepa.training import checkpoint as ckpt
+from pixelrepa.training.device import cpp_compiler_found
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, HALF = 6, 3
@@ -37,12 +38,12 @@ def pack(tmp_path_factory) -> Path:
     return path
 
 
-def run(pack: Path, out: Path, procs: int, parallel: str, steps: int) -> None:
+def run(pack: Path, out: Path, procs: int, parallel: str, steps: int, **overrides) -> subprocess.CompletedProcess:
     config = get_preset("PixelREPA-Micro/8").replace(**{
         "data.source": str(pack), "data.num_workers": 0, "data.hflip": True, "train.out_dir": str(out),
         "train.steps": steps, "train.per_device_batch": 4, "optim.global_batch": 8, "optim.lr": 1e-3,
         "optim.warmup_epochs": 0.5, "train.log_every": 1, "train.ckpt_every": HALF, "train.sample_every": None,
-        "train.parallel": parallel, "align.encoder.img_size": 64})
+        "train.parallel": parallel, "align.encoder.img_size": 64, **overrides})
     path = out.parent / f"{out.name}-{steps}.json"
     path.write_text(json.dumps(config.to_dict()))
     train = ["-m", "pixelrepa", "train", "--config", str(path), "--no-progress"]
@@ -51,6 +52,7 @@ def run(pack: Path, out: Path, procs: int, parallel: str, steps: int) -> None:
     result = subprocess.run([sys.executable, *launcher, *train], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def losses(out: Path) -> list[float]:
@@ -105,3 +107,15 @@ def test_a_checkpoint_resumes_on_another_process_count(pack, tmp_path, whole, pa
     assert losses(out)[:HALF] == losses(uninterrupted)[:HALF]  # the same processes: bit-identical
     assert losses(out) == pytest.approx(losses(uninterrupted), rel=1e-4)
     assert_states_close(final_state(out), final_state(uninterrupted))
+
+
+@pytest.mark.skipif(not cpp_compiler_found(), reason="inductor needs a C++ compiler on the CPU")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_compiled_blocks_in_two_processes_match_eager(pack, tmp_path, whole, parallel):
+    """kernels.compile=model becomes one compiled graph per block with several processes (so
+    gradient communication overlaps backward); the run equals the eager one to float32 rounding."""
+    result = run(pack, tmp_path / "run", 2, parallel, STEPS, **{"kernels.compile": "model"})
+    assert "compiling the model" in result.stderr
+    eager = whole["ddp2" if parallel == "ddp" else "fsdp2"]
+    assert losses(tmp_path / "run") == pytest.approx(losses(eager), rel=1e-4)
+    assert_states_close(final_state(tmp_path / "run"), final_state(eager))

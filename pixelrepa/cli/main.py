@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pixelrepa.cli import data, demo, export, import_checkpoint, info, sample, train
+from pixelrepa.cli import data, demo, export, import_checkpoint, info, probe, sample, train
 from pixelrepa.cli import eval as eval_command
 
 
 COMMANDS = {"info": info, "train": train, "export": export, "sample": sample, "import": import_checkpoint,
-            "data": data, "demo": demo, "eval": eval_command}
+            "data": data, "demo": demo, "eval": eval_command, "probe": probe}
 
 
 def main(argv: list[str] | None = None) -> int:

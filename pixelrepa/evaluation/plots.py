@@ -1,7 +1,10 @@
-"""Line plots for result tables (sweeps, convergence): matplotlib when installed, else PIL.
+"""Line plots and heatmaps for result tables (sweeps, convergence, probes): matplotlib when
+installed, else PIL.
 
-A figure is a row of `Panel`s; each panel holds named series of (x, y) points. The PNG is
-written through a temporary file, so an interrupted run never leaves a broken plot.
+A line figure is a row of `Panel`s; each panel holds named series of (x, y) points. A heatmap
+figure is a row of `HeatmapPanel`s; each panel holds a grid of values, drawn as coloured cells
+with the value written in each. The PNG is written through a temporary file, so an interrupted
+run never leaves a broken plot.
 """
 
 from __future__ import annotations
@@ -21,6 +24,22 @@ class Panel:
     xlabel: str
     ylabel: str
     series: list[Series]
+
+
+@dataclass
+class HeatmapPanel:
+    title: str
+    xlabel: str
+    ylabel: str
+    columns: list[str]
+    """Labels of the columns, left to right."""
+    rows: list[str]
+    """Labels of the rows, top to bottom."""
+    values: list[list[float]]
+    """values[row][column]; NaN draws a grey cell."""
+    vmin: float = 0.0
+    vmax: float = 1.0
+    """The colour scale (viridis); values outside it take the end colours."""
 
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -136,4 +155,97 @@ def _plot_pil(panels: list[Panel], path: Path) -> None:
             ly = by + 10 + 14 * i
             draw.line([(bx + 6, ly), (bx + 24, ly)], fill=color, width=2)
             draw.text((bx + 30, ly - 6), name, fill="black", font=font)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+# Viridis at 0, 1/4, 1/2, 3/4 and 1 (matplotlib's colour map), interpolated linearly between.
+VIRIDIS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
+MISSING = (200, 200, 200)
+
+
+def heatmap(panels: list[HeatmapPanel], path: Path) -> None:
+    """Write the heatmaps side by side as one PNG."""
+    if not panels:
+        return
+    try:
+        import matplotlib
+    except ImportError:
+        _heatmap_pil(panels, path)
+    else:
+        matplotlib.use("Agg")
+        _heatmap_matplotlib(panels, path)
+
+
+def _heatmap_matplotlib(panels: list[HeatmapPanel], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    columns, rows = max(len(p.columns) for p in panels), max(len(p.rows) for p in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=((2.5 + 0.8 * columns) * len(panels), 1.5 + 0.35 * rows),
+                             squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        image = ax.imshow(panel.values, cmap="viridis", vmin=panel.vmin, vmax=panel.vmax, aspect="auto")
+        ax.set_xticks(range(len(panel.columns)), panel.columns)
+        ax.set_yticks(range(len(panel.rows)), panel.rows)
+        for r, line in enumerate(panel.values):
+            for c, value in enumerate(line):
+                if math.isfinite(value):
+                    ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if _position(value, panel) < 0.5 else "black")
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel(panel.ylabel)
+        ax.set_title(panel.title)
+        fig.colorbar(image, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def _position(value: float, panel: HeatmapPanel) -> float:
+    """`value` on the panel's colour scale, clipped to [0, 1]."""
+    span = panel.vmax - panel.vmin
+    return min(1.0, max(0.0, (value - panel.vmin) / span)) if span > 0 else 0.5
+
+
+def viridis(position: float) -> tuple[int, int, int]:
+    """The colour at `position` in [0, 1] of the `VIRIDIS` anchors."""
+    scaled = position * (len(VIRIDIS) - 1)
+    i = min(int(scaled), len(VIRIDIS) - 2)
+    frac = scaled - i
+    return tuple(round(a + (b - a) * frac) for a, b in zip(VIRIDIS[i], VIRIDIS[i + 1]))
+
+
+def _heatmap_pil(panels: list[HeatmapPanel], path: Path) -> None:
+    from PIL import Image, ImageDraw, ImageFont
+
+    cell_w, cell_h, left, right, top, bottom = 56, 24, 64, 16, 40, 44
+    rows = max(len(p.rows) for p in panels)
+    widths = [left + cell_w * len(p.columns) + right for p in panels]
+    height = top + cell_h * rows + bottom
+    image = Image.new("RGB", (sum(widths), height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=12)
+    ox = 0
+    for panel, width in zip(panels, widths):
+        x0, y0 = ox + left, top
+        for r, line in enumerate(panel.values):
+            for c, value in enumerate(line):
+                box = [x0 + c * cell_w, y0 + r * cell_h, x0 + (c + 1) * cell_w - 1, y0 + (r + 1) * cell_h - 1]
+                finite = math.isfinite(value)
+                draw.rectangle(box, fill=viridis(_position(value, panel)) if finite else MISSING)
+                text = f"{value:.2f}" if finite else "nan"
+                color = "white" if finite and _position(value, panel) < 0.5 else "black"
+                draw.text((box[0] + (cell_w - draw.textlength(text, font=font)) / 2, box[1] + 5), text,
+                          fill=color, font=font)
+        for c, label in enumerate(panel.columns):
+            x = x0 + c * cell_w + (cell_w - draw.textlength(label, font=font)) / 2
+            draw.text((x, y0 + cell_h * len(panel.rows) + 4), label, fill="black", font=font)
+        for r, label in enumerate(panel.rows):
+            draw.text((x0 - 6 - draw.textlength(label, font=font), y0 + r * cell_h + 5), label, fill="black",
+                      font=font)
+        draw.text((x0 + (cell_w * len(panel.columns) - draw.textlength(panel.xlabel, font=font)) / 2,
+                   y0 + cell_h * len(panel.rows) + 22), panel.xlabel, fill="black", font=font)
+        draw.text((ox + 6, top - 18), panel.ylabel, fill="black", font=font)
+        draw.text((x0 + (cell_w * len(panel.columns) - draw.textlength(panel.title, font=font)) / 2, 10),
+                  panel.title, fill="black", font=font)
+        ox += width
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
