@@ -79,7 +79,7 @@ def main() -> None:
     settings = [1, args.procs]
     if args.device == "cuda":
         settings = sorted({1, min(args.procs, torch.cuda.device_count())})
-    size = args.image_size or get_preset(args.preset).model.img_size
+    size = args.image_size or get_preset(args.preset).model.input_size
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         rng = np.random.default_rng(0)
@@ -94,7 +94,7 @@ def main() -> None:
                 "train.steps": args.steps, "train.per_device_batch": args.global_batch // procs,
                 "train.log_every": 10, "train.ckpt_every": args.steps, "train.sample_every": None,
                 "optim.global_batch": args.global_batch, "optim.lr": 1e-3, "train.parallel": args.parallel,
-                "model.num_classes": 10,
+                "model.num_classes": 10, "model.input_size": size,
             })
             # The cores are shared out: one process gets all of them, N processes 1/N each.
             results.append(run(config, procs, workdir, max(1, cores // procs), args.device))

@@ -1,7 +1,8 @@
-"""`python -m pixelrepa COMMAND ...`: the `pixelrepa` command."""
+"""`python -m pixelrepa COMMAND ...`: the `pixelrepa` command (the entry point sits above the CLI,
+so it is the one module outside `pixelrepa/cli/` that imports it)."""
 
 import sys
 
-from pixelrepa.cli.main import main
+import pixelrepa.cli.main as cli
 
-sys.exit(main())
+sys.exit(cli.main())

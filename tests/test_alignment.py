@@ -219,3 +219,12 @@ def test_probe_align_errors(trained_run, tmp_path, capsys):
     assert main([*base, "--images", "5", "--k", "5"]) == 2
     assert "more than 5" in capsys.readouterr().err
     assert not (tmp_path / "alignment.csv").exists()
+
+    model_file = tmp_path / "ema2.safetensors"
+    assert main(["export", str(trained_run / "run"), str(model_file), "--ema", "2"]) == 0
+    assert main(["probe", "align", str(model_file), "--data", str(trained_run / "pack"), "--ema", "2"]) == 2
+    assert "one set of weights" in capsys.readouterr().err
+    config, state, source = probe.load_backbone(model_file)
+    _, ema2, _ = probe.load_backbone(trained_run / "run", 2)
+    assert source["kind"] == "model file" and source["provenance"]["ema"] == "2" and config.model.depth == 4
+    assert state.keys() == ema2.keys() and all(torch.equal(state[k], ema2[k]) for k in state)

@@ -74,8 +74,8 @@ def check_blocks(blocks: Sequence[int] | None, depth: int) -> list[int]:
 
 
 def check_ts(ts: Sequence[float]) -> list[float]:
-    """`ts` without repeats, in the given order, each in [0, 1] (1 = clean)."""
-    chosen = list(dict.fromkeys(float(t) for t in ts))
+    """`ts` sorted without repeats, each in [0, 1] (1 = clean)."""
+    chosen = sorted(set(float(t) for t in ts))
     if not chosen or any(not 0.0 <= t <= 1.0 for t in chosen):
         raise ValueError(f"signal levels t must lie in [0, 1] (1 = clean, 0 = noise), got {list(ts)}")
     return chosen
