@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pixelrepa.data.packed import pack_arrays
-from pixelrepa.training import trainer
+from pixelrepa.training import parallel, trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import convergence  # noqa: E402
@@ -44,7 +44,7 @@ def test_arms_start_equal_and_see_the_same_batches_and_draws(tmp_path, monkeypat
     seen: dict[str, list] = {arm: [] for arm in ARMS}
     initial: dict[str, dict] = {}
     current = {}
-    real_draw, real_module = trainer.draw_randomness, trainer.TrainingModule
+    real_draw, real_module = trainer.draw_randomness, parallel.TrainingModule
 
     def spy_draw(x, y, *args, **kwargs):
         draws = real_draw(x, y, *args, **kwargs)
@@ -57,7 +57,7 @@ def test_arms_start_equal_and_see_the_same_batches_and_draws(tmp_path, monkeypat
         return module
 
     monkeypatch.setattr(trainer, "draw_randomness", spy_draw)
-    monkeypatch.setattr(trainer, "TrainingModule", spy_module)
+    monkeypatch.setattr(parallel, "TrainingModule", spy_module)  # what build_training_module builds
     for arm in ARMS:
         current["arm"] = arm
         config = arm_config(settings, arm, 3, pack, tmp_path / arm).replace(**{
