@@ -22,7 +22,7 @@ AttentionImpl = Literal["auto", "sdpa", "reference"]
 TargetDtype = Literal["float32", "bfloat16"]
 SamplerMethod = Literal["heun", "euler"]
 CompileMode = Literal["auto", "none", "blocks", "model"]
-LinearKernel = Literal["onednn", "aten"]
+LinearKernel = Literal["auto", "onednn", "aten"]
 
 
 def _check(ok: bool, message: str) -> None:
@@ -355,7 +355,7 @@ class KernelConfig:
     bf16 autocast q and k are rounded to bf16 before the logits (flash kernels; the logits of
     explicit float32 matmuls are not materialised); 'auto', 'sdpa' on accelerators and
     'reference' on the CPU, where it is as fast eagerly and faster compiled (docs/performance.md)."""
-    cpu_linear: LinearKernel = "onednn"
+    cpu_linear: LinearKernel = "auto"
     """Float32 Linear layers on the CPU: 'onednn' (oneDNN's AVX-512 GEMM, about 2x MKL's
     sgemm on AMD CPUs) or 'aten' (torch's default BLAS call)."""
     compile: CompileMode = "auto"
@@ -382,7 +382,8 @@ class KernelConfig:
     def __post_init__(self) -> None:
         _check(self.attention in ("auto", "sdpa", "reference"),
                f"unknown attention '{self.attention}' (auto | sdpa | reference)")
-        _check(self.cpu_linear in ("onednn", "aten"), f"unknown cpu_linear '{self.cpu_linear}' (onednn | aten)")
+        _check(self.cpu_linear in ("auto", "onednn", "aten"),
+               f"unknown cpu_linear '{self.cpu_linear}' (auto | onednn | aten)")
         _check(self.compile in ("auto", "none", "blocks", "model"),
                f"unknown compile mode '{self.compile}' (auto | none | blocks | model)")
         _check(self.cpu_compile_min_steps >= 0,

@@ -18,7 +18,13 @@ from pixelrepa.models.onednn import onednn_available, onednn_linear, use_onednn_
 from pixelrepa.objective import draw_randomness
 from pixelrepa.sampling import sample
 from pixelrepa.training import device as device_module
-from pixelrepa.training.device import apply_kernels, kernels_for_run, prepare_encoder, resolve_compile
+from pixelrepa.training.device import (
+    apply_kernels,
+    kernels_for_run,
+    prepare_encoder,
+    resolve_compile,
+    resolve_cpu_linear,
+)
 from pixelrepa.training.module import TrainingModule
 from pixelrepa.training.parallel import DistInfo, wrap_for_training
 from pixelrepa.training.optim import make_optimizer
@@ -69,6 +75,20 @@ def test_use_onednn_linears_keeps_names_and_outputs():
         after = net(z, t, y)
     assert list(net.state_dict()) == keys
     assert_close(after, before)
+
+
+@needs_onednn
+@pytest.mark.parametrize("vendor, chosen", [("AuthenticAMD", "onednn"), ("GenuineIntel", "aten"), ("", "aten")])
+def test_cpu_linear_auto_takes_onednn_only_on_amd(monkeypatch, vendor, chosen):
+    monkeypatch.setattr(device_module, "cpu_vendor", lambda: vendor)
+    assert resolve_cpu_linear(KernelConfig()) == chosen
+    assert resolve_cpu_linear(KernelConfig(cpu_linear="onednn")) == "onednn"
+    assert resolve_cpu_linear(KernelConfig(cpu_linear="aten")) == "aten"
+    net = torch.nn.Sequential(torch.nn.Linear(256, 4096), torch.nn.Linear(4096, 256))
+    apply_kernels(net, [], KernelConfig(compile="none"), torch.device("cpu"))
+    assert all("forward" in vars(layer) for layer in net) == (chosen == "onednn")
+    with pytest.raises(ValueError, match="cpu_linear"):
+        KernelConfig(cpu_linear="mkl")
 
 
 def test_compile_resolution(monkeypatch):

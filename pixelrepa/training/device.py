@@ -50,6 +50,29 @@ def kernels_for_run(kernels: KernelConfig, device: torch.device, train_steps: in
     return dataclasses.replace(kernels, compile=resolve_compile(kernels, device, train_steps))
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor id as Linux reports it ('GenuineIntel', 'AuthenticAMD', ...); '' where
+    /proc/cpuinfo is not there (macOS, Windows)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def resolve_cpu_linear(kernels: KernelConfig) -> str:
+    """'onednn' or 'aten' for `kernels.cpu_linear`; 'auto' takes oneDNN only on AMD CPUs, where
+    MKL's sgemm runs its AVX2 path at about half oneDNN's rate (on Intel CPUs MKL is as fast or
+    faster: docs/performance.md, section 3). A property of the machine, so a run resumed on the
+    same machine computes with the same kernels."""
+    if kernels.cpu_linear != "auto":
+        return kernels.cpu_linear
+    return "onednn" if cpu_vendor() == "AuthenticAMD" else "aten"
+
+
 def apply_kernels(module: nn.Module, blocks: Iterable[nn.Module], kernels: KernelConfig, device: torch.device,
                   sampling: bool = False) -> None:
     """In place, keeping parameter names: the attention implementation, oneDNN linears on the
@@ -57,7 +80,7 @@ def apply_kernels(module: nn.Module, blocks: Iterable[nn.Module], kernels: Kerne
     ('blocks'). For sampling on a GPU with `cuda_graphs`, the compiled code is captured in
     CUDA graphs."""
     set_attention_impl(module, kernels.attention)
-    if device.type == "cpu" and kernels.cpu_linear == "onednn":
+    if device.type == "cpu" and resolve_cpu_linear(kernels) == "onednn":
         use_onednn_linears(module)
     mode = resolve_compile(kernels, device)
     options = {"mode": "reduce-overhead"} if sampling and kernels.cuda_graphs and device.type == "cuda" else {}
