@@ -1,10 +1,11 @@
-"""Line plots and heatmaps for result tables (sweeps, convergence, probes): matplotlib when
-installed, else PIL.
+"""Line plots, heatmaps and scatter plots for result tables (sweeps, convergence, probes):
+matplotlib when installed, else PIL.
 
 A line figure is a row of `Panel`s; each panel holds named series of (x, y) points. A heatmap
 figure is a row of `HeatmapPanel`s; each panel holds a grid of values, drawn as coloured cells
-with the value written in each. The PNG is written through a temporary file, so an interrupted
-run never leaves a broken plot.
+with the value written in each. A scatter figure is a row of `ScatterPanel`s of labelled (x, y)
+points, with an optional dashed reference line. The PNG is written through a temporary file, so
+an interrupted run never leaves a broken plot.
 """
 
 from __future__ import annotations
@@ -248,4 +249,98 @@ def _heatmap_pil(panels: list[HeatmapPanel], path: Path) -> None:
         draw.text((x0 + (cell_w * len(panel.columns) - draw.textlength(panel.title, font=font)) / 2, 10),
                   panel.title, fill="black", font=font)
         ox += width
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+@dataclass
+class ScatterPanel:
+    title: str
+    xlabel: str
+    ylabel: str
+    points: list[tuple[float, float, str]]
+    """(x, y, label) per point; the label is written beside it."""
+    hline: float | None = None
+    """A dashed reference line at this y (e.g. 1 for a ratio)."""
+
+
+def scatter_plot(panels: list[ScatterPanel], path: Path) -> None:
+    """Write the scatter panels side by side as one PNG; panels without points are left out."""
+    panels = [p for p in panels if p.points]
+    if not panels:
+        return
+    try:
+        import matplotlib
+    except ImportError:
+        _scatter_pil(panels, path)
+    else:
+        matplotlib.use("Agg")
+        _scatter_matplotlib(panels, path)
+
+
+def _scatter_matplotlib(panels: list[ScatterPanel], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        xs, ys, labels = zip(*panel.points)
+        ax.scatter(xs, ys, s=18, color=[c / 255 for c in COLORS[0]])
+        for x, y, label in panel.points:
+            ax.annotate(label, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=7)
+        if panel.hline is not None:
+            ax.axhline(panel.hline, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel(panel.ylabel)
+        ax.set_title(panel.title)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def _scatter_pil(panels: list[ScatterPanel], path: Path) -> None:
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height = 520, 420
+    left, right, top, bottom = 70, 20, 46, 56
+    image = Image.new("RGB", (width * len(panels), height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=12)
+    small = ImageFont.load_default(size=10)
+    for p, panel in enumerate(panels):
+        xs = [x for x, _, _ in panel.points]
+        ys = [y for _, y, _ in panel.points] + ([panel.hline] if panel.hline is not None else [])
+        xticks, yticks = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
+        x0, x1, y0, y1 = xticks[0], xticks[-1], yticks[0], yticks[-1]
+        ox = p * width
+        px0, px1, py0, py1 = ox + left, ox + width - right, height - bottom, top
+
+        def to_px(x: float, y: float) -> tuple[float, float]:
+            return (px0 + (x - x0) / (x1 - x0) * (px1 - px0), py0 + (y - y0) / (y1 - y0) * (py1 - py0))
+
+        for t in xticks:
+            x, _ = to_px(t, y0)
+            draw.line([(x, py1), (x, py0)], fill=(230, 230, 230))
+            draw.line([(x, py0), (x, py0 + 4)], fill="black")
+            text = _format_tick(t)
+            draw.text((x - draw.textlength(text, font=font) / 2, py0 + 6), text, fill="black", font=font)
+        for t in yticks:
+            _, y = to_px(x0, t)
+            draw.line([(px0, y), (px1, y)], fill=(230, 230, 230))
+            draw.line([(px0 - 4, y), (px0, y)], fill="black")
+            text = _format_tick(t)
+            draw.text((px0 - 6 - draw.textlength(text, font=font), y - 5), text, fill="black", font=font)
+        draw.rectangle([px0, py1, px1, py0], outline="black")
+        if panel.hline is not None:
+            _, y = to_px(x0, panel.hline)
+            for start in range(int(px0), int(px1), 10):
+                draw.line([(start, y), (min(start + 5, px1), y)], fill=(128, 128, 128))
+        draw.text(((px0 + px1 - draw.textlength(panel.xlabel, font=font)) / 2, height - 22), panel.xlabel,
+                  fill="black", font=font)
+        draw.text((ox + 8, top - 22), panel.ylabel, fill="black", font=font)
+        draw.text(((px0 + px1 - draw.textlength(panel.title, font=font)) / 2, 8), panel.title, fill="black",
+                  font=font)
+        for x, y, label in panel.points:
+            px, py = to_px(x, y)
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=COLORS[0])
+            draw.text((px + 4, py - 12), label, fill=(60, 60, 60), font=small)
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
