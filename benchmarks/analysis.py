@@ -69,19 +69,20 @@ def align_table(out: Path, found: list[tuple[str, int, Path]]) -> list[str]:
 
 
 def diversity_table(out: Path, found: list[tuple[str, int, Path]]) -> list[str]:
-    """Markdown: the summary of each run's diversity report."""
-    header = ["run", "encoder-space diversity gen/real", "Inception-space diversity gen/real",
-              "precision", "recall", "corr(tightness, ratio) Pearson / Spearman", "most collapsed classes"]
+    """Markdown: the summary of each run's diversity report, per feature space."""
+    header = ["run", "space", "diversity gen/real", "precision", "recall",
+              "corr(tightness, ratio) Pearson / Spearman", "most collapsed classes"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm, seed, _ in found:
         summary = json.loads((out / f"diversity-{arm}-seed{seed}" / "diversity.json").read_text())["summary"]
-        lines.append("| " + " | ".join([
-            f"{arm} s{seed}",
-            _fmt(summary.get("mean_ratio_encoder")), _fmt(summary.get("mean_ratio_inception")),
-            _fmt(summary.get("mean_precision")), _fmt(summary.get("mean_recall")),
-            f"{_fmt(summary.get('pearson'))} / {_fmt(summary.get('spearman'))}",
-            ", ".join(str(c) for c in summary.get("most_collapsed", [])),
-        ]) + " |")
+        for space, value in summary["mean_ratio"].items():
+            corr = summary["correlation"][space]
+            collapsed = ", ".join(str(c["class"]) for c in summary["most_collapsed"]) \
+                if space == summary["collapse_space"] else ""
+            lines.append("| " + " | ".join([
+                f"{arm} s{seed}", space, _fmt(value), _fmt(summary["mean_precision"][space]),
+                _fmt(summary["mean_recall"][space]), f"{_fmt(corr['pearson'])} / {_fmt(corr['spearman'])}",
+                collapsed]) + " |")
     return lines + [""]
 
 
@@ -107,7 +108,7 @@ def main() -> None:
                       "--images", str(args.images), "--blocks", *map(str, range(0, 5)), "--out", str(target))
         target = args.out / f"diversity-{arm}-seed{seed}"
         if not args.skip_diversity and not (target / "diversity.json").is_file():
-            pixelrepa("probe", "diversity", "--checkpoint", str(folder), "--data", str(args.data),
+            pixelrepa("probe", "diversity", str(folder), "--data", str(args.data), "--spaces", "encoder", "inception",
                       "--encoder", ENCODER, "--per-class", str(args.per_class),
                       "--real-per-class", str(args.per_class), "--out", str(target))
     report = [f"# Alignment and diversity of the convergence benchmark's final checkpoints", "",

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 from torch import Tensor, nn
 
 from pixelrepa.evaluation.generate import IMAGES_DIR, MANIFEST_NAME, NPZ_NAME, ClassLayout, png_path, read_png
@@ -101,17 +102,7 @@ def pearson(a: Sequence[float], b: Sequence[float]) -> float:
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
     """Ranks 1..n of `values`, ties given the mean of the ranks they span."""
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values), dtype=np.float64)
-    sorted_values = values[order]
-    start = 0
-    while start < len(values):
-        stop = start
-        while stop + 1 < len(values) and sorted_values[stop + 1] == sorted_values[start]:
-            stop += 1
-        ranks[order[start:stop + 1]] = (start + stop) / 2 + 1
-        start = stop + 1
-    return ranks
+    return rankdata(values, method="average")
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:

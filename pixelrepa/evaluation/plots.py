@@ -100,11 +100,44 @@ def _format_tick(value: float) -> str:
     return f"{value:.4g}"
 
 
+PIL_MARGINS = (70, 20, 46, 56)  # left, right, top, bottom of a panel's plot box, in pixels
+
+
+def _pil_axes(draw, font, panel, xticks: list[float], yticks: list[float], ox: int, width: int, height: int):
+    """Grid, ticks, box, axis labels and title of one panel whose left edge is at `ox`; returns
+    (data -> pixel mapping, plot box (px0, px1, py0, py1))."""
+    left, right, top, bottom = PIL_MARGINS
+    x0, x1, y0, y1 = xticks[0], xticks[-1], yticks[0], yticks[-1]
+    px0, px1, py0, py1 = ox + left, ox + width - right, height - bottom, top
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        return (px0 + (x - x0) / (x1 - x0) * (px1 - px0), py0 + (y - y0) / (y1 - y0) * (py1 - py0))
+
+    for t in xticks:
+        x, _ = to_px(t, y0)
+        draw.line([(x, py1), (x, py0)], fill=(230, 230, 230))
+        draw.line([(x, py0), (x, py0 + 4)], fill="black")
+        text = _format_tick(t)
+        draw.text((x - draw.textlength(text, font=font) / 2, py0 + 6), text, fill="black", font=font)
+    for t in yticks:
+        _, y = to_px(x0, t)
+        draw.line([(px0, y), (px1, y)], fill=(230, 230, 230))
+        draw.line([(px0 - 4, y), (px0, y)], fill="black")
+        text = _format_tick(t)
+        draw.text((px0 - 6 - draw.textlength(text, font=font), y - 5), text, fill="black", font=font)
+    draw.rectangle([px0, py1, px1, py0], outline="black")
+    draw.text(((px0 + px1 - draw.textlength(panel.xlabel, font=font)) / 2, height - 22), panel.xlabel,
+              fill="black", font=font)
+    draw.text((ox + 8, top - 22), panel.ylabel, fill="black", font=font)
+    draw.text(((px0 + px1 - draw.textlength(panel.title, font=font)) / 2, 8), panel.title, fill="black",
+              font=font)
+    return to_px, (px0, px1, py0, py1)
+
+
 def _plot_pil(panels: list[Panel], path: Path) -> None:
     from PIL import Image, ImageDraw, ImageFont
 
     width, height = 520, 400
-    left, right, top, bottom = 70, 20, 46, 56
     image = Image.new("RGB", (width * len(panels), height), "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=12)  # the default size 10 loses the spaces between words
@@ -114,31 +147,7 @@ def _plot_pil(panels: list[Panel], path: Path) -> None:
         ys = [y for _, pts in series for _, y in pts]
         headroom = 0.08 * (14 * len(series) + 20) / 14 * ((max(ys) - min(ys)) or abs(max(ys)) * 0.1 or 1.0)
         xticks, yticks = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys) + headroom)  # room for the legend
-        x0, x1, y0, y1 = xticks[0], xticks[-1], yticks[0], yticks[-1]
-        ox = p * width
-        px0, px1, py0, py1 = ox + left, ox + width - right, height - bottom, top  # plot box in pixels
-
-        def to_px(x: float, y: float) -> tuple[float, float]:
-            return (px0 + (x - x0) / (x1 - x0) * (px1 - px0), py0 + (y - y0) / (y1 - y0) * (py1 - py0))
-
-        for t in xticks:
-            x, _ = to_px(t, y0)
-            draw.line([(x, py1), (x, py0)], fill=(230, 230, 230))
-            draw.line([(x, py0), (x, py0 + 4)], fill="black")
-            text = _format_tick(t)
-            draw.text((x - draw.textlength(text, font=font) / 2, py0 + 6), text, fill="black", font=font)
-        for t in yticks:
-            _, y = to_px(x0, t)
-            draw.line([(px0, y), (px1, y)], fill=(230, 230, 230))
-            draw.line([(px0 - 4, y), (px0, y)], fill="black")
-            text = _format_tick(t)
-            draw.text((px0 - 6 - draw.textlength(text, font=font), y - 5), text, fill="black", font=font)
-        draw.rectangle([px0, py1, px1, py0], outline="black")
-        draw.text(((px0 + px1 - draw.textlength(panel.xlabel, font=font)) / 2, height - 22), panel.xlabel,
-                  fill="black", font=font)
-        draw.text((ox + 8, top - 22), panel.ylabel, fill="black", font=font)
-        draw.text(((px0 + px1 - draw.textlength(panel.title, font=font)) / 2, 8), panel.title, fill="black",
-                  font=font)
+        to_px, (px0, px1, py0, py1) = _pil_axes(draw, font, panel, xticks, yticks, p * width, width, height)
         for i, (name, points) in enumerate(series):
             color = COLORS[i % len(COLORS)]
             pixels = [to_px(x, y) for x, y in points]
@@ -301,7 +310,6 @@ def _scatter_pil(panels: list[ScatterPanel], path: Path) -> None:
     from PIL import Image, ImageDraw, ImageFont
 
     width, height = 520, 420
-    left, right, top, bottom = 70, 20, 46, 56
     image = Image.new("RGB", (width * len(panels), height), "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=12)
@@ -310,35 +318,11 @@ def _scatter_pil(panels: list[ScatterPanel], path: Path) -> None:
         xs = [x for x, _, _ in panel.points]
         ys = [y for _, y, _ in panel.points] + ([panel.hline] if panel.hline is not None else [])
         xticks, yticks = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
-        x0, x1, y0, y1 = xticks[0], xticks[-1], yticks[0], yticks[-1]
-        ox = p * width
-        px0, px1, py0, py1 = ox + left, ox + width - right, height - bottom, top
-
-        def to_px(x: float, y: float) -> tuple[float, float]:
-            return (px0 + (x - x0) / (x1 - x0) * (px1 - px0), py0 + (y - y0) / (y1 - y0) * (py1 - py0))
-
-        for t in xticks:
-            x, _ = to_px(t, y0)
-            draw.line([(x, py1), (x, py0)], fill=(230, 230, 230))
-            draw.line([(x, py0), (x, py0 + 4)], fill="black")
-            text = _format_tick(t)
-            draw.text((x - draw.textlength(text, font=font) / 2, py0 + 6), text, fill="black", font=font)
-        for t in yticks:
-            _, y = to_px(x0, t)
-            draw.line([(px0, y), (px1, y)], fill=(230, 230, 230))
-            draw.line([(px0 - 4, y), (px0, y)], fill="black")
-            text = _format_tick(t)
-            draw.text((px0 - 6 - draw.textlength(text, font=font), y - 5), text, fill="black", font=font)
-        draw.rectangle([px0, py1, px1, py0], outline="black")
+        to_px, (px0, px1, py0, py1) = _pil_axes(draw, font, panel, xticks, yticks, p * width, width, height)
         if panel.hline is not None:
-            _, y = to_px(x0, panel.hline)
+            _, y = to_px(xticks[0], panel.hline)
             for start in range(int(px0), int(px1), 10):
                 draw.line([(start, y), (min(start + 5, px1), y)], fill=(128, 128, 128))
-        draw.text(((px0 + px1 - draw.textlength(panel.xlabel, font=font)) / 2, height - 22), panel.xlabel,
-                  fill="black", font=font)
-        draw.text((ox + 8, top - 22), panel.ylabel, fill="black", font=font)
-        draw.text(((px0 + px1 - draw.textlength(panel.title, font=font)) / 2, 8), panel.title, fill="black",
-                  font=font)
         for x, y, label in panel.points:
             px, py = to_px(x, y)
             draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=COLORS[0])
