@@ -328,6 +328,26 @@ class TrainConfig:
     """Also keep every checkpoint whose step is a multiple of this."""
     sample_every: int | None = 5000
     """Write a sample grid from EMA 1 every this many steps (None = never)."""
+    eval_every: int | None = None
+    """Score EMA 1 every this many steps during training: FID / KID against `eval_ref`, FD in
+    an encoder's space against `eval_encoder_ref` (None = never; `pixelrepa.evaluation.live`)."""
+    eval_images: int = 1000
+    """Images sampled per evaluation (fixed noise and class-major labels, split over ranks)."""
+    eval_ref: str | None = None
+    """Inception reference statistics for FID (`pixelrepa eval ref-stats SRC OUT.npz`; with
+    `--keep-features` also KID)."""
+    eval_encoder_ref: str | None = None
+    """Encoder reference statistics for FD in that encoder's feature space (`pixelrepa eval
+    ref-stats SRC OUT.npz --features encoder:NAME`); the encoder is the one that made it."""
+    eval_seed: int = 0
+    """Sampling seed of the evaluation images (image k's noise from this seed and k)."""
+    eval_batch: int = 50
+    """Images per sampling and feature batch of an evaluation, per process."""
+    eval_align: bool = False
+    """Also run the alignment probe at the tap block (`probe align`'s metrics) on a fixed subset
+    of `eval_align_images` training images, with the run's alignment encoder."""
+    eval_align_images: int = 256
+    """Training images (a fixed seeded subset of the pack) the alignment probe uses."""
     max_nonfinite_skips: int = 0
     """Steps with a non-finite loss that may be skipped before the run stops."""
     stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
@@ -340,6 +360,18 @@ class TrainConfig:
         _check(not unknown, f"train.stop_signals: unknown signal(s) {', '.join(unknown)} (e.g. SIGTERM, SIGUSR1)")
         _check(self.per_device_batch >= 1, f"per_device_batch must be >= 1, got {self.per_device_batch}")
         _check(self.ckpt_every >= 1 and self.keep_last >= 1, "ckpt_every and keep_last must be >= 1")
+        _check(self.eval_every is None or self.eval_every >= 1,
+               f"train.eval_every must be >= 1 (or None: no evaluation), got {self.eval_every}")
+        _check(self.eval_every is None or self.eval_ref is not None or self.eval_encoder_ref is not None
+               or self.eval_align,
+               "train.eval_every needs something to score against: train.eval_ref (Inception statistics from "
+               "`pixelrepa eval ref-stats SRC OUT.npz --keep-features`), train.eval_encoder_ref (from `... "
+               "--features encoder:NAME`) or train.eval_align=true")
+        _check(self.eval_images >= 2,
+               f"train.eval_images must be >= 2 (the covariance needs 2), got {self.eval_images}")
+        _check(self.eval_batch >= 1, f"train.eval_batch must be >= 1, got {self.eval_batch}")
+        _check(self.eval_align_images >= 2,
+               f"train.eval_align_images must be >= 2, got {self.eval_align_images}")
 
 
 @dataclass(frozen=True)
@@ -357,7 +389,9 @@ class KernelConfig:
     'reference' on the CPU, where it is as fast eagerly and faster compiled (docs/performance.md)."""
     cpu_linear: LinearKernel = "auto"
     """Float32 Linear layers on the CPU: 'onednn' (oneDNN's AVX-512 GEMM, about 2x MKL's
-    sgemm on AMD CPUs) or 'aten' (torch's default BLAS call)."""
+    sgemm on AMD CPUs, where MKL takes its AVX2 path), 'aten' (torch's default BLAS call, as
+    fast or faster on Intel CPUs), 'auto' = 'onednn' on AMD CPUs, else 'aten'
+    (docs/performance.md, section 3)."""
     compile: CompileMode = "auto"
     """torch.compile: 'model' (the whole network as one graph), 'blocks' (each block on its
     own, as released), 'none'; 'auto' = 'model' on a GPU, and on the CPU 'model' for training

@@ -14,6 +14,19 @@ setting: lowest FID, else lowest KID, else highest IS; and which weights produce
 sweep.png (FID, KID and IS, those computed, against the CFG scale, one line per EMA and step count).
 They are rewritten after every setting, so an interrupted sweep keeps what it finished.
 
+Reproduction bands: with several sampling seeds (`seeds`, `--seeds 0 1 2`) every setting is sampled
+once per seed (image k from the noise of index k and that seed), and each row of sweep.csv, sweep.md
+and sweep.json becomes the band of the setting over the seeds: `seeds` (those finished), `n_seeds`,
+`fid_mean` / `fid_std`, `kid_mean` / `kid_std`, `is_mean` / `is_std`, where every `_std` is the sample
+standard deviation over the seeds (ddof 1; empty for one seed), of the per-seed FID, KID (its mean
+over the subsets) and IS (its mean over the splits). The per-seed values sit in each row's `runs`
+(sweep.json), in sweep_seeds.csv (one row per setting and seed, the single-seed columns plus `seed`)
+and in a second table of sweep.md. The best setting is the lowest mean FID (else mean KID, else the
+highest mean IS) among the settings that have every seed; sweep.png plots the mean (no error bars:
+`line_plot` draws none; the std is in the tables). The outputs are rewritten after every seed of
+every setting, so an interrupted sweep keeps the seeds it finished. With one seed the outputs are
+those of a single-seed sweep.
+
 The Inception Score (metric `is`, 10 splits, torch-fidelity's split shuffle seed 2020) needs
 torch-fidelity's classifier weights (`inception_weights`, or its download cache: see
 `pixelrepa.evaluation.inception`); the sweep refuses to start without them. The classifier runs on
@@ -33,6 +46,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -59,6 +73,15 @@ SWEEP_FORMAT = "pixelrepa-sweep/1"
 SWEEP_METRICS = ("fid", "kid", "is")
 COLUMNS = ("ema", "steps", "method", "cfg", "interval", "num_images", "fid", "kid_mean", "kid_std", "is_mean",
            "is_std", "seconds")
+SEED_COLUMNS = COLUMNS[:6] + ("seed",) + COLUMNS[6:]
+"""sweep_seeds.csv of a sweep over several seeds: one row per (setting, seed)."""
+BAND_COLUMNS = ("ema", "steps", "method", "cfg", "interval", "num_images", "seeds", "n_seeds", "fid_mean", "fid_std",
+                "kid_mean", "kid_std", "is_mean", "is_std", "seconds")
+"""sweep.csv of a sweep over several seeds: one row per setting, each `_std` over the seeds (ddof 1)."""
+BANDED = (("fid_mean", "fid_std", "fid"), ("kid_mean", "kid_std", "kid_mean"), ("is_mean", "is_std", "is_mean"))
+"""(band mean column, band std column, per-seed column) of a band row."""
+BAND_DDOF = 1
+"""Bands report the sample standard deviation (numpy's ddof=1) over the seeds."""
 KID_SEED = 2020  # KID subset draws (torch-fidelity's default); `seed` is the sampling seed here
 IS_SEED = 2020  # IS split shuffle (torch-fidelity's default)
 
@@ -92,6 +115,8 @@ class SweepSettings:
     batch_size: int = 50
     seed: int = 0
     """Sampling seed: image k is drawn from the noise of index k and this seed."""
+    seeds: tuple[int, ...] | None = None
+    """Sampling seeds (each once) for reproduction bands, each setting sampled once per seed; None: (seed,)."""
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     is_splits: int = 10
@@ -150,6 +175,8 @@ def run(settings: SweepSettings, device: torch.device) -> dict:
     if found is not None:  # one pass per batch through both networks: the images are sampled once
         classifier_net, classifier = feature_networks.build_classifier(found, device)
         extractor = feature_networks.WithClassifier(feature_networks.InceptionFeatures(extractor), classifier_net)
+    seeds = list(dict.fromkeys(settings.seeds)) if settings.seeds else [settings.seed]
+    banded = len(seeds) > 1
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"format": SWEEP_FORMAT, "model": str(model.resolve()),
@@ -182,11 +209,14 @@ def run(settings: SweepSettings, device: torch.device) -> dict:
                 "cfg": list(settings.cfg or [config.sampler.cfg_scale]),
                 "method": settings.method or config.sampler.method,
                 "interval": list(settings.interval or [config.sampler.interval_min, config.sampler.interval_max]),
-                "num_images": settings.num_images, "per_class": layout.per_class, "seed": settings.seed,
+                "num_images": settings.num_images, "per_class": layout.per_class,
+                "seed": None if banded else seeds[0], "seeds": seeds,
                 "metrics": metrics, "batch_size": settings.batch_size, "device": str(device), "fid_eps": FID_EPS,
                 "kid_subsets": settings.kid_subsets, "kid_subset_size": settings.kid_subset_size,
                 "kid_seed": KID_SEED, "is_splits": settings.is_splits, "is_seed": IS_SEED,
                 "inception_weights": settings.inception_weights}
+            if banded:
+                record["settings"]["band_std"] = f"sample standard deviation over the seeds (ddof={BAND_DDOF})"
         s = record["settings"]
         for steps in s["steps"]:
             for cfg in s["cfg"]:
@@ -194,22 +224,33 @@ def run(settings: SweepSettings, device: torch.device) -> dict:
                                                    "sampler.method": s["method"],
                                                    "sampler.interval_min": s["interval"][0],
                                                    "sampler.interval_max": s["interval"][1]})
-                row = evaluate_setting(net, setting, layout, settings, reference, extractor, device, record)
-                row["ema"] = ema
-                record["results"].append({k: row[k] for k in COLUMNS} | {"kid": row.get("kid"), "is": row.get("is")})
-                record["best"] = best_setting(record["results"])
-                write_outputs(out, record, write_text_atomic)
+                runs = []
+                for seed in seeds:
+                    row = evaluate_setting(net, setting, layout, settings, reference, extractor, device, record, seed)
+                    row["ema"], row["seed"] = ema, seed
+                    result = {k: row[k] for k in (SEED_COLUMNS if banded else COLUMNS)} | {"kid": row.get("kid"),
+                                                                                           "is": row.get("is")}
+                    if banded:  # the setting's row is its band over the seeds finished so far
+                        runs.append(result)
+                        if len(runs) > 1:
+                            record["results"].pop()
+                        result = band_row(runs)
+                    record["results"].append(result)
+                    record["best"] = best_setting([r for r in record["results"]
+                                                   if not banded or r["n_seeds"] == len(seeds)])
+                    write_outputs(out, record, write_text_atomic)
     return record
 
 
 def evaluate_setting(net, config: RunConfig, layout, settings: SweepSettings, reference: Reference | None,
-                     extractor, device, record: dict) -> dict:
-    """Sample the images of one setting, their features (and classifier logits, when `extractor` is a
-    `WithClassifier`) batch by batch, and the metrics."""
+                     extractor, device, record: dict, seed: int | None = None) -> dict:
+    """Sample the images of one setting with `seed` (default: `settings.seed`), their features (and
+    classifier logits, when `extractor` is a `WithClassifier`) batch by batch, and the metrics."""
     s = config.sampler
+    seed = settings.seed if seed is None else seed
     start = time.perf_counter()
-    source = GeneratedImages(net, config, settings.num_images, layout, settings.batch_size, device, settings.seed)
-    label = f"{s.method} {s.steps} steps, CFG {s.cfg_scale:g}"
+    source = GeneratedImages(net, config, settings.num_images, layout, settings.batch_size, device, seed)
+    label = f"{s.method} {s.steps} steps, CFG {s.cfg_scale:g}" + (f", seed {seed}" if settings.seeds else "")
     with tqdm(total=settings.num_images, desc=label, unit="img", dynamic_ncols=True, disable=None) as bar:
         features = extract_features(source, extractor, settings.batch_size, device, bar.update)
     logits = None
@@ -268,12 +309,40 @@ def _finite(value) -> bool:
     return value is not None and math.isfinite(value)
 
 
+def band(values) -> dict | None:
+    """The band of per-seed values: mean, sample standard deviation (ddof 1, as numpy's
+    `np.std(values, ddof=1)`; None for one value) and n, over the finite values; None when there are none."""
+    finite = [float(v) for v in values if _finite(v)]
+    if not finite:
+        return None
+    std = float(np.std(finite, ddof=BAND_DDOF)) if len(finite) > BAND_DDOF else None
+    return {"mean": float(np.mean(finite)), "std": std, "n": len(finite), "ddof": BAND_DDOF}
+
+
+def band_row(runs: list[dict]) -> dict:
+    """The row of one setting over its seeds: the setting, the bands (BAND_COLUMNS) and the per-seed rows."""
+    first = runs[0]
+    row = {k: first[k] for k in BAND_COLUMNS[:6]} | {"seeds": [r["seed"] for r in runs], "n_seeds": len(runs)}
+    for mean_key, std_key, key in BANDED:
+        values = band(r[key] for r in runs)
+        row[mean_key], row[std_key] = (values["mean"], values["std"]) if values else (None, None)
+    return row | {"seconds": round(sum(r["seconds"] for r in runs), 3), "runs": runs}
+
+
+def _is_band(rows: list[dict]) -> bool:
+    return bool(rows) and "runs" in rows[0]
+
+
 RANKING = (("fid", min, "FID lowest"), ("kid_mean", min, "KID lowest"), ("is_mean", max, "IS highest"))
+BAND_RANKING = (("fid_mean", min, "mean FID lowest"), ("kid_mean", min, "mean KID lowest"),
+                ("is_mean", max, "mean IS highest"))
 
 
 def _ranking(rows: list[dict]) -> tuple[str, object, str]:
-    """The first of FID, KID, IS that some row has: (key, min or max, its description)."""
-    return next((entry for entry in RANKING if any(_finite(r.get(entry[0])) for r in rows)), RANKING[0])
+    """The first of FID, KID, IS (their means over the seeds for band rows) that some row has:
+    (key, min or max, its description)."""
+    table = BAND_RANKING if _is_band(rows) else RANKING
+    return next((entry for entry in table if any(_finite(r.get(entry[0])) for r in rows)), table[0])
 
 
 def best_criterion(rows: list[dict]) -> str:
@@ -281,16 +350,27 @@ def best_criterion(rows: list[dict]) -> str:
 
 
 def best_setting(rows: list[dict]) -> dict | None:
-    """The row with the lowest FID, else the lowest KID mean, else the highest Inception Score."""
+    """The row with the lowest FID, else the lowest KID mean, else the highest Inception Score (for band
+    rows: the lowest mean FID over the seeds, and so on)."""
     key, pick, _ = _ranking(rows)
     candidates = [r for r in rows if _finite(r.get(key))]
     return pick(candidates, key=lambda r: r[key]) if candidates else None
+
+
+def _plus_minus(name: str, mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return ""
+    return f"{name} {mean:.4g}" + ("" if std is None else f" ± {std:.2g}")
 
 
 def describe_row(row: dict | None) -> str:
     if row is None:
         return "none"
     ema = "model" if row["ema"] is None else f"EMA {row['ema']}"
+    if "runs" in row:
+        values = [_plus_minus(name, row[m], row[s]) for name, (m, s, _) in zip(("FID", "KID", "IS"), BANDED)]
+        return (f"{ema}, {row['method']} {row['steps']} steps, CFG {row['cfg']:g}: "
+                + ", ".join(v for v in values if v) + f" ({row['n_seeds']} seeds, sample std)")
     values = [f"FID {row['fid']:.4g}" if row["fid"] is not None else "",
               f"KID {row['kid_mean']:.4g}" if row["kid_mean"] is not None else "",
               f"IS {row['is_mean']:.4g}" if row.get("is_mean") is not None else ""]
@@ -300,24 +380,55 @@ def describe_row(row: dict | None) -> str:
 def _cell(value) -> str:
     if value is None:
         return ""
+    if isinstance(value, list):
+        return " ".join(map(str, value))
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
 
 
+def _columns(rows: list[dict]) -> tuple[str, ...]:
+    """COLUMNS for single-seed rows, SEED_COLUMNS for per-seed rows, BAND_COLUMNS for band rows."""
+    if _is_band(rows):
+        return BAND_COLUMNS
+    return SEED_COLUMNS if rows and "seed" in rows[0] else COLUMNS
+
+
 def format_csv(rows: list[dict]) -> str:
+    columns = _columns(rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(COLUMNS)
+    writer.writerow(columns)
     for row in rows:
-        writer.writerow([_cell(row[c]) for c in COLUMNS])
+        writer.writerow([_cell(row[c]) for c in columns])
     return buffer.getvalue()
 
 
+MARKDOWN_BAND_COLUMNS = ("ema", "steps", "method", "cfg", "interval", "num_images", "seeds", "fid", "kid", "is",
+                         "seconds")
+"""sweep.md's band table: each metric as `mean ± std` over the seeds."""
+
+
+def _markdown_cells(row: dict, columns: tuple[str, ...]) -> list[str]:
+    if "runs" not in row:
+        return [_cell(row[c]) or "-" for c in columns]
+    bands = {key: (m, s) for key, (m, s, _) in zip(("fid", "kid", "is"), BANDED)}
+    cells = []
+    for c in columns:
+        if c in bands:
+            mean, std = (row[k] for k in bands[c])
+            cells.append("-" if mean is None else _cell(mean) + ("" if std is None else f" ± {std:.2g}"))
+        else:
+            cells.append(_cell(row[c]) or "-")
+    return cells
+
+
 def format_markdown(rows: list[dict], best: dict | None = None) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    """One row per setting (per setting and seed for per-seed rows); band rows show `mean ± std` cells."""
+    columns = MARKDOWN_BAND_COLUMNS if _is_band(rows) else _columns(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [_cell(row[c]) or "-" for c in COLUMNS]
+        cells = _markdown_cells(row, columns)
         if best is not None and row is best:
             cells = [f"**{c}**" for c in cells]
         lines.append("| " + " | ".join(cells) + " |")
@@ -327,8 +438,16 @@ def format_markdown(rows: list[dict], best: dict | None = None) -> str:
 def write_outputs(out: Path, record: dict, write_text) -> None:
     rows, best = record["results"], record["best"]
     write_text(out / "sweep.csv", format_csv(rows))
-    write_text(out / "sweep.md", "# Sampler sweep\n\n" + format_markdown(rows, best)
-               + f"\nBest: {describe_row(best)}\n")
+    if not _is_band(rows):
+        write_text(out / "sweep.md", "# Sampler sweep\n\n" + format_markdown(rows, best)
+                   + f"\nBest: {describe_row(best)}\n")
+    else:
+        runs = [run for row in rows for run in row["runs"]]
+        write_text(out / "sweep_seeds.csv", format_csv(runs))
+        write_text(out / "sweep.md", "# Sampler sweep\n\n"
+                   f"Mean ± sample standard deviation (ddof={BAND_DDOF}) over the sampling seeds.\n\n"
+                   + format_markdown(rows, best) + f"\nBest: {describe_row(best)}\n\n## Per seed\n\n"
+                   + format_markdown(runs))
     write_text(out / "sweep.json", json.dumps(record, indent=2) + "\n")
     plot(rows, out / "sweep.png")
 
@@ -344,6 +463,13 @@ def _series(rows: list[dict], key: str) -> list[tuple[str, list[tuple[float, flo
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """FID, KID and IS (those computed) against the CFG scale, one line per EMA and step count."""
-    line_plot([Panel(f"{title} against CFG scale", "CFG scale", title, _series(rows, key))
-               for key, title in (("fid", "FID"), ("kid_mean", "KID"), ("is_mean", "IS"))], path)
+    """FID, KID and IS (those computed) against the CFG scale, one line per EMA and step count; for band
+    rows their means over the seeds (without error bars: the std is in the tables)."""
+    if _is_band(rows):
+        panels = [Panel(f"mean {title} over seeds against CFG scale", "CFG scale", f"mean {title}",
+                        _series(rows, key)) for key, title in (("fid_mean", "FID"), ("kid_mean", "KID"),
+                                                              ("is_mean", "IS"))]
+    else:
+        panels = [Panel(f"{title} against CFG scale", "CFG scale", title, _series(rows, key))
+                  for key, title in (("fid", "FID"), ("kid_mean", "KID"), ("is_mean", "IS"))]
+    line_plot(panels, path)

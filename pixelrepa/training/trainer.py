@@ -192,7 +192,12 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
         if dist.is_main:
             _report_start(out_dir, released, [*start.report, line])
 
+    evaluator = _live_evaluator(config, dist) if config.train.eval_every else None
+    eval_net = _sampler_backbone(config, device) if evaluator is not None else None
     writer = _Logger(out_dir, dist, start_step, config) if dist.is_main else None
+    if writer is not None and evaluator is not None:
+        for note in evaluator.notes:
+            logger.warning("train.eval_every: %s", note)
     bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and dist.is_main), unit="step",
                dynamic_ncols=True)
     last_checkpoint = resume_path
@@ -207,6 +212,8 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
     first_bad = torch.tensor(-1, device=device)
     grad_norm = None
     pending_grid = None
+    postfix: dict[str, str] = {}
+    eval_postfix: dict[str, str] = {}  # the last evaluation's numbers, kept on the progress line
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         if epoch != data_epoch:
@@ -261,8 +268,9 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
                 metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if writer is not None:
                 writer.log(step, epoch, metrics)
-            bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("total", "denoise", "align") if k in metrics}
-                            | {"img/s": f"{metrics['img_per_s']:.0f}"})
+            postfix = ({k: f"{metrics[k]:.4f}" for k in ("total", "denoise", "align") if k in metrics}
+                       | {"img/s": f"{metrics['img_per_s']:.0f}"})
+            bar.set_postfix(postfix | eval_postfix)
             window, timer, last_metrics = [], time.perf_counter(), metrics
         if saves:
             last_checkpoint = _save(out_dir, step, config, model, optimizer, ema, dist, skipped_steps, steps_per_epoch)
@@ -271,6 +279,16 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
                 pending_grid.result()  # raises what writing the previous grid raised
             pending_grid = _sample_grid(out_dir / "samples" / f"step-{step:08d}.png", config, ema,
                                         unwrap(model).net, dist, png_writer)
+        if evaluator is not None and step % config.train.eval_every == 0 and not signal_name:
+            record = evaluator(_load_ema1(eval_net, ema), step)  # collective: every rank samples its share
+            if writer is not None:
+                writer.log_eval(step, record)
+                line = _eval_line(record)
+                logger.info(line)
+                if not bar.disable:
+                    bar.write(line)
+                eval_postfix = {k: f"{record[k]:.4g}" for k in ("fid", "kid_mean", "fd_encoder") if k in record}
+                bar.set_postfix(postfix | eval_postfix)
         if signal_name:
             bar.close()
             if writer is not None:
@@ -464,13 +482,54 @@ def _sample_grid(path: Path, config: RunConfig, ema: BackboneEMA, net: JiT, dist
     weights = _ema_groups(ema)["ema1"]
     if not dist.is_main:
         return None
-    sampler_net = JiT(config.model)
-    set_attention_impl(sampler_net, config.kernels.attention)
-    buffers = {k: v for k, v in sampler_net.state_dict().items() if k not in weights}
-    sampler_net.load_state_dict(weights | buffers)
+    sampler_net = _load_weights(_sampler_backbone(config, dist.device), weights)
     classes = list(range(min(10, config.model.num_classes)))
-    images = sample_classes(sampler_net.to(dist.device).eval(), config, classes, 4, config.train.seed, dist.device)
+    images = sample_classes(sampler_net, config, classes, 4, config.train.seed, dist.device)
     return png_writer.submit(save_labelled_grid, images.cpu(), [str(c) for c in classes], path)
+
+
+def _sampler_backbone(config: RunConfig, device: torch.device) -> JiT:
+    """A plain (unwrapped, eval-mode) backbone on `device` for sampling; built without drawing from
+    the global RNG, whose stream training (dropout) and its checkpoints continue."""
+    from pixelrepa.evaluation.live import preserved_rng
+
+    with preserved_rng(device):
+        net = JiT(config.model)
+    set_attention_impl(net, config.kernels.attention)
+    return net.to(device).eval()
+
+
+def _load_weights(net: JiT, weights: dict[str, torch.Tensor]) -> JiT:
+    """`net` with its parameters replaced by `weights` (full tensors; the fixed buffers stay)."""
+    buffers = {k: v for k, v in net.state_dict().items() if k not in weights}
+    net.load_state_dict(weights | buffers)
+    return net
+
+
+def _load_ema1(net: JiT, ema: BackboneEMA) -> JiT:
+    """`net` holding EMA 1 (a collective under FSDP2: every rank calls it)."""
+    return _load_weights(net, _ema_groups(ema)["ema1"])
+
+
+def _live_evaluator(config: RunConfig, dist: DistInfo):
+    """The evaluation during training (`pixelrepa.evaluation.live`), its references checked."""
+    from pixelrepa.evaluation.live import LiveEvaluator
+
+    evaluator = LiveEvaluator(config, dist)
+    if dist.is_main:
+        logger.info("train.eval_every=%d: %s", config.train.eval_every, json.dumps(evaluator.describe()))
+    return evaluator
+
+
+def _eval_line(record: dict) -> str:
+    """One line for the console: the numbers and what the evaluation cost."""
+    names = {"fid": "FID", "kid_mean": "KID", "fd_encoder": "FD_encoder"}
+    values = [f"{names[k]} {record[k]:.4g}" + (f" +- {record['kid_std']:.2g}" if k == "kid_mean" else "")
+              for k in names if k in record]
+    values += [f"{k[len('align_'):]} {v:.3f}" for k, v in record.items()
+               if k.startswith("align_") and k != "align_seconds"]
+    return (f"eval step {record['step']}: {', '.join(values) or 'no metrics'} ({record['images']} images, "
+            f"{record['seconds']:.1f} s)")
 
 
 class _Logger:
@@ -500,6 +559,15 @@ class _Logger:
             for key, value in metrics.items():
                 group = "loss" if key in ("total", "denoise", "align") else "train"
                 self.tensorboard.add_scalar(f"{group}/{key}", value, step)
+
+    def log_eval(self, step: int, record: dict[str, float]) -> None:
+        """An evaluation (`train.eval_every`): {"step", "eval": {...}} in the log, eval/* scalars."""
+        values = {k: v for k, v in record.items() if k != "step"}
+        self.file.write(json.dumps({"step": step, "eval": values}) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                self.tensorboard.add_scalar(f"eval/{key}", value, step)
 
     def close(self) -> None:
         self.file.close()

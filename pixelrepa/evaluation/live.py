@@ -1,0 +1,311 @@
+"""Evaluation during training (`train.eval_every`): EMA 1 scored every N steps, in memory.
+
+`LiveEvaluator(config, dist_info)` is built once, when the run starts: it loads and checks the
+references (`train.eval_ref`: Inception statistics for FID, with stored features also KID;
+`train.eval_encoder_ref`: statistics of an encoder's mean-pooled patch tokens, made with
+`pixelrepa eval ref-stats ... --features encoder:NAME`, for FD in that space: the encoder is the one
+named in the file) and builds the feature networks, so a wrong file stops the run before its first
+step. `evaluator(net, step)` then samples `train.eval_images` images from `net` with the run's
+sampler settings, fixed noise (image k from `train.eval_seed` and k: `generate.image_noise`) and
+fixed class-major labels (`generate.class_layout`, ceil(K / classes) per class, as `eval sweep`
+lays them out), so the same images come from the same weights at every evaluation. Under
+torchrun each rank samples and featurises its contiguous slice (`features.rank_slice`) and the
+features are gathered to rank 0 in image order, which computes the numbers; the other ranks get
+None.
+
+The numbers are those of `pixelrepa eval` on the same images written to a folder (FID with eps
+`metrics.FID_EPS`; KID with that command's defaults: 100 subsets of up to 1000, seed 2020), so a
+live curve and an offline evaluation agree to float rounding. With `train.eval_align` the
+alignment probe (`probe.align_probe`) runs at the tap block on a fixed seeded subset of the
+training pack, against the run's alignment encoder, at `probe.DEFAULT_T`.
+
+Nothing here draws from the global RNGs (torch's CPU and device generators, numpy's, Python's):
+networks are built and images sampled inside `preserved_rng`, which restores them, and every
+draw of the evaluation comes from its own seeded generator; training with evaluation on gives
+the losses of training with it off, and resumes bit-identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from pixelrepa.config import RunConfig
+from pixelrepa.evaluation import features as feature_networks
+from pixelrepa.evaluation.generate import class_layout, generate
+from pixelrepa.evaluation.metrics import (
+    FID_EPS,
+    Reference,
+    SmallSampleWarning,
+    feature_statistics,
+    frechet_distance,
+    kernel_inception_distance,
+    load_reference,
+)
+
+KID_SUBSETS = 100
+"""KID subsets: `pixelrepa eval`'s default (--kid-subsets)."""
+KID_SUBSET_SIZE = 1000
+"""KID subset size, capped at the smaller set: `pixelrepa eval`'s default (--kid-subset-size)."""
+KID_SEED = 2020
+"""KID subset draws: `pixelrepa eval`'s default (--seed), torch-fidelity's."""
+
+
+@contextmanager
+def preserved_rng(device: torch.device | str = "cpu"):
+    """Run the block and restore torch's CPU generator (and `device`'s, on CUDA), numpy's global
+    state and Python's `random`: what happens inside leaves the training streams where they were."""
+    device = torch.device(device)
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
+@dataclass
+class FeatureSpace:
+    """One feature network and the reference its features are scored against."""
+
+    name: str
+    """'inception' or 'encoder'."""
+    path: Path
+    reference: Reference
+    extractor: nn.Module | None = None
+    record: dict | None = None
+
+
+def _load(path: str, field: str) -> Reference:
+    try:
+        return load_reference(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"train.{field}: {err}") from None
+
+
+def _encoder_spec(path: str, reference: Reference) -> tuple[str, str | None]:
+    """The `--features` spec (and weights file) that made an encoder reference, from its `meta`."""
+    network = (reference.meta or {}).get("feature_network")
+    made_with = feature_networks.network_id(reference.meta)
+    if not made_with.startswith(feature_networks.ENCODER_PREFIX) or not isinstance(network, dict):
+        raise ValueError(f"train.eval_encoder_ref: {path} was made with feature network '{made_with}', not an "
+                         "encoder: make it with `pixelrepa eval ref-stats SRC OUT.npz --features encoder:NAME`")
+    weights = (network.get("encoder") or {}).get("weights") if network.get("weights_sha256") else None
+    if weights is not None and not Path(weights).is_file():
+        raise ValueError(f"train.eval_encoder_ref: {path} was made with the encoder weights {weights}, "
+                         "which are not there any more")
+    return made_with.split("@")[0], weights
+
+
+class LiveEvaluator:
+    """Scores a backbone against the run's references: `evaluator(net, step)` (see the module
+    docstring). Collective under torchrun: every rank calls it with the same weights."""
+
+    def __init__(self, config: RunConfig, dist_info=None, device: torch.device | str | None = None):
+        t = config.train
+        self.config, self.dist_info = config, dist_info
+        self.device = torch.device(device if device is not None else dist_info.device if dist_info else "cpu")
+        self.rank, self.world_size = (dist_info.rank, dist_info.world_size) if dist_info is not None else (0, 1)
+        self.num_images, self.batch_size, self.seed = t.eval_images, t.eval_batch, t.eval_seed
+        per_class = max(1, math.ceil(self.num_images / config.model.num_classes))
+        self.layout = class_layout(config.model.num_classes, None, per_class)
+        self.notes: list[str] = []
+        # References first: a wrong file is refused before any network is built.
+        self.spaces: list[FeatureSpace] = []
+        if t.eval_ref is not None:
+            reference = _load(t.eval_ref, "eval_ref")
+            identity, dim = feature_networks.identify(feature_networks.INCEPTION)
+            _checked(feature_networks.check_reference, "eval_ref", t.eval_ref, reference, identity, dim)
+            self.spaces.append(FeatureSpace("inception", Path(t.eval_ref), reference))
+        if t.eval_encoder_ref is not None:
+            reference = _load(t.eval_encoder_ref, "eval_encoder_ref")
+            spec, weights = _encoder_spec(t.eval_encoder_ref, reference)
+            identity, dim = feature_networks.identify(spec, weights)
+            _checked(feature_networks.check_reference, "eval_encoder_ref", t.eval_encoder_ref, reference, identity,
+                     dim)
+            self.spaces.append(FeatureSpace("encoder", Path(t.eval_encoder_ref), reference))
+            self.encoder_spec, self.encoder_weights = spec, weights
+        inception_space = self._space("inception")
+        self.kid = inception_space is not None and inception_space.reference.features is not None \
+            and len(inception_space.reference.features) >= 2
+        if inception_space is not None and not self.kid:
+            self.notes.append(f"{inception_space.path} holds no reference features: KID is not computed (make the "
+                              "file with `pixelrepa eval ref-stats SRC OUT.npz --keep-features`)")
+        for space in self.spaces:
+            dim = len(space.reference.mu)
+            if self.num_images <= dim:
+                self.notes.append(f"{self.num_images} evaluation images for {dim}-d {space.name} features: the "
+                                  "covariance is singular and the Frechet distance strongly biased (a trend, not "
+                                  "a comparable number)")
+        self.probe = None
+        if t.eval_align:
+            self.probe = _probe_inputs(config)
+        with preserved_rng(self.device):  # building networks initialises weights from the global RNG
+            for space in self.spaces:
+                spec = feature_networks.INCEPTION if space.name == "inception" else self.encoder_spec
+                weights = None if space.name == "inception" else self.encoder_weights
+                space.extractor, space.record = feature_networks.build_feature_extractor(spec, self.device, weights)
+            if self.probe is not None:
+                from pixelrepa.align.encoders import build_encoder
+
+                self.probe["encoder"] = build_encoder(config.align.encoder).to(self.device).eval()
+
+    def _space(self, name: str) -> FeatureSpace | None:
+        return next((s for s in self.spaces if s.name == name), None)
+
+    def indices(self) -> range:
+        """This rank's images: a contiguous slice of 0 .. eval_images - 1."""
+        return range(*feature_networks.rank_slice(self.num_images, self.rank, self.world_size))
+
+    def images(self, net: nn.Module) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """This rank's evaluation images in batches: (indices, uint8 (n, C, H, W) on the CPU)."""
+        return generate(net, self.config, self.indices(), self.layout, self.batch_size, self.device, self.seed)
+
+    @torch.no_grad()
+    def __call__(self, net: nn.Module, step: int) -> dict | None:
+        """Sample, featurise and score; on rank 0 {"step", "images", "fid", "kid_mean", "kid_std",
+        "fd_encoder", "align_*", "seconds", ...} (the metrics whose references are set), None elsewhere."""
+        start = time.perf_counter()
+        was_training = net.training
+        net.eval()
+        with preserved_rng(self.device):
+            try:
+                features, error = self._features(net), None
+            except Exception as err:  # raised on every rank below, so no rank waits in the gather
+                features, error = None, f"rank {self.rank}: {err}"
+            finally:
+                net.train(was_training)
+            features = self._gather(features, error)
+            sample_seconds = time.perf_counter() - start
+            if features is None:
+                return None
+            record = {"step": step, "images": self.num_images}
+            record.update(self.score(features))
+            if self.probe is not None:
+                probe_start = time.perf_counter()
+                record.update(self._align(net))
+                record["align_seconds"] = round(time.perf_counter() - probe_start, 3)
+        record["sample_seconds"] = round(sample_seconds, 3)
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        return record
+
+    def _features(self, net: nn.Module) -> dict[str, np.ndarray]:
+        """{space: float32 (n, D)} of this rank's images, sampled once for every feature network."""
+        if not self.spaces:  # the alignment probe alone: nothing to sample
+            return {}
+        parts: dict[str, list[np.ndarray]] = {s.name: [] for s in self.spaces}
+        tf32 = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False  # full float32 convolutions, as `extract_features`
+        try:
+            for _, images in self.images(net):
+                x = images.contiguous().to(self.device)
+                for space in self.spaces:
+                    parts[space.name].append(space.extractor(x)[0].float().cpu().numpy())
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32
+        return {name: np.concatenate(p) if p else np.zeros((0, 0), np.float32) for name, p in parts.items()}
+
+    def _gather(self, features: dict | None, error: str | None) -> dict[str, np.ndarray] | None:
+        """Every rank's features on rank 0, in image order (None elsewhere); a failure anywhere is raised
+        on every rank."""
+        if self.world_size <= 1 or not torch_dist.is_initialized():
+            if error is not None:
+                raise RuntimeError(f"evaluation failed: {error}")
+            return features
+        payload = {"start": self.indices().start, "features": features, "error": error}
+        gathered = [None] * self.world_size if self.rank == 0 else None
+        torch_dist.gather_object(payload, gathered, dst=0)
+        holder = ["; ".join(p["error"] for p in gathered if p["error"]) or None] if self.rank == 0 else [None]
+        torch_dist.broadcast_object_list(holder, src=0)
+        if holder[0] is not None:
+            raise RuntimeError(f"evaluation failed: {holder[0]}")
+        if self.rank != 0:
+            return None
+        ordered = sorted(gathered, key=lambda p: p["start"])
+        return {s.name: np.concatenate([p["features"][s.name] for p in ordered if len(p["features"][s.name])])
+                for s in self.spaces}
+
+    def score(self, features: dict[str, np.ndarray]) -> dict[str, float]:
+        """The metrics of gathered features {space: (N, D)}: fid, kid_mean, kid_std, fd_encoder."""
+        out: dict[str, float] = {}
+        for space in self.spaces:
+            rows = features[space.name]
+            if len(rows) != self.num_images:
+                raise RuntimeError(f"{len(rows)} {space.name} feature rows for {self.num_images} images")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SmallSampleWarning)  # said once, in `notes`
+                if len(rows) <= len(space.reference.mu):  # singular covariance: also said in `notes`
+                    warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+                mu, sigma = feature_statistics(rows)
+                distance = frechet_distance(mu, sigma, space.reference.mu, space.reference.sigma, FID_EPS)
+            if space.name == "inception":
+                out["fid"] = distance
+                if self.kid:
+                    kid = kernel_inception_distance(rows, space.reference.features, KID_SUBSETS, KID_SUBSET_SIZE,
+                                                    KID_SEED)
+                    out["kid_mean"], out["kid_std"] = float(kid["mean"]), float(kid["std"])
+            else:
+                out["fd_encoder"] = distance
+        return out
+
+    def _align(self, net: nn.Module) -> dict[str, float]:
+        """The alignment probe at the tap block: {"align_{metric}_t{t}": value}."""
+        from pixelrepa.evaluation import probe
+
+        inputs = self.probe
+        batches = probe.pack_batches(inputs["pack"], inputs["indices"], self.batch_size)
+        k = min(probe.DEFAULT_K, len(inputs["indices"]) - 1)
+        table = probe.align_probe(net, inputs["encoder"], batches, blocks=[self.config.tap_block],
+                                  ts=probe.DEFAULT_T, k=k, seed=self.seed,
+                                  noise_scale=self.config.objective.noise_scale)
+        return {f"align_{metric}_t{t:g}": float(value) for (_, t), values in sorted(table.items())
+                for metric, value in values.items()}
+
+    def describe(self) -> dict:
+        """What the evaluation does, for the log: references, networks, image layout, notes."""
+        return {"images": self.num_images, "seed": self.seed, "per_class": self.layout.per_class,
+                "world_size": self.world_size, "sampler": dataclasses.asdict(self.config.sampler),
+                "references": {s.name: str(s.path.resolve()) for s in self.spaces},
+                "feature_networks": {s.name: (s.record or {}).get("id") for s in self.spaces},
+                "kid": self.kid and {"subsets": KID_SUBSETS, "subset_size": KID_SUBSET_SIZE, "seed": KID_SEED},
+                "align": self.probe is not None, "notes": list(self.notes)}
+
+
+def _checked(check, field: str, *args) -> None:
+    try:
+        check(*args)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"train.{field}: {err}") from None
+
+
+def _probe_inputs(config: RunConfig) -> dict:
+    """The pack and the fixed image subset of the alignment probe."""
+    from pixelrepa.data.packed import MANIFEST, PackedDataset
+    from pixelrepa.evaluation import probe
+
+    source = Path(config.data.source)
+    if not (source / MANIFEST).is_file():
+        raise ValueError(f"train.eval_align probes on training images from a pack folder (`pixelrepa data pack`); "
+                         f"data.source {config.data.source!r} is not one")
+    pack = PackedDataset(source)
+    indices = probe.probe_indices(len(pack), config.train.eval_align_images, config.train.eval_seed)
+    if len(indices) < 2:
+        raise ValueError(f"train.eval_align: the pack has {len(pack)} image(s); the probe needs at least 2")
+    return {"pack": pack, "indices": indices}
+
