@@ -107,12 +107,11 @@ def test_eval_bands_over_seed_folders(folders, single, tmp_path, capsys):
 
 def test_copies_of_one_folder_have_zero_std(folders, single, tmp_path, capsys):
     seeds, _, ref = folders
-    record = evaluate([seeds[0]] * 3, ref, tmp_path / "copies.json", "--metrics", "fid", "kid", "pr")
-    band = record["bands"]["fid"]
+    record = evaluate([seeds[0]] * 3, ref, tmp_path / "copies.json", "--metrics", "kid", "pr")
+    band = record["bands"]["kid"]
     assert band["std"] == 0.0 and band["n"] == 3
-    assert band["mean"] == pytest.approx(single["metrics"]["fid"], rel=1e-9)
-    assert all(r["metrics"]["fid"] == single["metrics"]["fid"] for r in record["runs"])
-    assert record["bands"]["kid"]["std"] == 0.0 and record["bands"]["precision"]["std"] == 0.0
+    assert band["mean"] == pytest.approx(single["metrics"]["kid"]["mean"], rel=1e-9)
+    assert all(r["metrics"]["kid"]["mean"] == single["metrics"]["kid"]["mean"] for r in record["runs"]) and record["bands"]["precision"]["std"] == 0.0
     assert any("more than once" in w for w in record["warnings"]) and "more than once" in capsys.readouterr().err
 
 
@@ -147,7 +146,7 @@ def model_and_ref(tmp_path_factory):
 
 def sweep_args(model, ref, out, *extra):
     return ["eval", "sweep", str(model), "--ref", str(ref), "--cfg", "1.0", "2.0", "--steps", "2", "--num-images",
-            "4", "--batch-size", "4", "--metrics", "fid", "kid", "--kid-subsets", "3", "--out", str(out),
+            "4", "--batch-size", "4", "--metrics", "kid", "--kid-subsets", "3", "--out", str(out),
             "--device", "cpu", *extra]
 
 
@@ -173,26 +172,23 @@ def test_sweep_seeds_equal_single_seed_sweeps(model_and_ref, tmp_path, capsys):
     for i, row in enumerate(rows):
         for seed, run in zip((0, 1), row["runs"]):
             assert run["seed"] == seed and run["cfg"] == singles[seed][i]["cfg"] == row["cfg"]
-            assert run["fid"] == pytest.approx(singles[seed][i]["fid"], rel=1e-6)
             assert run["kid_mean"] == pytest.approx(singles[seed][i]["kid_mean"], rel=1e-6)
-        fids = [run["fid"] for run in row["runs"]]
         kids = [run["kid_mean"] for run in row["runs"]]
-        assert row["fid_mean"] == pytest.approx(np.mean(fids)) and row["fid_std"] == pytest.approx(np.std(fids, ddof=1))
         assert row["kid_mean"] == pytest.approx(np.mean(kids)) and row["kid_std"] == pytest.approx(np.std(kids, ddof=1))
-    assert record["best"]["fid_mean"] == min(r["fid_mean"] for r in rows)
+    assert record["best"]["kid_mean"] == min(r["kid_mean"] for r in rows)  # no FID: the best by mean KID
 
     out = tmp_path / "both"
     with open(out / "sweep.csv") as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == list(sweep.BAND_COLUMNS) and len(table) == 2
     assert table[0]["seeds"] == "0 1" and table[0]["n_seeds"] == "2"
-    assert float(table[0]["fid_mean"]) == pytest.approx(rows[0]["fid_mean"], rel=1e-5)
+    assert float(table[0]["kid_mean"]) == pytest.approx(rows[0]["kid_mean"], rel=1e-5)
     with open(out / "sweep_seeds.csv") as f:
         per_seed = list(csv.DictReader(f))
     assert list(per_seed[0]) == list(sweep.SEED_COLUMNS) and [r["seed"] for r in per_seed] == ["0", "1", "0", "1"]
     md = (out / "sweep.md").read_text()
     assert "ddof=1" in md and "± " in md and "## Per seed" in md and "(2 seeds, sample std)" in md
-    assert (out / "sweep.png").is_file() and "mean FID lowest" in printed
+    assert (out / "sweep.png").is_file() and "mean KID lowest" in printed
 
 
 def test_interrupted_sweep_keeps_finished_seeds(model_and_ref, tmp_path, monkeypatch):
@@ -206,14 +202,14 @@ def test_interrupted_sweep_keeps_finished_seeds(model_and_ref, tmp_path, monkeyp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sweep, "evaluate_setting", stop_at_the_fourth)
-    settings = sweep.SweepSettings(model, tmp_path / "out", num_images=4, ref=ref, metrics=("fid",), steps=(2,),
+    settings = sweep.SweepSettings(model, tmp_path / "out", num_images=4, ref=ref, metrics=("kid",), kid_subsets=3, steps=(2,),
                                    cfg=(1.0, 2.0), batch_size=4, seeds=(0, 1))
     with warnings.catch_warnings(), pytest.raises(KeyboardInterrupt):
         warnings.simplefilter("ignore")
         sweep.run(settings, torch.device("cpu"))
     record = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert [r["seeds"] for r in record["results"]] == [[0, 1], [0]]
-    assert record["results"][1]["fid_std"] is None  # one seed: no sample std
+    assert record["results"][1]["kid_std"] is None  # one seed: no sample std
     assert record["best"]["cfg"] == 1.0  # the only setting with every seed
 
 

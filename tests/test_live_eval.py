@@ -49,7 +49,7 @@ def config_for(setup, out, **overrides):
         "train.per_device_batch": 8, "train.log_every": 1, "train.ckpt_every": 4, "train.sample_every": None,
         "optim.global_batch": 16, "optim.lr": 1e-3, "optim.warmup_epochs": 0.5, "ema.warmup": True,
         "sampler.steps": 2, "train.eval_every": 4, "train.eval_images": 8, "train.eval_batch": 4,
-        "train.eval_ref": str(inception_ref), "train.eval_encoder_ref": str(encoder_ref),
+        "train.eval_ref": str(inception_ref), "train.eval_encoder_ref": str(encoder_ref), "kernels.compile": "none",
     }
     changes.update(overrides)
     return get_preset("JiT-Micro/8").replace(**changes)
