@@ -77,14 +77,21 @@ def training_loss(net: JiT, head: nn.Module | None, x: Tensor, draws: Draws, obj
     if head is not None:
         if target is None:
             raise ValueError(f"alignment mode '{align.mode}' needs encoder targets")
-        if isinstance(head, MaskedTransformerAdapter):
-            if draws.keep is None:
-                raise ValueError("PixelREPA needs a token keep-mask in the draws")
-            pred = head(apply_token_mask(tapped, draws.keep, net.mask_token), draws.t, draws.labels)
-        else:
-            pred = head(tapped)
+        pred = head_prediction(net, head, tapped, draws.keep, draws.t, draws.labels)
         losses["align"] = cosine_alignment_loss(pred, target)
         losses["total"] = denoise + align.weight * losses["align"]
     else:
         losses["total"] = denoise
     return losses
+
+
+def head_prediction(net: JiT, head: nn.Module, tapped: Tensor, keep: Tensor | None, t: Tensor,
+                    labels: Tensor) -> Tensor:
+    """The head's (N, T, C) prediction of the encoder features from the tapped tokens (SPEC 5): the
+    adapter sees them with the tokens outside `keep` replaced by the backbone's mask token, the
+    projector sees them as they are."""
+    if isinstance(head, MaskedTransformerAdapter):
+        if keep is None:
+            raise ValueError("PixelREPA needs a token keep-mask in the draws")
+        return head(apply_token_mask(tapped, keep, net.mask_token), t, labels)
+    return head(tapped)

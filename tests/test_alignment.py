@@ -6,6 +6,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -140,9 +143,7 @@ def test_probe_does_not_depend_on_the_batch_size(micro):
     images = torch.randint(0, 256, (24, 3, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     labels = torch.arange(24) % 10
 
-    def encoder(x, grid):  # a fixed nonlinear "encoder": (B, 16, 5) tokens of the clean image
-        return torch.tanh(x.unfold(2, 8, 8).unfold(3, 8, 8).mean((-1, -2)).flatten(2).transpose(1, 2)
-                          @ torch.linspace(-1, 1, 15).view(3, 5))
+    encoder = fixed_encoder
 
     def batches(size):
         return [(images[s:s + size], labels[s:s + size]) for s in range(0, 24, size)]
@@ -160,6 +161,68 @@ def test_probe_does_not_depend_on_the_batch_size(micro):
         != whole[(1, 1.0)]["cka"]  # the null class instead of the labels
     with pytest.raises(ValueError, match="more than 4"):
         probe.align_probe(micro, encoder, [images[:4]], [1], [1.0], k=4)
+
+
+def fixed_encoder(x, grid):
+    """A fixed nonlinear "encoder": (B, 16, 5) tokens of the clean image (32 px, 8 px patches)."""
+    return torch.tanh(x.unfold(2, 8, 8).unfold(3, 8, 8).mean((-1, -2)).flatten(2).transpose(1, 2)
+                      @ torch.linspace(-1, 1, 15).view(3, 5))
+
+
+@pytest.mark.parametrize("mode", ["repa", "pixelrepa"])
+def test_head_cosine_is_one_minus_the_alignment_loss(mode):
+    from pixelrepa.align.heads import build_align_head, cosine_alignment_loss
+    from pixelrepa.objective import head_prediction
+
+    torch.manual_seed(0)
+    config = get_preset(f"{'REPA' if mode == 'repa' else 'PixelREPA'}-Micro/8").replace(
+        **{"align.encoder.feature_dim": 5, "align.mask_ratio": 0.3})
+    net = randomize_(JiT(config.model), std=0.05).eval()
+    head = randomize_(build_align_head(config.model, config.align), std=0.05).eval()
+    images = torch.randint(0, 256, (10, 3, 32, 32), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    labels = torch.arange(10) % 10
+    seed, tap, ts = 5, config.tap_block, [0.3, 1.0]
+    features = probe.probe_features(net, fixed_encoder, [(images[:6], labels[:6]), (images[6:], labels[6:])],
+                                    [1], ts, seed, 1.0, 0, head, tap, config.align.mask_ratio)
+    x = images.float() / 127.5 - 1
+    noise, keep = probe.probe_draws(x.shape[1:], 0, 10, seed, 1.0,
+                                    config.model.num_patches if mode == "pixelrepa" else None, 0.3)
+    assert (keep is None) == (mode == "repa")
+    if keep is not None:
+        assert 0.1 < 1 - keep.float().mean() < 0.5 and not keep.all(dim=1).all()
+        torch.testing.assert_close(noise, probe.probe_draws(x.shape[1:], 0, 10, seed, 1.0)[0], rtol=0, atol=0)
+    means = probe.mean_head_cosine(features)
+    with torch.no_grad():
+        for t in ts:
+            level = torch.full((10,), t)
+            _, tokens = net(t * x + (1 - t) * noise, level, labels, tap=tap)
+            pred = head_prediction(net, head, tokens, keep, level, labels)
+            per_image = [1 - cosine_alignment_loss(pred[i:i + 1], fixed_encoder(x[i:i + 1], (4, 4))).item()
+                         for i in range(10)]
+            np.testing.assert_allclose(features.head_cosines[t].numpy(), per_image, rtol=0, atol=1e-6)
+            assert means[t] == pytest.approx(np.mean(per_image), abs=1e-6)
+    assert means[0.3] != means[1.0]
+    if mode == "pixelrepa":  # the mask matters: all tokens kept gives another cosine
+        unmasked = probe.probe_features(net, fixed_encoder, [(images, labels)], [1], ts, seed, 1.0, 0, head, tap, 0.0)
+        assert probe.mean_head_cosine(unmasked)[1.0] != pytest.approx(means[1.0], abs=1e-6)
+
+
+def test_probe_slices_join_to_the_whole(micro):
+    """What each torchrun rank computes (a slice, `start` its first image) joins to one process's."""
+    images = torch.randint(0, 256, (20, 3, 32, 32), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    whole = probe.probe_features(micro, fixed_encoder, [images], [1, 3], [0.5], seed=2)
+    parts = [probe.probe_features(micro, fixed_encoder, [images[a:b]], [1, 3], [0.5], seed=2, start=a)
+             for a, b in [(0, 7), (7, 7), (7, 20)]]
+    joined = probe.join(parts)
+    torch.testing.assert_close(joined.targets, whole.targets)
+    for key in whole.pooled:
+        torch.testing.assert_close(joined.pooled[key], whole.pooled[key], rtol=1e-5, atol=1e-6)
+    assert probe.alignment_table(joined, k=4)[(3, 0.5)]["cka"] == pytest.approx(
+        probe.alignment_table(whole, k=4)[(3, 0.5)]["cka"], abs=1e-6)
+    shifted = probe.probe_features(micro, fixed_encoder, [images[7:]], [1], [0.5], seed=2)  # start 0: other noise
+    assert not torch.allclose(shifted.pooled[(1, 0.5)], whole.pooled[(1, 0.5)][7:])
+    with pytest.raises(ValueError, match="no images"):
+        probe.join([parts[1]])
 
 
 # ---------------------------------------------------------------------------
@@ -188,8 +251,12 @@ def test_probe_align_command(trained_run, tmp_path, capsys):
     args = ["probe", "align", str(trained_run / "run"), "--data", str(trained_run / "pack"), "--blocks", "1", "4",
             "--t", "0.5", "1.0", "--images", "32", "--k", "5", "--batch-size", "12", "--device", "cpu"]
     assert main([*args, "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "CKNNA (rows: block, columns: t)" in printed and "t=0.5" in printed
+    assert "probe cost: 32 images x 2 t = 64 passes through 4 of 4 blocks and the alignment head, 32 encoder " \
+           "passes (efficientnet-lite0)" in captured.err and "TFLOP forward" in captured.err
+    assert "mean cosine after the alignment head (pixelrepa, tap block" in printed
 
     with open(out / "alignment.csv") as f:
         rows = list(csv.DictReader(f))
@@ -206,9 +273,34 @@ def test_probe_align_command(trained_run, tmp_path, capsys):
         assert image.size[0] > 2 * image.size[1] > 100  # three heatmaps side by side
         assert len(image.convert("RGB").getcolors(1 << 16)) > 4
 
+    head = record["head"]
+    assert head["kind"] == "pixelrepa" and head["mask_ratio"] == 0.2 and "trained weights" in head["source"]
+    assert set(head["mean_cosine"]) == {"0.5", "1"} and all(-1 <= v <= 1 for v in head["mean_cosine"].values())
+
     assert main([*args, "--ema", "raw", "--out", str(tmp_path / "raw")]) == 0
     raw = json.loads((tmp_path / "raw" / "alignment.json").read_text())
     assert raw["model"]["weights"] == "raw" and raw["results"] != record["results"]
+    assert raw["head"]["mean_cosine"] != head["mean_cosine"]  # same head, the trained backbone under it
+
+
+def test_probe_align_under_torchrun_equals_one_process(trained_run, tmp_path):
+    args = ["probe", "align", str(trained_run / "run"), "--data", str(trained_run / "pack"), "--blocks", "2", "4",
+            "--t", "0.5", "--images", "30", "--k", "5", "--batch-size", "8", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "pixelrepa.cli.main", *args, "--out", str(tmp_path / "two")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("CKNNA (rows: block") == 1  # rank 0 alone reports
+    one, two = (json.loads((tmp_path / name / "alignment.json").read_text()) for name in ("one", "two"))
+    assert (one["settings"]["world_size"], two["settings"]["world_size"]) == (1, 2)
+    for a, b in zip(one["results"], two["results"], strict=True):
+        assert (a["block"], a["t"]) == (b["block"], b["t"])
+        for metric in probe.METRICS:  # thread counts differ: float32 sums reorder
+            assert b[metric] == pytest.approx(a[metric], abs=1e-4)
+    for t, value in one["head"]["mean_cosine"].items():
+        assert two["head"]["mean_cosine"][t] == pytest.approx(value, abs=1e-5)
 
 
 def test_probe_align_errors(trained_run, tmp_path, capsys):
@@ -224,6 +316,11 @@ def test_probe_align_errors(trained_run, tmp_path, capsys):
     assert main(["export", str(trained_run / "run"), str(model_file), "--ema", "2"]) == 0
     assert main(["probe", "align", str(model_file), "--data", str(trained_run / "pack"), "--ema", "2"]) == 2
     assert "one set of weights" in capsys.readouterr().err
+    assert main(["probe", "align", str(model_file), "--data", str(trained_run / "pack"), "--images", "12",
+                 "--k", "3", "--blocks", "1", "--t", "1", "--out", str(tmp_path / "file")]) == 0
+    assert "mean cosine after the alignment head: none" in capsys.readouterr().out
+    why = json.loads((tmp_path / "file" / "alignment.json").read_text())["head"]["why_not"]
+    assert "holds no alignment head" in why
     config, state, source = probe.load_backbone(model_file)
     _, ema2, _ = probe.load_backbone(trained_run / "run", 2)
     assert source["kind"] == "model file" and source["provenance"]["ema"] == "2" and config.model.depth == 4

@@ -127,26 +127,38 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_align(args: argparse.Namespace) -> int:
-    """`probe align`."""
-    from pixelrepa.align.encoders import build_encoder
-    from pixelrepa.data.packed import PackedDataset
-    from pixelrepa.models.jit import JiT
-    from pixelrepa.models.layers import set_attention_impl
+    """`probe align`: under torchrun each rank reads its slice of the images, rank 0 writes."""
+    from pixelrepa.cli.eval import in_process_group
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.images < 1:
         raise ValueError(f"--images must be >= 1, got {args.images}")
     device = torch.device(args.device) if args.device else pick_device()
+    return in_process_group(args, device, lambda device: align_on(args, device))
+
+
+def align_on(args: argparse.Namespace, device: torch.device) -> int:
+    from pixelrepa.align.encoders import build_encoder
+    from pixelrepa.data.packed import PackedDataset
+    from pixelrepa.evaluation.features import gather_in_order, rank_slice
+    from pixelrepa.models.jit import JiT
+    from pixelrepa.models.layers import set_attention_impl
+
+    rank, world_size = args.dist_info.rank, args.dist_info.world_size
     config, state, source = probe.load_backbone(args.checkpoint, args.ema)
     blocks, ts = probe.check_blocks(args.blocks, config.model.depth), probe.check_ts(args.t)
+    head, head_source = probe.load_head(args.checkpoint, config)
 
     encoder_cfg = config.align.encoder if args.encoder is None else get_encoder_preset(args.encoder)
     if args.encoder_weights is not None:
         if not args.encoder_weights.is_file():
             raise FileNotFoundError(f"encoder weights file not found: {args.encoder_weights}")
         encoder_cfg = dataclasses.replace(encoder_cfg, weights=str(args.encoder_weights.resolve()))
-    if config.align.mode == "none" and args.encoder is None:
+    if head is not None and encoder_cfg.name != config.align.encoder.name:
+        head, head_source = None, (f"the head predicts the run's align.encoder '{config.align.encoder.name}', "
+                                   f"not the probed '{encoder_cfg.name}'")
+    if config.align.mode == "none" and args.encoder is None and rank == 0:
         print(f"note: this run trained without alignment (align.mode none); probing against its config's "
               f"align.encoder '{encoder_cfg.name}': --encoder PRESET picks another", file=sys.stderr)
 
@@ -155,19 +167,43 @@ def run_align(args: argparse.Namespace) -> int:
     indices = probe.probe_indices(len(pack), args.images, args.seed)
     if len(indices) <= args.k:
         raise ValueError(f"{len(indices)} image(s) for k = {args.k} nearest neighbours: more than {args.k} are needed")
+    if rank == 0:
+        cost = probe.probe_cost(config, encoder_cfg, blocks, ts, len(indices), head is not None)
+        print(probe.format_cost(cost, encoder_cfg.name) + (f" on {world_size} processes" if world_size > 1 else ""),
+              file=sys.stderr, flush=True)
 
     net = JiT(config.model)
     net.load_state_dict(state)
     net = net.to(device).eval()
     set_attention_impl(net, config.kernels.attention)
+    if head is not None:
+        head = head.to(device).eval()
+        set_attention_impl(head, config.kernels.attention)
     try:
         encoder = build_encoder(encoder_cfg).to(device)
     except RuntimeError as err:  # weights not reachable (offline): a usage error, reported as such
         raise ValueError(f"encoder '{encoder_cfg.name}': {err}") from err
 
-    with tqdm(total=len(indices), desc="probe", unit="img", dynamic_ncols=True, disable=None) as bar:
-        table = probe.align_probe(net, encoder, probe.pack_batches(pack, indices, args.batch_size, args.labels == "data"),
-                                  blocks, ts, args.k, args.seed, config.objective.noise_scale, bar.update)
+    start, stop = rank_slice(len(indices), rank, world_size)
+    part, error = None, None
+    try:
+        with tqdm(total=stop - start, desc="probe", unit="img", dynamic_ncols=True, disable=None if rank == 0 else True) as bar:
+            batches = probe.pack_batches(pack, indices[start:stop], args.batch_size, args.labels == "data")
+            part = probe.probe_features(net, encoder, batches, blocks, ts, args.seed, config.objective.noise_scale,
+                                        start, head, config.tap_block, config.align.mask_ratio, bar.update)
+    except Exception as err:  # raised on every rank by the gather, so no rank waits forever
+        error = f"rank {rank}: {err}"
+    parts = gather_in_order(part, start, error, world_size, rank, RuntimeError)
+    if parts is None:
+        return 0
+    features = probe.join(parts)
+    table = probe.alignment_table(features, args.k)
+    if head is None:
+        head_record = {"why_not": head_source}
+    else:
+        head_record = {"source": head_source, "kind": config.align.mode, "tap_block": config.tap_block,
+                       "mask_ratio": config.align.mask_ratio if config.align.mode == "pixelrepa" else 0.0,
+                       "mean_cosine": {f"{t:g}": v for t, v in probe.mean_head_cosine(features).items()}}
     record = {
         "format": probe.PROBE_FORMAT,
         "model": source,
@@ -177,11 +213,14 @@ def run_align(args: argparse.Namespace) -> int:
         "data": {"path": str(args.data.resolve()), "available": len(pack), "used": len(indices)},
         "settings": {"blocks": blocks, "t": ts, "k": args.k, "seed": args.seed, "labels": args.labels,
                      "noise_scale": config.objective.noise_scale, "pooling": probe.POOLING,
-                     "metrics": list(probe.METRICS), "batch_size": args.batch_size, "device": str(device)},
+                     "metrics": list(probe.METRICS), "batch_size": args.batch_size, "device": str(device),
+                     "world_size": world_size},
+        "head": head_record,
         "created": created(),
     }
     probe.write_outputs(args.out, record, table)
     print(probe.format_grids(table))
+    print(probe.format_head(head_record))
     print(f"wrote {args.out / 'alignment.csv'}, alignment.json, alignment.png")
     return 0
 

@@ -32,6 +32,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -295,6 +296,24 @@ def rank_slice(count: int, rank: int, world_size: int) -> tuple[int, int]:
     return rank * count // world_size, (rank + 1) * count // world_size
 
 
+def gather_in_order(value: Any, start: int, error: str | None, world_size: int, rank: int,
+                    failure: type[Exception] = ValueError) -> list | None:
+    """Every rank's `value` on rank 0, ordered by the `start` of its slice (None on the other ranks).
+    `error` is this rank's failure or None; a failure on any rank is raised as `failure` on every rank,
+    so no rank waits forever. Collective; a single process gets [value]."""
+    if world_size <= 1 or not dist.is_initialized():
+        if error is not None:
+            raise failure(error)
+        return [value]
+    gathered = [None] * world_size if rank == 0 else None
+    dist.gather_object({"start": start, "value": value, "error": error}, gathered, dst=0)
+    holder = ["; ".join(p["error"] for p in gathered if p["error"]) or None] if rank == 0 else [None]
+    dist.broadcast_object_list(holder, src=0)
+    if holder[0] is not None:
+        raise failure(holder[0])
+    return None if rank != 0 else [p["value"] for p in sorted(gathered, key=lambda p: p["start"])]
+
+
 def extract_features_distributed(source: ImageSource, extractor: nn.Module, batch_size: int, dist_info,
                                  device: torch.device | str | None = None, progress=None) -> np.ndarray | None:
     """float32 (N, D) features of every image of `source` on rank 0 (in image order), None elsewhere.
@@ -308,30 +327,22 @@ def extract_features_distributed(source: ImageSource, extractor: nn.Module, batc
         return extract_features(source, extractor, batch_size, device, progress)
     start, stop = rank_slice(len(source), dist_info.rank, dist_info.world_size)
     part = SourceSlice(source, start, stop)
-    payload: dict = {"rank": dist_info.rank, "start": start, "features": None, "shape": None, "error": None}
+    value, error = (None, None), None
     try:
         if len(part):
-            payload["features"] = extract_features(part, extractor, batch_size, device, progress)
-            payload["shape"] = part.first_shape
-    except Exception as err:  # reported on every rank below, so no rank waits forever
-        payload["error"] = f"rank {dist_info.rank}: {err}"
-    gathered = [None] * dist_info.world_size if dist_info.is_main else None
-    dist.gather_object(payload, gathered, dst=0)
-    message = None
-    if dist_info.is_main:
-        errors = [p["error"] for p in gathered if p["error"]]
-        shapes = {tuple(p["shape"]) for p in gathered if p["shape"] is not None}
-        if errors:
-            message = "; ".join(errors)
-        elif len(shapes) > 1:
-            message = f"{source.path}: images of mixed sizes across ranks ({sorted(shapes)})"
+            value = (extract_features(part, extractor, batch_size, device, progress), part.first_shape)
+    except Exception as err:  # reported on every rank, so no rank waits forever
+        error = f"rank {dist_info.rank}: {err}"
+    gathered = gather_in_order(value, start, error, dist_info.world_size, dist_info.rank)
+    shapes = {tuple(shape) for _, shape in gathered or [] if shape is not None}
+    message = f"{source.path}: images of mixed sizes across ranks ({sorted(shapes)})" if len(shapes) > 1 else None
     holder = [message]
     dist.broadcast_object_list(holder, src=0)
     if holder[0] is not None:
         raise ValueError(holder[0])
     if not dist_info.is_main:
         return None
-    parts = [p["features"] for p in sorted(gathered, key=lambda p: p["start"]) if p["features"] is not None]
+    parts = [features for features, _ in gathered if features is not None]
     features = np.concatenate(parts)
     if len(features) != len(source):
         raise RuntimeError(f"gathered {len(features)} feature rows for {len(source)} images")

@@ -40,7 +40,6 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 import torch
-import torch.distributed as torch_dist
 from torch import nn
 
 from pixelrepa.config import RunConfig
@@ -224,22 +223,13 @@ class LiveEvaluator:
     def _gather(self, features: dict | None, error: str | None) -> dict[str, np.ndarray] | None:
         """Every rank's features on rank 0, in image order (None elsewhere); a failure anywhere is raised
         on every rank."""
-        if self.world_size <= 1 or not torch_dist.is_initialized():
-            if error is not None:
-                raise RuntimeError(f"evaluation failed: {error}")
-            return features
-        payload = {"start": self.indices().start, "features": features, "error": error}
-        gathered = [None] * self.world_size if self.rank == 0 else None
-        torch_dist.gather_object(payload, gathered, dst=0)
-        holder = ["; ".join(p["error"] for p in gathered if p["error"]) or None] if self.rank == 0 else [None]
-        torch_dist.broadcast_object_list(holder, src=0)
-        if holder[0] is not None:
-            raise RuntimeError(f"evaluation failed: {holder[0]}")
-        if self.rank != 0:
+        if error is not None:
+            error = f"evaluation failed: {error}"
+        gathered = feature_networks.gather_in_order(features, self.indices().start, error, self.world_size, self.rank,
+                                                    RuntimeError)
+        if gathered is None:
             return None
-        ordered = sorted(gathered, key=lambda p: p["start"])
-        return {s.name: np.concatenate([p["features"][s.name] for p in ordered if len(p["features"][s.name])])
-                for s in self.spaces}
+        return {s.name: np.concatenate([part[s.name] for part in gathered if len(part[s.name])]) for s in self.spaces}
 
     def score(self, features: dict[str, np.ndarray]) -> dict[str, float]:
         """The metrics of gathered features {space: (N, D)}: fid, kid_mean, kid_std, fd_encoder."""

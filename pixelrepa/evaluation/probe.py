@@ -18,6 +18,14 @@ metrics compare images, not tokens. Both matrices are L2-normalised per row, as 
 (2024) normalise before every metric, and each (block, t) gets CKNNA, linear CKA and mutual kNN
 (`pixelrepa.evaluation.alignment`) of the n x D backbone matrix against the n x C encoder one.
 
+With a head (REPA's projector, PixelREPA's adapter) `probe_features` also measures what the
+alignment loss sees: per image, the mean per-token cosine between the head's prediction from the
+tap block's tokens and the encoder's features, per t, in the same pass.
+
+Under torchrun each rank runs `probe_features` on its contiguous slice of the
+images (`start` keeps image i's noise that of a single process) and rank 0 gathers the slices
+(`features.gather_in_order`) and computes the metrics: the numbers of one process.
+
 `load_backbone` reads the backbone of a training run (an EMA, or the raw weights) or of a model
 file; `write_outputs` writes alignment.csv, alignment.json and alignment.png (one heatmap of
 blocks x t per metric).
@@ -30,20 +38,23 @@ import io
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from pixelrepa.config import RunConfig
+from pixelrepa.align.heads import MaskedTransformerAdapter, build_align_head, draw_keep_mask
+from pixelrepa.config import EncoderConfig, RunConfig
 from pixelrepa.data.transforms import to_model_range
 from pixelrepa.evaluation.alignment import cknna, linear_cka, mutual_knn
 from pixelrepa.evaluation.generate import MODEL_FILE_NAME, SEED_STRIDE
 from pixelrepa.evaluation.plots import HeatmapPanel, heatmap
 from pixelrepa.files import write_text_atomic
 from pixelrepa.models.jit import JiT
+from pixelrepa.objective import head_prediction
 from pixelrepa.training.device import autocast_for
 
 PROBE_FORMAT = "pixelrepa-probe-align/1"
@@ -92,65 +103,143 @@ def tapped_tokens(net: JiT, z: Tensor, t: Tensor, y: Tensor, blocks: Sequence[in
     return tokens
 
 
-def probe_noise(shape: Sequence[int], start: int, count: int, seed: int, noise_scale: float) -> Tensor:
-    """noise_scale * N(0, I) of shape (count, *shape) on the CPU; image i from `seed * SEED_STRIDE + i`."""
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed * SEED_STRIDE + i))
-                        for i in range(start, start + count)]) * noise_scale
+def probe_draws(shape: Sequence[int], start: int, count: int, seed: int, noise_scale: float,
+                num_tokens: int | None = None, mask_ratio: float = 0.0) -> tuple[Tensor, Tensor | None]:
+    """(noise_scale * N(0, I) of shape (count, *shape), keep mask (count, num_tokens) or None) on the
+    CPU. Image i draws from a generator seeded `seed * SEED_STRIDE + i`: its noise, then (with
+    `num_tokens`) its keep mask (`draw_keep_mask`), so the noise does not depend on the mask."""
+    noises, keeps = [], []
+    for i in range(start, start + count):
+        generator = torch.Generator().manual_seed(seed * SEED_STRIDE + i)
+        noises.append(torch.randn(tuple(shape), generator=generator))
+        if num_tokens is not None:
+            keeps.append(draw_keep_mask(1, num_tokens, mask_ratio, generator)[0])
+    return torch.stack(noises) * noise_scale, torch.stack(keeps) if keeps else None
+
+
+@dataclass
+class ProbeFeatures:
+    """What the probe reads from a set of images, on the CPU, image-ordered."""
+
+    pooled: dict[tuple[int, float], Tensor]
+    """{(block, t): float32 (n, D)} mean-pooled image tokens after `block` blocks at signal level t."""
+    targets: Tensor
+    """float32 (n, C) mean-pooled encoder features of the clean images."""
+    head_cosines: dict[float, Tensor] | None = None
+    """{t: float64 (n,)} per image, the mean over its tokens of cos(head prediction, encoder feature)."""
 
 
 @torch.no_grad()
-def align_probe(net: JiT, encoder: Callable[[Tensor, tuple[int, int]], Tensor], batches: Iterable[Batch],
-                blocks: Sequence[int] | None = None, ts: Sequence[float] = DEFAULT_T, k: int = DEFAULT_K,
-                seed: int = 0, noise_scale: float = 1.0,
-                progress: Callable[[int], object] | None = None) -> Table:
-    """{(block, t): {"cknna", "cka", "mutual_knn"}} of `net`'s mean-pooled block tokens on the noised
-    images against `encoder`'s mean-pooled features of the clean images (see the module docstring).
+def probe_features(net: JiT, encoder: Callable[[Tensor, tuple[int, int]], Tensor], batches: Iterable[Batch],
+                   blocks: Sequence[int], ts: Sequence[float], seed: int = 0, noise_scale: float = 1.0,
+                   start: int = 0, head: nn.Module | None = None, tap_block: int | None = None,
+                   mask_ratio: float = 0.0, progress: Callable[[int], object] | None = None) -> ProbeFeatures:
+    """The block tokens, encoder features and (with `head`) head cosines of the images of `batches`,
+    the first being image `start` of the probe (its noise and mask: `probe_draws`).
 
     `batches` yields uint8 images (B, 3, H, W), or (images, labels (B,)) pairs; images without labels
     get the null class. `encoder(x, grid)` maps images in [-1, 1] to (B, tokens, C) features, as a
-    `TargetEncoder` does. Runs on `net`'s device (bf16 autocast on a GPU, as in training); `progress(B)`
-    after each batch. Needs more than k images."""
-    was_training = net.training
-    net.eval()
+    `TargetEncoder` does. With `head`, the head predicts the encoder's features from the tokens after
+    `tap_block` blocks, read in the same pass: the adapter (PixelREPA) sees each image's tokens masked
+    with `mask_ratio`, as in training; the projector (REPA) sees them all; the per-token cosines'
+    mean is 1 minus the alignment loss (SPEC 5) at a fixed t, without label dropping. Runs on `net`'s
+    device (bf16 autocast on a GPU, as in training); `progress(B)` after each batch."""
+    modules = [m for m in (net, head) if m is not None]
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
     cfg = net.config
-    blocks, ts = check_blocks(blocks, cfg.depth), check_ts(ts)
     device = next(net.parameters()).device
     grid = (cfg.grid_size, cfg.grid_size)
+    masked = isinstance(head, MaskedTransformerAdapter)
+    passes = sorted(set(blocks) | ({tap_block} if head is not None else set()))
     pooled: dict[tuple[int, float], list[Tensor]] = {(b, t): [] for b in blocks for t in ts}
+    cosines: dict[float, list[Tensor]] = {t: [] for t in ts}
     targets: list[Tensor] = []
-    count = 0
+    count = start
     try:
         for batch in batches:
             images, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
             x = to_model_range(images.to(device))
             n = len(x)
+            if n == 0:
+                continue
             y = torch.full((n,), cfg.num_classes, device=device) if labels is None else labels.to(device).long()
-            noise = probe_noise(x.shape[1:], count, n, seed, noise_scale).to(device)
+            noise, keep = probe_draws(x.shape[1:], count, n, seed, noise_scale,
+                                      cfg.num_patches if masked else None, mask_ratio)
+            noise, keep = noise.to(device), None if keep is None else keep.to(device)
             with autocast_for(device):
-                targets.append(encoder(x, grid).float().mean(dim=1).cpu())
+                target = encoder(x, grid).float()
+                targets.append(target.mean(dim=1).cpu())
                 for t in ts:
                     level = torch.full((n,), t, device=device)
-                    z = t * x + (1 - t) * noise
-                    for b, tokens in tapped_tokens(net, z, level, y, blocks).items():
-                        pooled[(b, t)].append(tokens.float().mean(dim=1).cpu())
+                    tokens = tapped_tokens(net, t * x + (1 - t) * noise, level, y, passes)
+                    for b in blocks:
+                        pooled[(b, t)].append(tokens[b].float().mean(dim=1).cpu())
+                    if head is not None:
+                        pred = head_prediction(net, head, tokens[tap_block], keep, level, y).float()
+                        cos = F.cosine_similarity(pred, target, dim=-1)
+                        cosines[t].append(cos.mean(dim=1).double().cpu())
             count += n
             if progress is not None:
                 progress(n)
     finally:
-        net.train(was_training)
-    if count <= k:
-        raise ValueError(f"{count} image(s): k = {k} nearest neighbours needs more than {k}")
-    reference = F.normalize(torch.cat(targets).double(), dim=1)
+        for m, mode in zip(modules, was_training):
+            m.train(mode)
+    return ProbeFeatures(
+        {key: torch.cat(parts) if parts else torch.zeros(0, cfg.hidden_size) for key, parts in pooled.items()},
+        torch.cat(targets) if targets else torch.zeros(0, 0),
+        None if head is None else {t: torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+                                   for t, parts in cosines.items()})
+
+
+def join(parts: Sequence[ProbeFeatures]) -> ProbeFeatures:
+    """Consecutive slices' features as one (torchrun: the ranks' slices in order)."""
+    parts = [p for p in parts if len(p.targets)]
+    if not parts:
+        raise ValueError("the probe got no images")
+    first = parts[0]
+    return ProbeFeatures({key: torch.cat([p.pooled[key] for p in parts]) for key in first.pooled},
+                         torch.cat([p.targets for p in parts]),
+                         None if first.head_cosines is None else
+                         {t: torch.cat([p.head_cosines[t] for p in parts]) for t in first.head_cosines})
+
+
+def alignment_table(features: ProbeFeatures, k: int = DEFAULT_K) -> Table:
+    """{(block, t): {"cknna", "cka", "mutual_knn"}} of the pooled features (rows L2-normalised).
+    Needs more than k images."""
+    if len(features.targets) <= k:
+        raise ValueError(f"{len(features.targets)} image(s): k = {k} nearest neighbours needs more than {k}")
+    reference = F.normalize(features.targets.double(), dim=1)
     table: Table = {}
-    for key, parts in pooled.items():
-        features = F.normalize(torch.cat(parts).double(), dim=1)
-        table[key] = {"cknna": cknna(features, reference, k), "cka": linear_cka(features, reference),
-                      "mutual_knn": mutual_knn(features, reference, k)}
+    for key, values in features.pooled.items():
+        pooled = F.normalize(values.double(), dim=1)
+        table[key] = {"cknna": cknna(pooled, reference, k), "cka": linear_cka(pooled, reference),
+                      "mutual_knn": mutual_knn(pooled, reference, k)}
     return table
 
 
+def mean_head_cosine(features: ProbeFeatures) -> dict[float, float]:
+    """{t: mean over images of the per-image head cosine}."""
+    if features.head_cosines is None:
+        raise ValueError("these features were read without an alignment head")
+    return {t: float(values.mean()) for t, values in features.head_cosines.items()}
+
+
+def align_probe(net: JiT, encoder: Callable[[Tensor, tuple[int, int]], Tensor], batches: Iterable[Batch],
+                blocks: Sequence[int] | None = None, ts: Sequence[float] = DEFAULT_T, k: int = DEFAULT_K,
+                seed: int = 0, noise_scale: float = 1.0,
+                progress: Callable[[int], object] | None = None) -> Table:
+    """{(block, t): {"cknna", "cka", "mutual_knn"}} of `net`'s mean-pooled block tokens on the noised
+    images against `encoder`'s mean-pooled features of the clean images (see the module docstring and
+    `probe_features`), in one process."""
+    blocks, ts = check_blocks(blocks, net.config.depth), check_ts(ts)
+    return alignment_table(probe_features(net, encoder, batches, blocks, ts, seed, noise_scale,
+                                          progress=progress), k)
+
+
 # ---------------------------------------------------------------------------
-# Inputs: the backbone and the images
+# Inputs: the backbone, its head and the images
 # ---------------------------------------------------------------------------
 
 def load_backbone(path: str | Path, ema: int | str | None = None) -> tuple[RunConfig, dict[str, Tensor], dict]:
@@ -184,6 +273,73 @@ def load_backbone(path: str | Path, ema: int | str | None = None) -> tuple[RunCo
     weights = "raw" if ema == "raw" else f"ema{1 if ema is None else int(ema)}"
     return config, state, {"kind": "training checkpoint", "path": str(folder.resolve()), "weights": weights,
                            "step": step}
+
+
+def load_head(path: str | Path, config: RunConfig) -> tuple[nn.Module | None, str]:
+    """(the alignment head with its trained weights, its source) of a training run / checkpoint
+    folder or a model file, or (None, why there is none). EMAs track the backbone alone, so the head
+    is always the trained (raw) one."""
+    from pixelrepa.training import checkpoint as ckpt
+    from pixelrepa.weights import load_model_file
+
+    if config.align.mode == "none":
+        return None, "the run trained without alignment (align.mode none): there is no head"
+    path = Path(path)
+    if not path.is_dir() or (path / MODEL_FILE_NAME).is_file():
+        file = path / MODEL_FILE_NAME if path.is_dir() else path
+        groups = load_model_file(file)[1]
+        if "head" not in groups:
+            return None, f"{file} holds no alignment head (a sampling export keeps the backbone only)"
+        state, source = groups["head"], f"model file {file.resolve()}"
+    else:
+        folder = ckpt.find_checkpoint(path)
+        model = ckpt.read_state(folder, ("model",))["model"]
+        state = {key[len("head."):]: value for key, value in model.items() if key.startswith("head.")}
+        source = f"training checkpoint {folder.resolve()} (trained weights)"
+    head = build_align_head(config.model, config.align)
+    head.load_state_dict(state)
+    return head, source
+
+
+def probe_cost(config: RunConfig, encoder: EncoderConfig, blocks: Sequence[int], ts: Sequence[float],
+               images: int, with_head: bool) -> dict:
+    """The work of `probe_features`: passes and forward FLOPs (counted on the meta device, so free).
+    Per image and t one backbone pass through the deepest block read (and one head pass with
+    `with_head`); per image one encoder pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pixelrepa.align.encoders import build_encoder
+
+    m = config.model
+    deepest = max([*blocks, config.tap_block] if with_head else blocks)
+    with torch.device("meta"):
+        net = JiT(m)
+        enc = build_encoder(encoder, random_init=True)
+        head = build_align_head(m, config.align) if with_head else None
+        z = torch.zeros(1, 3, m.input_size, m.input_size)
+        t, y = torch.ones(1), torch.zeros(1, dtype=torch.long)
+        tokens = torch.zeros(1, m.num_patches, m.hidden_size)
+        keep = torch.ones(1, m.num_patches, dtype=torch.bool)
+
+    def count(fn) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    backbone = count(lambda: tapped_tokens(net, z, t, y, [deepest]))
+    head_flops = count(lambda: head_prediction(net, head, tokens, keep, t, y)) if with_head else 0
+    encoder_flops = count(lambda: enc(z, (m.grid_size, m.grid_size)))
+    passes = images * len(ts)
+    return {"images": images, "levels": len(ts), "backbone_passes": passes, "blocks_run": deepest,
+            "depth": m.depth, "head_passes": passes if with_head else 0, "encoder_passes": images,
+            "flops": passes * (backbone + head_flops) + images * encoder_flops}
+
+
+def format_cost(cost: dict, encoder_name: str) -> str:
+    head = " and the alignment head" if cost["head_passes"] else ""
+    return (f"probe cost: {cost['images']} images x {cost['levels']} t = {cost['backbone_passes']} passes through "
+            f"{cost['blocks_run']} of {cost['depth']} blocks{head}, {cost['encoder_passes']} encoder passes "
+            f"({encoder_name}): {cost['flops'] / 1e12:.3g} TFLOP forward")
 
 
 def probe_indices(total: int, count: int | None, seed: int) -> np.ndarray:
@@ -234,6 +390,15 @@ def format_grids(table: Table) -> str:
         lines += [f"{b:>5} " + "".join(f"{table[(b, t)][metric]:>9.4f}" for t in ts) for b in blocks]
         lines.append("")
     return "\n".join(lines)
+
+
+def format_head(head: dict) -> str:
+    """The head record of `probe align` as text: its mean cosine per t, or why there is none."""
+    if "why_not" in head:
+        return f"mean cosine after the alignment head: none ({head['why_not']})"
+    masked = f", {head['mask_ratio']:g} of the tokens masked" if head["kind"] == "pixelrepa" else ""
+    values = "  ".join(f"t={t}: {v:.4f}" for t, v in head["mean_cosine"].items())
+    return f"mean cosine after the alignment head ({head['kind']}, tap block {head['tap_block']}{masked}): {values}"
 
 
 def plot(table: Table, path: Path) -> None:
