@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pixelrepa.cli.main import main
 from pixelrepa.config import get_preset
@@ -117,6 +118,20 @@ def test_the_log_holds_the_evaluations_at_their_steps(run_with_eval):
     assert set(record) >= {"fid", "kid_mean", "kid_std", "fd_encoder", "seconds", "images"}
     assert record["images"] == 8 and record["seconds"] > 0
     assert all(np.isfinite(record[k]) for k in ("fid", "kid_mean", "kid_std", "fd_encoder"))
+
+
+def test_the_run_folder_plots_the_evaluations(run_with_eval, tmp_path):
+    from pixelrepa.evaluation.live import CURVE_NAME, eval_curves, plot_eval_curves
+
+    curves = eval_curves(run_with_eval / "log.jsonl")
+    assert set(curves) == {"fid", "kid_mean", "kid_std", "fd_encoder"}  # no timings, no image count
+    assert curves["fid"] == [(float(step), values["fid"]) for step, values in evals(run_with_eval)]
+    with Image.open(run_with_eval / CURVE_NAME) as image:  # written by the trainer after each evaluation
+        assert image.size[0] > 2 * image.size[1] and len(image.convert("RGB").getcolors(1 << 16)) > 4
+    plain = tmp_path / "log.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in records(run_with_eval) if "eval" not in r))
+    assert eval_curves(plain) == {} and not plot_eval_curves(plain, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_resume_with_eval_is_bit_identical_and_eval_leaves_the_losses_alone(setup, run_with_eval, tmp_path):

@@ -28,6 +28,7 @@ the losses of training with it off, and resumes bit-identically.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import time
@@ -54,6 +55,7 @@ from pixelrepa.evaluation.metrics import (
     kernel_inception_distance,
     load_reference,
 )
+from pixelrepa.evaluation.plots import Panel, line_plot
 
 KID_SUBSETS = 100
 """KID subsets: `pixelrepa eval`'s default (--kid-subsets)."""
@@ -275,6 +277,41 @@ class LiveEvaluator:
                 "feature_networks": {s.name: (s.record or {}).get("id") for s in self.spaces},
                 "kid": self.kid and {"subsets": KID_SUBSETS, "subset_size": KID_SUBSET_SIZE, "seed": KID_SEED},
                 "align": self.probe is not None, "notes": list(self.notes)}
+
+
+CURVE_NAME = "eval.png"
+"""The run folder's plot of every evaluation so far, rewritten after each."""
+
+
+def eval_curves(log_path: str | Path) -> dict[str, list[tuple[float, float]]]:
+    """{metric: [(step, value), ...]} of the evaluation records of a run's log.jsonl, by step; a
+    metric missing from some evaluations has only the steps it was measured at."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for line in Path(log_path).read_text().splitlines():
+        entry = json.loads(line) if line.strip() else {}
+        for key, value in (entry.get("eval") or {}).items():
+            if key not in ("images",) and not key.endswith("seconds") and isinstance(value, (int, float)):
+                curves.setdefault(key, []).append((float(entry["step"]), float(value)))
+    return {key: sorted(points) for key, points in curves.items()}
+
+
+def plot_eval_curves(log_path: str | Path, path: str | Path) -> bool:
+    """Plot a run's evaluations (`eval_curves`) against the training step: FID and FD in the encoder's
+    space, KID x 1e3, and the alignment probe's CKNNA / CKA per t. False when the log holds none."""
+    curves = eval_curves(log_path)
+    if not curves:
+        return False
+    panels = [Panel("Frechet distances", "training step", "FD", [(name, curves[key]) for key, name in
+                                                                 (("fid", "FID (Inception)"), ("fd_encoder", "FD (encoder)")) if key in curves]),
+              Panel("KID", "training step", "KID x 1e3",
+                    [("KID (Inception)", [(x, 1e3 * y) for x, y in curves.get("kid_mean", [])])])]
+    for metric, title in (("cknna", "CKNNA at the tap block"), ("cka", "linear CKA at the tap block")):
+        prefix = f"align_{metric}_t"
+        panels.append(Panel(title, "training step", metric,
+                            [(f"t={key[len(prefix):]}", points) for key, points in curves.items()
+                             if key.startswith(prefix)]))
+    line_plot(panels, Path(path))
+    return True
 
 
 def _checked(check, field: str, *args) -> None:

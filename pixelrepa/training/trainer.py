@@ -283,6 +283,7 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
             record = evaluator(_load_ema1(eval_net, ema), step)  # collective: every rank samples its share
             if writer is not None:
                 writer.log_eval(step, record)
+                _plot_evaluations(writer.path, out_dir)
                 line = _eval_line(record)
                 logger.info(line)
                 if not bar.disable:
@@ -530,6 +531,13 @@ def _eval_line(record: dict) -> str:
                if k.startswith("align_") and k != "align_seconds"]
     return (f"eval step {record['step']}: {', '.join(values) or 'no metrics'} ({record['images']} images, "
             f"{record['seconds']:.1f} s)")
+
+
+def _plot_evaluations(log_path: Path, out_dir: Path) -> None:
+    """eval.png in the run folder: every evaluation of the log so far against the step."""
+    from pixelrepa.evaluation.live import CURVE_NAME, plot_eval_curves
+
+    plot_eval_curves(log_path, out_dir / CURVE_NAME)
 
 
 class _Logger:
