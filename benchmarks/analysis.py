@@ -65,6 +65,16 @@ def align_table(out: Path, found: list[tuple[str, int, Path]]) -> list[str]:
                     cells.append("-" if row[metric] is None else f"{row[metric]:.3f}")
                 lines.append(f"| {b} | " + " | ".join(cells) + " |")
             lines.append("")
+    heads = [(arm, seed) for arm, seed, _ in found if "mean_cosine" in records[(arm, seed)].get("head", {})]
+    if heads:
+        ts = list(records[heads[0]]["head"]["mean_cosine"])
+        lines += ["**Mean cosine after the alignment head** (its prediction from the tap block against the "
+                  "encoder's features, per token; PixelREPA's adapter with its training mask)", "",
+                  "| run | " + " | ".join(f"t = {t}" for t in ts) + " |", "|" + "---|" * (len(ts) + 1)]
+        for key in heads:
+            values = records[key]["head"]["mean_cosine"]
+            lines.append(f"| {key[0]} s{key[1]} | " + " | ".join(_fmt(values.get(t)) for t in ts) + " |")
+        lines.append("")
     return lines
 
 

@@ -187,12 +187,15 @@ def align_on(args: argparse.Namespace, device: torch.device) -> int:
     start, stop = rank_slice(len(indices), rank, world_size)
     part, error = None, None
     try:
-        with tqdm(total=stop - start, desc="probe", unit="img", dynamic_ncols=True, disable=None if rank == 0 else True) as bar:
+        with tqdm(total=stop - start, desc="probe", unit="img", dynamic_ncols=True,
+                  disable=None if rank == 0 else True) as bar:
             batches = probe.pack_batches(pack, indices[start:stop], args.batch_size, args.labels == "data")
             part = probe.probe_features(net, encoder, batches, blocks, ts, args.seed, config.objective.noise_scale,
                                         start, head, config.tap_block, config.align.mask_ratio, bar.update)
-    except Exception as err:  # raised on every rank by the gather, so no rank waits forever
-        error = f"rank {rank}: {err}"
+    except Exception as err:
+        if world_size == 1:
+            raise
+        error = f"rank {rank}: {err}"  # raised on every rank by the gather, so no rank waits forever
     parts = gather_in_order(part, start, error, world_size, rank, RuntimeError)
     if parts is None:
         return 0

@@ -301,8 +301,9 @@ def plot_eval_curves(log_path: str | Path, path: str | Path) -> bool:
     curves = eval_curves(log_path)
     if not curves:
         return False
-    panels = [Panel("Frechet distances", "training step", "FD", [(name, curves[key]) for key, name in
-                                                                 (("fid", "FID (Inception)"), ("fd_encoder", "FD (encoder)")) if key in curves]),
+    distances = [(name, curves[key]) for key, name in (("fid", "FID (Inception)"), ("fd_encoder", "FD (encoder)"))
+                 if key in curves]
+    panels = [Panel("Frechet distances", "training step", "FD", distances),
               Panel("KID", "training step", "KID x 1e3",
                     [("KID (Inception)", [(x, 1e3 * y) for x, y in curves.get("kid_mean", [])])])]
     for metric, title in (("cknna", "CKNNA at the tap block"), ("cka", "linear CKA at the tap block")):
