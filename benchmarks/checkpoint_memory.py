@@ -42,7 +42,7 @@ def worker(rank: int, port: int, preset: str, out_dir: str, results: str) -> Non
                       MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
     torch.set_num_threads(1)
     from pixelrepa.config import get_preset
-    from pixelrepa.training import checkpoint as ckpt
+    from pixelrepa import checkpoint as ckpt
     from pixelrepa.training.ema import BackboneEMA
     from pixelrepa.training.optim import make_optimizer
     from pixelrepa.training.parallel import (build_training_module, init_distributed, load_sharded_state,

@@ -54,7 +54,7 @@ from pixelrepa.config import RunConfig, get_preset
 from pixelrepa.data.idx import load_idx_dataset
 from pixelrepa.data.packed import MANIFEST, pack_arrays
 from pixelrepa.evaluation.features import build_feature_extractor
-from pixelrepa.evaluation.generate import class_layout
+from pixelrepa.sampling import class_layout
 from pixelrepa.evaluation.metrics import (
     Reference,
     extract_features,
@@ -67,12 +67,12 @@ from pixelrepa.evaluation.metrics import (
 from pixelrepa.evaluation.plots import Panel, line_plot
 from pixelrepa.evaluation.sweep import GeneratedImages
 from pixelrepa.files import cache_dir, write_text_atomic
-from pixelrepa.models.jit import JiT
 from pixelrepa.models.layers import set_attention_impl
-from pixelrepa.training.checkpoint import export_sampling_checkpoint, find_checkpoint
-from pixelrepa.training.device import pick_device
+from pixelrepa.checkpoint import export_sampling_checkpoint, find_checkpoint
+from pixelrepa.device import pick_device
+from pixelrepa.evaluation.live import live_validator
 from pixelrepa.training.trainer import train
-from pixelrepa.weights import load_model_file
+from pixelrepa.loading import load_model
 
 ARMS = ("none", "repa", "pixelrepa")
 ARM_PRESET_PREFIX = {"none": "JiT", "repa": "REPA", "pixelrepa": "PixelREPA"}
@@ -312,7 +312,7 @@ def run(settings: ConvergenceConfig, out: Path, cache: Path, device: torch.devic
         run_dir = out / "runs" / f"{arm}-seed{train_seed}"
         config = arm_config(settings, arm, train_seed, pack, run_dir).replace(**{"train.steps": step})
         tic = time.perf_counter()
-        summary = train(config, progress=progress)
+        summary = train(config, progress=progress, validator=live_validator(config))
         seconds = _add_train_seconds(run_dir, step, time.perf_counter() - tic)
         new = _evaluate(run_dir, config, settings, train_seed, arm, step, seconds,
                         summary.last_metrics.get("denoise"), extractor, reference, device)
@@ -345,10 +345,7 @@ def _evaluate(run_dir: Path, config: RunConfig, settings: ConvergenceConfig, tra
     """Score the exported EMA `settings.ema` of `run_dir`'s checkpoint at `step`."""
     model_path = run_dir / "exports" / f"ema{settings.ema}-step{step:08d}.safetensors"
     export_sampling_checkpoint(find_checkpoint(run_dir), model_path, ema=settings.ema)
-    saved, groups, _ = load_model_file(model_path)
-    net = JiT(saved.model)
-    net.load_state_dict(groups["net"])
-    net = net.to(device).eval()
+    saved, net, _ = load_model(model_path, device=device)
     set_attention_impl(net, config.kernels.attention)
     base = {"train_seed": train_seed, "arm": arm, "step": step, "train_seconds": round(train_seconds, 1),
             "loss": loss}

@@ -32,7 +32,7 @@ from common import (
 from pixelrepa.align.encoders import build_encoder
 from pixelrepa.config import KernelConfig, get_encoder_preset
 from pixelrepa.models.onednn import use_onednn_linears
-from pixelrepa.training.device import kernels_for_run, prepare_encoder
+from pixelrepa.device import kernels_for_run, prepare_encoder
 
 
 def main() -> None:

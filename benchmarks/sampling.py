@@ -40,7 +40,7 @@ from pixelrepa.config import RunConfig, get_preset
 from pixelrepa.models.jit import JiT
 from pixelrepa.models.layers import set_attention_impl
 from pixelrepa.sampling import sample
-from pixelrepa.training.device import apply_kernels, autocast_for
+from pixelrepa.device import apply_kernels, autocast_for
 
 
 def build_net(config: RunConfig, device: torch.device) -> JiT:

@@ -42,7 +42,7 @@ from common import (
 )
 from pixelrepa.config import RunConfig, get_preset
 from pixelrepa.objective import draw_randomness
-from pixelrepa.training.device import autocast_for, kernels_for_run
+from pixelrepa.device import autocast_for, kernels_for_run
 from pixelrepa.training.module import TrainingModule
 from pixelrepa.training.optim import make_optimizer
 from pixelrepa.training.parallel import DistInfo, wrap_for_training

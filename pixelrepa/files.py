@@ -60,7 +60,7 @@ def created() -> dict:
 
     import torch
 
-    from pixelrepa import __version__
+    from pixelrepa.version import __version__
 
     return {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "pixelrepa": __version__,
             "torch": torch.__version__}

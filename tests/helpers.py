@@ -34,7 +34,7 @@ def write_legacy_checkpoint(source: Path, run_dir: Path) -> Path:
     import json
     import shutil
 
-    from pixelrepa.training import checkpoint as ckpt
+    from pixelrepa import checkpoint as ckpt
     from pixelrepa.weights import save_model_file
 
     state = ckpt.read_state(source)

@@ -19,6 +19,7 @@ from PIL import Image
 from pixelrepa.cli.main import main
 from pixelrepa.config import get_preset
 from pixelrepa.data.packed import pack_arrays
+from pixelrepa.loading import load_backbone_state
 from pixelrepa.evaluation import probe
 from pixelrepa.evaluation.alignment import cknna, linear_cka, mutual_knn
 from pixelrepa.models.jit import JiT
@@ -321,7 +322,7 @@ def test_probe_align_errors(trained_run, tmp_path, capsys):
     assert "mean cosine after the alignment head: none" in capsys.readouterr().out
     why = json.loads((tmp_path / "file" / "alignment.json").read_text())["head"]["why_not"]
     assert "holds no alignment head" in why
-    config, state, source = probe.load_backbone(model_file)
-    _, ema2, _ = probe.load_backbone(trained_run / "run", 2)
+    config, state, source = load_backbone_state(model_file)
+    _, ema2, _ = load_backbone_state(trained_run / "run", 2)
     assert source["kind"] == "model file" and source["provenance"]["ema"] == "2" and config.model.depth == 4
     assert state.keys() == ema2.keys() and all(torch.equal(state[k], ema2[k]) for k in state)

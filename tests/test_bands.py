@@ -17,7 +17,7 @@ from pixelrepa.cli.main import main
 from pixelrepa.config import get_preset
 from pixelrepa.data.packed import pack_arrays
 from pixelrepa.evaluation import sweep
-from pixelrepa.evaluation.generate import MANIFEST_FORMAT, MANIFEST_NAME
+from pixelrepa.evaluation.sample_folder import MANIFEST_FORMAT, MANIFEST_NAME
 from pixelrepa.models.jit import JiT
 from pixelrepa.weights import save_model_file
 

@@ -14,18 +14,17 @@ import torch
 
 from pixelrepa.config import get_preset
 from pixelrepa.models.jit import JiT
-from pixelrepa.training.checkpoint import (
-    capture_rng_state,
+from pixelrepa.checkpoint import (
     export_sampling_checkpoint,
     finalize_checkpoint,
     find_checkpoint,
     load_checkpoint,
     load_state,
     read_state,
-    restore_rng_state,
     save_checkpoint,
     write_rank_rng,
 )
+from pixelrepa.rng import capture_rng_state, restore_rng_state
 from pixelrepa.training.ema import BackboneEMA
 from pixelrepa.training.module import TrainingModule
 from pixelrepa.training.parallel import load_sharded_state, sharded_state

@@ -16,9 +16,10 @@ from helpers import randomize_
 import pixelrepa.cli.sample as sample_cli
 from pixelrepa.cli.main import main
 from pixelrepa.config import get_preset
-from pixelrepa.evaluation.generate import class_layout, generate, read_png, sample_classes
+from pixelrepa.sampling import class_layout, generate, sample_classes
+from pixelrepa.images import read_png
 from pixelrepa.models.jit import JiT
-from pixelrepa.training.device import apply_kernels
+from pixelrepa.device import apply_kernels
 from pixelrepa.weights import save_model_file
 
 CPU = torch.device("cpu")
@@ -176,7 +177,7 @@ def test_clear_errors(tiny, tmp_path, capsys):
     assert main(["sample", str(bad), out]) == 2
     assert "not a readable safetensors file" in capsys.readouterr().err
     assert main(["sample", str(tmp_path / "missing.safetensors"), out]) == 2
-    assert "no model file at" in capsys.readouterr().err
+    assert "no model file or training run at" in capsys.readouterr().err
     assert main(["sample", str(tmp_path), out]) == 2
     assert "pixelrepa export" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

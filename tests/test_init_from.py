@@ -17,10 +17,11 @@ from pixelrepa.cli.main import main
 from pixelrepa.data.transforms import to_model_range
 from pixelrepa.data.loader import make_loader
 from pixelrepa.data.packed import pack_arrays
+from pixelrepa.rng import step_generator
 from pixelrepa.interop.init_from import released_optimizer_state
 from pixelrepa.interop.released import MASK_TOKEN_SEED, convert_state_dict, import_released, released_key_to_ours
 from pixelrepa.objective import draw_randomness, training_loss
-from pixelrepa.training import checkpoint as ckpt
+from pixelrepa import checkpoint as ckpt
 from pixelrepa.training import trainer
 from pixelrepa.training.data import build_dataset
 from pixelrepa.training.parallel import DistInfo
@@ -96,7 +97,7 @@ def first_step_losses(config, out: Path, source: Path):
     grid = (config.model.grid_size, config.model.grid_size)
     target = StandInEncoder(config.align.encoder.feature_dim)(x, grid)
     draws = draw_randomness(x, labels, config.model.num_classes, config.model.num_patches, config.objective,
-                            config.align, trainer.step_generator(config.train.seed, 0, 0, torch.device("cpu")))
+                            config.align, step_generator(config.train.seed, 0, 0, torch.device("cpu")))
     losses = training_loss(net, adapter, x, draws, config.objective, config.align, config.tap_block, target)
     losses["total"].backward()
     grads = {f"net.{k}": p.grad for k, p in net.named_parameters() if p.grad is not None}

@@ -18,7 +18,7 @@ from pixelrepa.models.onednn import onednn_available, onednn_linear, use_onednn_
 from pixelrepa.objective import draw_randomness
 from pixelrepa.sampling import sample
 from pixelrepa.training import device as device_module
-from pixelrepa.training.device import (
+from pixelrepa.device import (
     apply_kernels,
     kernels_for_run,
     prepare_encoder,

@@ -14,11 +14,11 @@ from PIL import Image
 from pixelrepa.cli.main import main
 from pixelrepa.config import get_preset
 from pixelrepa.data.packed import pack_arrays
-from pixelrepa.evaluation.generate import write_pngs
-from pixelrepa.evaluation.live import LiveEvaluator
+from pixelrepa.evaluation.sample_folder import write_pngs
+from pixelrepa.evaluation.live import LiveEvaluator, live_validator
 from pixelrepa.models.jit import JiT
 from pixelrepa.models.layers import set_attention_impl
-from pixelrepa.training import checkpoint as ckpt
+from pixelrepa import checkpoint as ckpt
 from pixelrepa.training.trainer import train
 
 from helpers import randomize_
@@ -56,6 +56,11 @@ def config_for(setup, out, **overrides):
     return get_preset("JiT-Micro/8").replace(**changes)
 
 
+def train_live(config):
+    """`train` with the live evaluator handed in, as the command line does."""
+    return train(config, progress=False, validator=live_validator(config))
+
+
 def records(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
@@ -71,7 +76,7 @@ def evals(out):
 @pytest.fixture(scope="module")
 def run_with_eval(setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "full"
-    train(config_for(setup, out), progress=False)
+    train_live(config_for(setup, out))
     return out
 
 
@@ -135,12 +140,12 @@ def test_the_run_folder_plots_the_evaluations(run_with_eval, tmp_path):
 
 
 def test_resume_with_eval_is_bit_identical_and_eval_leaves_the_losses_alone(setup, run_with_eval, tmp_path):
-    train(config_for(setup, tmp_path / "split", **{"train.steps": 4}), progress=False)
-    summary = train(config_for(setup, tmp_path / "split"), progress=False)
+    train_live(config_for(setup, tmp_path / "split", **{"train.steps": 4}))
+    summary = train_live(config_for(setup, tmp_path / "split"))
     assert summary.resumed_from is not None and summary.resumed_from.name == "step-00000004"
     assert losses(tmp_path / "split") == losses(run_with_eval)
     assert evals(tmp_path / "split") == evals(run_with_eval)
-    train(config_for(setup, tmp_path / "off", **{"train.eval_every": None}), progress=False)
+    train_live(config_for(setup, tmp_path / "off", **{"train.eval_every": None}))
     assert losses(tmp_path / "off") == losses(run_with_eval)
     assert evals(tmp_path / "off") == []
     # the RNG saved with the checkpoints is the same with evaluation on and off
@@ -172,6 +177,13 @@ def test_the_evaluator_draws_nothing_from_the_global_rngs(setup, tmp_path):
     assert len(tap) == 4 and all(np.isfinite(record[k]) for k in tap)
 
 
+def test_eval_every_without_a_validator_is_refused_before_training(setup, tmp_path):
+    out = tmp_path / "no-validator"
+    with pytest.raises(ValueError, match="needs a validator"):
+        train(config_for(setup, out), progress=False)
+    assert not (out / "checkpoints").exists()
+
+
 def test_bad_evaluation_settings_are_refused_before_training(setup, tmp_path):
     _, inception_ref, encoder_ref = setup
     with pytest.raises(ValueError, match="train.eval_every needs something to score against"):
@@ -181,12 +193,11 @@ def test_bad_evaluation_settings_are_refused_before_training(setup, tmp_path):
     with pytest.raises(ValueError, match="train.eval_every must be >= 1"):
         config_for(setup, tmp_path / "a", **{"train.eval_every": 0})
     with pytest.raises(ValueError, match=r"train.eval_ref: no reference statistics file at .*missing.npz"):
-        train(config_for(setup, tmp_path / "b", **{"train.eval_ref": str(tmp_path / "missing.npz")}),
-              progress=False)
+        train_live(config_for(setup, tmp_path / "b", **{"train.eval_ref": str(tmp_path / "missing.npz")}))
     assert not (tmp_path / "b" / "checkpoints").exists()
     with pytest.raises(ValueError, match=f"train.eval_ref: .*made with feature network '{LITE0}'"):
-        train(config_for(setup, tmp_path / "c", **{"train.eval_ref": str(encoder_ref)}), progress=False)
+        train_live(config_for(setup, tmp_path / "c", **{"train.eval_ref": str(encoder_ref)}))
     with pytest.raises(ValueError, match="train.eval_encoder_ref: .*'inception', not an encoder"):
-        train(config_for(setup, tmp_path / "d", **{"train.eval_encoder_ref": str(inception_ref)}), progress=False)
+        train_live(config_for(setup, tmp_path / "d", **{"train.eval_encoder_ref": str(inception_ref)}))
     with pytest.raises(ValueError, match="train.eval_align probes on training images from a pack folder"):
         LiveEvaluator(config_for(setup, tmp_path / "e", **{"train.eval_align": True, "data.source": str(tmp_path)}))

@@ -21,7 +21,7 @@ from pixelrepa.data.packed import pack_arrays
 from pixelrepa.models.layers import set_attention_impl
 from pixelrepa.objective import draw_randomness
 from pixelrepa.training import trainer
-from pixelrepa.training.device import apply_kernels
+from pixelrepa.device import apply_kernels
 from pixelrepa.training.module import TrainingModule
 
 BF16, FP32 = torch.bfloat16, torch.float32

@@ -1,7 +1,7 @@
 """Checkpoints resume on another number of processes (DCP resharding), DDP and FSDP2 on gloo.
 
 Every step's batches and noise draws depend on the step and the micro-batch's slot only
-(`pixelrepa.data.loader`, `trainer.step_generator`), so 1 and 2 processes train the same run:
+(`pixelrepa.data.loader`, `rng.step_generator`), so 1 and 2 processes train the same run:
 losses agree to float32 rounding (the gradient reduction order differs), and a run stopped on
 N processes and resumed on M continues it.
 """
@@ -20,8 +20,8 @@ import torch
 
 from pixelrepa.config import get_preset
 from pixelrepa.data.packed import pack_arrays
-from pixelrepa.training import checkpoint as ckpt
-from pixelrepa.training.device import cpp_compiler_found
+from pixelrepa import checkpoint as ckpt
+from pixelrepa.device import cpp_compiler_found
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, HALF = 6, 3

@@ -16,7 +16,7 @@ import torch
 
 from pixelrepa.config import get_preset
 from pixelrepa.data.packed import pack_arrays
-from pixelrepa.training import checkpoint as ckpt
+from pixelrepa import checkpoint as ckpt
 from pixelrepa.training.trainer import NonFiniteLossError, train
 
 from helpers import write_legacy_checkpoint
@@ -180,7 +180,7 @@ def test_kill_9_at_a_random_step_then_resume(pack, tmp_path):
 _CRASH_IN_SAVE = """
 import os, signal, sys
 from torch.distributed.checkpoint import FileSystemWriter
-from pixelrepa.training import checkpoint
+from pixelrepa import checkpoint
 from pixelrepa.cli.main import main
 moment = sys.argv.pop(1)
 saves = []

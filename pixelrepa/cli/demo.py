@@ -18,13 +18,13 @@ import torch
 from pixelrepa.config import RunConfig, apply_overrides, get_preset
 from pixelrepa.data.idx import load_idx_dataset
 from pixelrepa.data.packed import MANIFEST, pack_arrays
-from pixelrepa.evaluation.generate import sample_classes
-from pixelrepa.evaluation.images import save_labelled_grid
-from pixelrepa.models.jit import JiT
-from pixelrepa.training.checkpoint import export_sampling_checkpoint, find_checkpoint
-from pixelrepa.training.device import apply_kernels, pick_device
+from pixelrepa.sampling import sample_classes
+from pixelrepa.images import save_labelled_grid
+from pixelrepa.checkpoint import export_sampling_checkpoint, find_checkpoint
+from pixelrepa.device import apply_kernels, pick_device
+from pixelrepa.evaluation.live import live_validator
 from pixelrepa.training.trainer import train
-from pixelrepa.weights import load_model_file
+from pixelrepa.loading import load_model
 
 PRESET = "PixelREPA-Demo"
 
@@ -77,15 +77,12 @@ def run(args: argparse.Namespace) -> int:
     pack = pack_subset(args, size)
     config = demo_config(args, pack)
     print(f"data          {pack} ({args.images} {args.dataset} training images, {size} px)")
-    summary = train(config)
+    summary = train(config, validator=live_validator(config))
 
     model_path = args.out / "model.safetensors"
     export_sampling_checkpoint(find_checkpoint(summary.out_dir), model_path, ema=1)
-    saved, groups, _ = load_model_file(model_path)
     device = pick_device()
-    net = JiT(saved.model)
-    net.load_state_dict(groups["net"])
-    net = net.to(device).eval()
+    saved, net, _ = load_model(model_path, device=device)
     apply_kernels(net, net.blocks, dataclasses.replace(saved.kernels, compile="none"), device, sampling=True)
     class_names = json.loads((summary.out_dir / "classes.json").read_text())
     grid = sample_classes(net, saved, list(range(len(class_names))), args.per_class, args.seed, device)

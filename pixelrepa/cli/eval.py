@@ -54,7 +54,7 @@ import torch
 from pixelrepa.evaluation import features as feature_networks
 from pixelrepa.evaluation import inception, sweep
 from pixelrepa.evaluation.features import check_count, features_of, is_image_npz
-from pixelrepa.evaluation.generate import MANIFEST_FORMAT, MANIFEST_NAME
+from pixelrepa.evaluation.sample_folder import MANIFEST_FORMAT, MANIFEST_NAME
 from pixelrepa.evaluation.metrics import (
     FID_EPS,
     PR_NEIGHBORHOOD,
@@ -69,7 +69,7 @@ from pixelrepa.evaluation.metrics import (
     save_reference,
 )
 from pixelrepa.files import created, write_text_atomic
-from pixelrepa.training.device import pick_device
+from pixelrepa.device import pick_device
 
 METRICS = ("fid", "kid", "pr", "is")
 RESULT_FORMAT = "pixelrepa-eval/1"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pixelrepa.training.checkpoint import export_sampling_checkpoint, find_checkpoint
+from pixelrepa.checkpoint import export_sampling_checkpoint, find_checkpoint
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:

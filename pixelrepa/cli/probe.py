@@ -47,8 +47,9 @@ from tqdm import tqdm
 from pixelrepa.cli.common import add_sampler_arguments, sampler_overrides
 from pixelrepa.config import ENCODER_PRESETS, get_encoder_preset
 from pixelrepa.evaluation import diversity, probe
+from pixelrepa.device import pick_device
 from pixelrepa.files import created
-from pixelrepa.training.device import pick_device
+from pixelrepa.loading import load_head, load_model
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -142,13 +143,12 @@ def align_on(args: argparse.Namespace, device: torch.device) -> int:
     from pixelrepa.align.encoders import build_encoder
     from pixelrepa.data.packed import PackedDataset
     from pixelrepa.evaluation.features import gather_in_order, rank_slice
-    from pixelrepa.models.jit import JiT
     from pixelrepa.models.layers import set_attention_impl
 
     rank, world_size = args.dist_info.rank, args.dist_info.world_size
-    config, state, source = probe.load_backbone(args.checkpoint, args.ema)
+    config, net, source = load_model(args.checkpoint, args.ema, device)
     blocks, ts = probe.check_blocks(args.blocks, config.model.depth), probe.check_ts(args.t)
-    head, head_source = probe.load_head(args.checkpoint, config)
+    head, head_source = load_head(args.checkpoint, config)
 
     encoder_cfg = config.align.encoder if args.encoder is None else get_encoder_preset(args.encoder)
     if args.encoder_weights is not None:
@@ -172,9 +172,6 @@ def align_on(args: argparse.Namespace, device: torch.device) -> int:
         print(probe.format_cost(cost, encoder_cfg.name) + (f" on {world_size} processes" if world_size > 1 else ""),
               file=sys.stderr, flush=True)
 
-    net = JiT(config.model)
-    net.load_state_dict(state)
-    net = net.to(device).eval()
     set_attention_impl(net, config.kernels.attention)
     if head is not None:
         head = head.to(device).eval()
@@ -230,7 +227,7 @@ def align_on(args: argparse.Namespace, device: torch.device) -> int:
 
 def is_sample_source(path: Path) -> bool:
     """A `pixelrepa sample` folder or an .npz of images, rather than a model to sample from."""
-    from pixelrepa.evaluation.generate import IMAGES_DIR, MANIFEST_NAME, NPZ_NAME
+    from pixelrepa.evaluation.sample_folder import IMAGES_DIR, MANIFEST_NAME, NPZ_NAME
 
     if path.is_file():
         return path.suffix == ".npz"
@@ -241,7 +238,7 @@ def sample_folder_config(path: Path):
     """The run config of the model a sample folder's manifest names, or None when it is not readable."""
     import json
 
-    from pixelrepa.evaluation.generate import MANIFEST_NAME
+    from pixelrepa.evaluation.sample_folder import MANIFEST_NAME
     from pixelrepa.weights import load_model_file
 
     try:
@@ -256,9 +253,8 @@ def run_diversity(args: argparse.Namespace) -> int:
     from pixelrepa.align.encoders import build_encoder
     from pixelrepa.config import apply_overrides
     from pixelrepa.evaluation.features import EncoderFeatures, _own_grid, build_feature_extractor
-    from pixelrepa.evaluation.generate import sample_classes
-    from pixelrepa.models.jit import JiT
     from pixelrepa.models.layers import set_attention_impl
+    from pixelrepa.sampling import sample_classes
 
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--top", args.top, 1),
                                ("--real-per-class", args.real_per_class, 2), ("--per-class", args.per_class, 2)):
@@ -280,16 +276,13 @@ def run_diversity(args: argparse.Namespace) -> int:
         classes = diversity.common_classes(generated.labels, real.labels, args.classes)
         gen_source = generated.source
     else:
-        config, state, model_source = probe.load_backbone(args.samples, args.ema)
+        config, net, model_source = load_model(args.samples, args.ema, device)
         config = apply_overrides(config, sampler_flags)
         in_model = np.arange(config.model.num_classes)
         classes = diversity.common_classes(in_model, real.labels, args.classes)
         per_class = 16 if args.per_class is None else args.per_class
         for c in classes:  # refuse before sampling
             diversity.check_class_counts(c, per_class, min(int((real.labels == c).sum()), args.real_per_class))
-        net = JiT(config.model)
-        net.load_state_dict(state)
-        net = net.to(device).eval()
         set_attention_impl(net, config.kernels.attention)
         print(f"sampling {len(classes)} classes x {per_class} ({config.sampler.method} {config.sampler.steps} steps, "
               f"CFG {config.sampler.cfg_scale}, seed {args.seed})", file=sys.stderr)

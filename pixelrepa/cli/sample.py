@@ -22,29 +22,23 @@ from tqdm import tqdm
 
 from pixelrepa.cli.common import add_sampler_arguments, describe_sampler, sampler_overrides
 from pixelrepa.config import RunConfig, apply_overrides
-from pixelrepa.evaluation.generate import (
+from pixelrepa.device import apply_kernels, pick_device
+from pixelrepa.evaluation.sample_folder import (
     IMAGES_DIR,
-    MODEL_FILE_NAME,
     NPZ_NAME,
-    ClassLayout,
-    class_layout,
-    generate,
     missing_pngs,
     png_path,
     prepare_output,
-    read_png,
-    resolve_model_path,
     run_settings,
-    sample_classes,
     write_npz,
     write_pngs,
 )
-from pixelrepa.evaluation.images import save_labelled_grid
-from pixelrepa.models.jit import JiT
 from pixelrepa.files import file_digest
-from pixelrepa.training.device import apply_kernels, pick_device
+from pixelrepa.images import read_png, save_labelled_grid
+from pixelrepa.loading import MODEL_FILE_NAME, load_model, resolve_model_path
+from pixelrepa.models.jit import JiT
+from pixelrepa.sampling import ClassLayout, class_layout, generate, sample_classes
 from pixelrepa.training.parallel import DistInfo, broadcast_object, init_distributed, reduce_mean, shutdown_distributed
-from pixelrepa.weights import load_model_file
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help=f"a pixelrepa model file, a folder holding {MODEL_FILE_NAME}, "
@@ -78,13 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
 def load_for_sampling(path: Path, args: argparse.Namespace, device: torch.device) -> tuple[RunConfig, JiT]:
     """The model file's config with the command's sampler overrides, and its backbone in eval mode."""
-    config, groups, _ = load_model_file(path)
-    if "net" not in groups:
-        raise ValueError(f"{path} holds no backbone ('net' group), only: {', '.join(groups)}")
+    config, net, _ = load_model(path, device=device)
     config = apply_overrides(config, sampler_overrides(args))
-    net = JiT(config.model)
-    net.load_state_dict(groups["net"])
-    net = net.to(device).eval()
     apply_kernels(net, net.blocks, config.kernels, device, sampling=True)
     return config, net
 

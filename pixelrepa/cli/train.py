@@ -46,11 +46,13 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
+    from pixelrepa.evaluation.live import live_validator
     from pixelrepa.training.runlock import PREEMPTED_EXIT_CODE, Preempted
     from pixelrepa.training.trainer import train
 
     try:
-        summary = train(config, resume=args.resume, progress=not args.no_progress, init_from=args.init_from)
+        summary = train(config, resume=args.resume, progress=not args.no_progress, init_from=args.init_from,
+                        validator=live_validator(config))
     except Preempted as stopped:
         print(f"pixelrepa train: {stopped}", file=sys.stderr)
         if args.requeue and int(os.environ.get("RANK", "0")) == 0:

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from pixelrepa import __version__
+from pixelrepa.version import __version__
 from pixelrepa.data.folder import ImageFolderDataset, load_image
 from pixelrepa.files import file_digest, write_text_atomic
 

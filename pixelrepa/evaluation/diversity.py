@@ -40,7 +40,11 @@ import torch
 from scipy.stats import rankdata
 from torch import Tensor, nn
 
-from pixelrepa.evaluation.generate import IMAGES_DIR, MANIFEST_NAME, NPZ_NAME, ClassLayout, png_path, read_png
+from pixelrepa.sampling import ClassLayout
+
+from pixelrepa.images import read_png
+
+from pixelrepa.evaluation.sample_folder import IMAGES_DIR, MANIFEST_NAME, NPZ_NAME, png_path
 from pixelrepa.evaluation.metrics import PR_NEIGHBORHOOD, precision_recall
 from pixelrepa.files import write_text_atomic
 
@@ -401,7 +405,7 @@ def collapsed_grid(generated: ImageSet, generated_index: np.ndarray, real: Image
                    collapsed: list[dict], path: Path, columns_max: int = 8) -> None:
     """collapsed.png: for each class of `collapsed`, a row of its generated images above a row of real ones
     (the first of those the probe used; as many columns as the smaller side has, up to `columns_max`)."""
-    from pixelrepa.evaluation.images import save_labelled_grid
+    from pixelrepa.images import save_labelled_grid
 
     if not collapsed:
         return

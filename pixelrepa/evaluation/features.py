@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pixelrepa.evaluation import inception
-from pixelrepa.evaluation.generate import read_png
+from pixelrepa.images import read_png
 from pixelrepa.evaluation.metrics import PR_NEIGHBORHOOD, ImageSource, extract_features
 from pixelrepa.files import file_digest
 

@@ -28,13 +28,12 @@ the losses of training with it off, and resumes bit-identically.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
-import random
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from torch import nn
 
 from pixelrepa.config import RunConfig
 from pixelrepa.evaluation import features as feature_networks
-from pixelrepa.evaluation.generate import class_layout, generate
+from pixelrepa.sampling import class_layout, generate
 from pixelrepa.evaluation.metrics import (
     FID_EPS,
     Reference,
@@ -56,6 +55,7 @@ from pixelrepa.evaluation.metrics import (
     load_reference,
 )
 from pixelrepa.evaluation.plots import Panel, line_plot
+from pixelrepa.rng import preserved_rng
 
 KID_SUBSETS = 100
 """KID subsets: `pixelrepa eval`'s default (--kid-subsets)."""
@@ -63,22 +63,6 @@ KID_SUBSET_SIZE = 1000
 """KID subset size, capped at the smaller set: `pixelrepa eval`'s default (--kid-subset-size)."""
 KID_SEED = 2020
 """KID subset draws: `pixelrepa eval`'s default (--seed), torch-fidelity's."""
-
-
-@contextmanager
-def preserved_rng(device: torch.device | str = "cpu"):
-    """Run the block and restore torch's CPU generator (and `device`'s, on CUDA), numpy's global
-    state and Python's `random`: what happens inside leaves the training streams where they were."""
-    device = torch.device(device)
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    numpy_state, python_state = np.random.get_state(), random.getstate()
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        np.random.set_state(numpy_state)
-        random.setstate(python_state)
 
 
 @dataclass
@@ -278,6 +262,10 @@ class LiveEvaluator:
                 "kid": self.kid and {"subsets": KID_SUBSETS, "subset_size": KID_SUBSET_SIZE, "seed": KID_SEED},
                 "align": self.probe is not None, "notes": list(self.notes)}
 
+    def plot(self, log_path: Path) -> None:
+        """The run folder's `eval.png` from every evaluation of the log so far."""
+        plot_eval_curves(log_path, Path(self.config.train.out_dir) / CURVE_NAME)
+
 
 CURVE_NAME = "eval.png"
 """The run folder's plot of every evaluation so far, rewritten after each."""
@@ -293,6 +281,12 @@ def eval_curves(log_path: str | Path) -> dict[str, list[tuple[float, float]]]:
             if key not in ("images",) and not key.endswith("seconds") and isinstance(value, (int, float)):
                 curves.setdefault(key, []).append((float(entry["step"]), float(value)))
     return {key: sorted(points) for key, points in curves.items()}
+
+
+def live_validator(config: RunConfig):
+    """What `train(config, validator=...)` takes for `train.eval_every`: a `LiveEvaluator` built
+    for each process once its process group is up; None when the run does not evaluate."""
+    return functools.partial(LiveEvaluator, config) if config.train.eval_every else None
 
 
 def plot_eval_curves(log_path: str | Path, path: str | Path) -> bool:

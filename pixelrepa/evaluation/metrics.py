@@ -32,7 +32,8 @@ from torch import nn
 from pixelrepa.data.packed import MANIFEST as PACK_MANIFEST
 from pixelrepa.data.packed import PackedDataset
 from pixelrepa.files import atomic_write
-from pixelrepa.evaluation.generate import IMAGES_DIR, read_png
+from pixelrepa.images import read_png
+from pixelrepa.evaluation.sample_folder import IMAGES_DIR
 
 FID_EPS = 1e-6
 IMAG_TOLERANCE = 1e-3  # largest |imaginary part| of sqrtm's diagonal taken as rounding noise

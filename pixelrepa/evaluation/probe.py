@@ -3,8 +3,7 @@ block and signal level t.
 
 `align_probe(net, encoder, batches, blocks, ts)` noises every image x (uint8, mapped to [-1, 1])
 to z_t = t x + (1 - t) e (SPEC 4: t = 1 clean, t = 0 pure noise), e = noise_scale * N(0, I) drawn
-for image i from a CPU generator seeded with `seed * SEED_STRIDE + i` (as sampling draws image
-i's noise), the same e at every t, so the levels differ only in t. The backbone runs with the
+for image i from `rng.image_generator(seed, i)` (as sampling draws image i's noise), the same e at every t, so the levels differ only in t. The backbone runs with the
 images' labels, or the null class for batches without labels.
 
 Block b is the image tokens after b blocks, what `net(z, t, y, tap=b)` returns and what
@@ -26,8 +25,7 @@ Under torchrun each rank runs `probe_features` on its contiguous slice of the
 images (`start` keeps image i's noise that of a single process) and rank 0 gathers the slices
 (`features.gather_in_order`) and computes the metrics: the numbers of one process.
 
-`load_backbone` reads the backbone of a training run (an EMA, or the raw weights) or of a model
-file; `write_outputs` writes alignment.csv, alignment.json and alignment.png (one heatmap of
+`write_outputs` writes alignment.csv, alignment.json and alignment.png (one heatmap of
 blocks x t per metric).
 """
 
@@ -50,12 +48,12 @@ from pixelrepa.align.heads import MaskedTransformerAdapter, build_align_head, dr
 from pixelrepa.config import EncoderConfig, RunConfig
 from pixelrepa.data.transforms import to_model_range
 from pixelrepa.evaluation.alignment import cknna, linear_cka, mutual_knn
-from pixelrepa.evaluation.generate import MODEL_FILE_NAME, SEED_STRIDE
 from pixelrepa.evaluation.plots import HeatmapPanel, heatmap
 from pixelrepa.files import write_text_atomic
 from pixelrepa.models.jit import JiT
 from pixelrepa.objective import head_prediction
-from pixelrepa.training.device import autocast_for
+from pixelrepa.device import autocast_for
+from pixelrepa.rng import image_generator
 
 PROBE_FORMAT = "pixelrepa-probe-align/1"
 METRICS = ("cknna", "cka", "mutual_knn")
@@ -106,11 +104,11 @@ def tapped_tokens(net: JiT, z: Tensor, t: Tensor, y: Tensor, blocks: Sequence[in
 def probe_draws(shape: Sequence[int], start: int, count: int, seed: int, noise_scale: float,
                 num_tokens: int | None = None, mask_ratio: float = 0.0) -> tuple[Tensor, Tensor | None]:
     """(noise_scale * N(0, I) of shape (count, *shape), keep mask (count, num_tokens) or None) on the
-    CPU. Image i draws from a generator seeded `seed * SEED_STRIDE + i`: its noise, then (with
+    CPU. Image i draws from `rng.image_generator(seed, i)`: its noise, then (with
     `num_tokens`) its keep mask (`draw_keep_mask`), so the noise does not depend on the mask."""
     noises, keeps = [], []
     for i in range(start, start + count):
-        generator = torch.Generator().manual_seed(seed * SEED_STRIDE + i)
+        generator = image_generator(seed, i)
         noises.append(torch.randn(tuple(shape), generator=generator))
         if num_tokens is not None:
             keeps.append(draw_keep_mask(1, num_tokens, mask_ratio, generator)[0])
@@ -239,67 +237,8 @@ def align_probe(net: JiT, encoder: Callable[[Tensor, tuple[int, int]], Tensor], 
 
 
 # ---------------------------------------------------------------------------
-# Inputs: the backbone, its head and the images
+# Cost and inputs
 # ---------------------------------------------------------------------------
-
-def load_backbone(path: str | Path, ema: int | str | None = None) -> tuple[RunConfig, dict[str, Tensor], dict]:
-    """(config, backbone state, a record of its source) of a model file (or a folder holding
-    model.safetensors), or of a training run / checkpoint folder: EMA `ema` (1-based; None: 1)
-    or its raw weights (`ema="raw"`). A model file has one set of weights, so takes no `ema`."""
-    from pixelrepa.training import checkpoint as ckpt
-    from pixelrepa.weights import load_model_file
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no model file or training run at {path}")
-    if not path.is_dir() or (path / MODEL_FILE_NAME).is_file():
-        file = path / MODEL_FILE_NAME if path.is_dir() else path
-        if ema is not None:
-            raise ValueError(f"{file} is a model file with one set of weights: --ema picks the weights of a "
-                             "training run folder; pass the run folder, or leave --ema out")
-        config, groups, metadata = load_model_file(file)
-        if "net" not in groups:
-            raise ValueError(f"{file} holds no backbone ('net' group), only: {', '.join(groups)}")
-        provenance = {k[len("provenance."):]: v for k, v in metadata.items() if k.startswith("provenance.")}
-        return config, groups["net"], {"kind": "model file", "path": str(file.resolve()), "provenance": provenance}
-    folder = ckpt.find_checkpoint(path)
-    if ema == "raw":
-        loaded = ckpt.load_checkpoint(folder)
-        model = ckpt.read_state(folder, ("model",))["model"]
-        state = {key[len("net."):]: value for key, value in model.items() if key.startswith("net.")}
-        config, step = loaded.config, loaded.step
-    else:
-        config, state, step = ckpt.backbone_with_ema(folder, 1 if ema is None else int(ema))
-    weights = "raw" if ema == "raw" else f"ema{1 if ema is None else int(ema)}"
-    return config, state, {"kind": "training checkpoint", "path": str(folder.resolve()), "weights": weights,
-                           "step": step}
-
-
-def load_head(path: str | Path, config: RunConfig) -> tuple[nn.Module | None, str]:
-    """(the alignment head with its trained weights, its source) of a training run / checkpoint
-    folder or a model file, or (None, why there is none). EMAs track the backbone alone, so the head
-    is always the trained (raw) one."""
-    from pixelrepa.training import checkpoint as ckpt
-    from pixelrepa.weights import load_model_file
-
-    if config.align.mode == "none":
-        return None, "the run trained without alignment (align.mode none): there is no head"
-    path = Path(path)
-    if not path.is_dir() or (path / MODEL_FILE_NAME).is_file():
-        file = path / MODEL_FILE_NAME if path.is_dir() else path
-        groups = load_model_file(file)[1]
-        if "head" not in groups:
-            return None, f"{file} holds no alignment head (a sampling export keeps the backbone only)"
-        state, source = groups["head"], f"model file {file.resolve()}"
-    else:
-        folder = ckpt.find_checkpoint(path)
-        model = ckpt.read_state(folder, ("model",))["model"]
-        state = {key[len("head."):]: value for key, value in model.items() if key.startswith("head.")}
-        source = f"training checkpoint {folder.resolve()} (trained weights)"
-    head = build_align_head(config.model, config.align)
-    head.load_state_dict(state)
-    return head, source
-
 
 def probe_cost(config: RunConfig, encoder: EncoderConfig, blocks: Sequence[int], ts: Sequence[float],
                images: int, with_head: bool) -> dict:

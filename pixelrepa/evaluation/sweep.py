@@ -4,7 +4,7 @@
 is its command line. The model is a training run (or checkpoint) folder, whose EMAs `emas` picks, or
 a model file (or a folder holding `model.safetensors`), which has only its own weights. For every
 setting the same N images are drawn (image k from the noise of index k and `seed`, labels
-class-major with `per_class` per class: see `pixelrepa.evaluation.generate`), so settings differ
+class-major with `per_class` per class: see `pixelrepa.evaluation.sample_folder`), so settings differ
 only in the setting. Images are made and turned into Inception features batch by batch; only
 features stay in memory. The backbone and the feature network are built once, and each EMA's
 weights are loaded once for all its settings.
@@ -54,7 +54,8 @@ from pixelrepa.config import RunConfig, apply_overrides
 from pixelrepa.evaluation import features as feature_networks
 from pixelrepa.evaluation import inception
 from pixelrepa.evaluation.features import check_count, features_of, is_image_npz
-from pixelrepa.evaluation.generate import MODEL_FILE_NAME, class_layout, generate, resolve_model_path
+from pixelrepa.sampling import class_layout, generate
+from pixelrepa.loading import is_model_file, load_model, resolve_model_path
 from pixelrepa.evaluation.plots import Panel, line_plot
 from pixelrepa.files import created, write_text_atomic
 from pixelrepa.evaluation.metrics import (
@@ -148,15 +149,13 @@ def run(settings: SweepSettings, device: torch.device) -> dict:
     """Sample and score every (EMA, steps, CFG) setting, rewriting the outputs after each; returns the
     record of sweep.json. The model, the reference and the classifier weights are checked before any
     network is built."""
-    from pixelrepa.models.jit import JiT
     from pixelrepa.models.layers import set_attention_impl
-    from pixelrepa.weights import load_model_file
 
     model, metrics = Path(settings.model), list(settings.metrics)
     if not model.exists():
         raise FileNotFoundError(f"no model file or training run at {model}")
-    is_model_file = not model.is_dir() or (model / MODEL_FILE_NAME).is_file()
-    if is_model_file and list(settings.emas) != [1]:
+    model_file = is_model_file(model)
+    if model_file and list(settings.emas) != [1]:
         raise ValueError(f"{model} is a model file with one set of weights: --ema {' '.join(map(str, settings.emas))} "
                          "picks EMAs of a training run folder; pass the run folder, or leave --ema out")
     found = feature_networks.resolve_classifier(metrics, settings.inception_weights)
@@ -168,7 +167,7 @@ def run(settings: SweepSettings, device: torch.device) -> dict:
         if reference.features is not None and "kid" in metrics and len(reference.features) < 2:
             raise ValueError(f"{settings.ref} holds {len(reference.features)} feature row(s); KID needs at least 2")
 
-    paths = {e: resolve_model_path(model, e) for e in settings.emas} if not is_model_file else \
+    paths = {e: resolve_model_path(model, e) for e in settings.emas} if not model_file else \
         {None: resolve_model_path(model, 1)}
     extractor, network = inception.load_extractor(device), inception.describe()
     classifier = None
@@ -190,17 +189,9 @@ def run(settings: SweepSettings, device: torch.device) -> dict:
                                   f"{inception.PUBLISHED_SHA256_PREFIX}...): the scores are not comparable with "
                                   "published ones")
         print(f"warning: {record['warnings'][-1]}", file=sys.stderr)
-    net = base = None
     for ema, path in paths.items():
-        config, groups, _ = load_model_file(path)
-        if "net" not in groups:
-            raise ValueError(f"{path} holds no backbone ('net' group), only: {', '.join(groups)}")
-        if net is None or config.model != base.model:
-            net = JiT(config.model).to(device).eval()
-            set_attention_impl(net, config.kernels.attention)
-        net.load_state_dict(groups["net"])
-        del groups
-        base = config
+        config, net, _ = load_model(path, device=device)
+        set_attention_impl(net, config.kernels.attention)
         if record["settings"] is None:
             per_class = settings.per_class or max(1, math.ceil(settings.num_images / config.model.num_classes))
             layout = class_layout(config.model.num_classes, None, per_class)

@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from pixelrepa.config import KernelConfig, RunConfig
-from pixelrepa.training.device import apply_kernels, resolve_compile
+from pixelrepa.device import apply_kernels, resolve_compile
 from pixelrepa.training.module import TrainingModule
 
 ParallelMode = Literal["ddp", "fsdp2"]

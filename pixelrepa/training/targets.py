@@ -153,7 +153,7 @@ def _num_chunks(record: dict) -> int:
 
 def _fill_chunks(folder: Path, record: dict, pack: PackedDataset, encoder: nn.Module, config: RunConfig,
                  dist: DistInfo, batch_size: int, progress: bool) -> None:
-    from pixelrepa.training.device import autocast_for
+    from pixelrepa.device import autocast_for
 
     mine = [c for c in range(dist.rank, _num_chunks(record), dist.world_size)
             if not (folder / DONE / str(c)).is_file()]

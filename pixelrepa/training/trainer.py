@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import torch
 from tqdm import tqdm
@@ -26,16 +26,17 @@ from tqdm import tqdm
 from pixelrepa.config import KernelConfig, RunConfig
 from pixelrepa.data.transforms import to_model_range
 from pixelrepa.data.loader import make_loader
-from pixelrepa.evaluation.images import save_labelled_grid
+from pixelrepa.images import save_labelled_grid
 from pixelrepa.interop.init_from import load_released_weights, released_optimizer_state
 from pixelrepa.interop.released import ReleasedCheckpoint, read_released_checkpoint
 from pixelrepa.models.jit import JiT
 from pixelrepa.models.layers import set_attention_impl
 from pixelrepa.objective import draw_randomness
-from pixelrepa.training import checkpoint as ckpt
+from pixelrepa import checkpoint as ckpt
 from pixelrepa.training.data import build_dataset
-from pixelrepa.training.device import autocast_for, kernels_for_run, prepare_encoder
+from pixelrepa.device import autocast_for, kernels_for_run, prepare_encoder
 from pixelrepa.training.ema import BackboneEMA
+from pixelrepa.rng import MAX_SLOTS, preserved_rng, reseed_global, restore_rng_state, step_generator
 from pixelrepa.training.module import TrainingModule
 from pixelrepa.training.optim import learning_rate, make_optimizer
 from pixelrepa.training.runlock import Preempted, RunFolderBusy, StopSignals, run_folder_lock
@@ -58,10 +59,6 @@ from pixelrepa.training.parallel import (
 )
 
 logger = logging.getLogger("pixelrepa.train")
-
-
-MAX_SLOTS = 1024
-"""Micro-batches per step (processes x accumulation) that draw distinct noise."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -92,28 +89,44 @@ def accumulation_steps(config: RunConfig, world_size: int) -> int:
     return accum
 
 
-def step_generator(seed: int, step: int, slot: int, device: torch.device) -> torch.Generator:
-    """The generator for one micro-batch's draws, a function of (seed, step, slot); the slot
-    (micro-step m of rank r of W: m*W + r, `pixelrepa.data.loader`) names the same images for
-    any process count, so the draws do not depend on how the step is split."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(((seed * 1_000_003**2 + step) * MAX_SLOTS + slot) % 2**63)
-    return generator
+class Validator(Protocol):
+    """Evaluation during training (`train.eval_every`), built by the caller for this process
+    (`pixelrepa.evaluation.live.LiveEvaluator` is one): the trainer never imports evaluation."""
+
+    notes: list[str]
+    """Warnings about the set-up, logged once before training."""
+
+    def describe(self) -> dict: ...
+
+    def __call__(self, net: torch.nn.Module, step: int) -> dict | None:
+        """Score `net` (EMA 1, eval mode) on every rank; rank 0 gets the record, the others None."""
+
+    def plot(self, log_path: Path) -> None:
+        """Redraw the evaluation curves from the run's log (rank 0, after each record is logged)."""
+
+
+ValidatorFactory = Callable[[DistInfo], Validator]
+"""Builds the validator once the process group is up (it needs this process's rank and device)."""
 
 
 def train(config: RunConfig, resume: str | Path | None = None, progress: bool = True,
-          init_from: str | Path | None = None) -> RunSummary:
+          init_from: str | Path | None = None, validator: ValidatorFactory | None = None) -> RunSummary:
     """Train `config` (resuming from `resume`, or from the run folder's latest checkpoint).
 
     `init_from`: a released checkpoint-last.pth to start a new run from, at step 0, in a
-    run folder without checkpoints (SPEC 8; `pixelrepa.interop.init_from`)."""
+    run folder without checkpoints (SPEC 8; `pixelrepa.interop.init_from`).
+    `validator`: what `train.eval_every` runs (`pixelrepa.evaluation.live.live_validator(config)`)."""
+    if config.train.eval_every and validator is None:
+        raise ValueError(f"train.eval_every={config.train.eval_every} needs a validator: call "
+                         "train(config, validator=pixelrepa.evaluation.live.live_validator(config)) (the command "
+                         "line does), or unset train.eval_every")
     dist = init_distributed()
     try:
         # Sample grids are written by a thread (the device does not wait on the disk); leaving
         # the block waits for the last one.
         with (_run_folder_lock(Path(config.train.out_dir), dist), StopSignals(config.train.stop_signals) as stop,
               ThreadPoolExecutor(1, thread_name_prefix="sample-png") as png_writer):
-            summary = _train(config, dist, resume, progress, init_from, stop, png_writer)
+            summary = _train(config, dist, resume, progress, init_from, validator, stop, png_writer)
     except BaseException:
         shutdown_distributed(barrier=False)
         raise
@@ -142,7 +155,8 @@ def _run_folder_lock(out_dir: Path, dist: DistInfo):
 
 
 def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progress: bool,
-           init_from: str | Path | None, stop: StopSignals, png_writer: ThreadPoolExecutor) -> RunSummary:
+           init_from: str | Path | None, validator: ValidatorFactory | None, stop: StopSignals,
+           png_writer: ThreadPoolExecutor) -> RunSummary:
     out_dir = Path(config.train.out_dir)
     device = dist.device
     accum = accumulation_steps(config, dist.world_size)
@@ -192,7 +206,7 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
         if dist.is_main:
             _report_start(out_dir, released, [*start.report, line])
 
-    evaluator = _live_evaluator(config, dist) if config.train.eval_every else None
+    evaluator = _validator(config, validator, dist)
     eval_net = _sampler_backbone(config, device) if evaluator is not None else None
     writer = _Logger(out_dir, dist, start_step, config) if dist.is_main else None
     if writer is not None and evaluator is not None:
@@ -283,7 +297,7 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
             record = evaluator(_load_ema1(eval_net, ema), step)  # collective: every rank samples its share
             if writer is not None:
                 writer.log_eval(step, record)
-                _plot_evaluations(writer.path, out_dir)
+                evaluator.plot(writer.path)
                 line = _eval_line(record)
                 logger.info(line)
                 if not bar.disable:
@@ -464,10 +478,10 @@ def _resume(loaded: ckpt.LoadedCheckpoint, model, optimizer, ema: BackboneEMA, c
         load_sharded_state(model, optimizer, state)
     ema.step = loaded.train_state["ema_step"]
     if loaded.world_size == dist.world_size:
-        ckpt.restore_rng_state(loaded.rng_state)
+        restore_rng_state(loaded.rng_state)
     else:
         # Step draws depend on (seed, step, slot) only; the global RNG (dropout) is re-seeded.
-        torch.manual_seed((config.train.seed * 1_000_003 + loaded.step) * 1_000_003 + dist.rank)
+        reseed_global(config.train.seed, loaded.step, dist.rank)
         if dist.is_main:
             logger.warning("resuming %s, saved by %d processes, on %d: the data order and the noise draws continue "
                            "as saved; the global RNG (dropout) is re-seeded", loaded.path, loaded.world_size,
@@ -478,7 +492,7 @@ def _sample_grid(path: Path, config: RunConfig, ema: BackboneEMA, net: JiT, dist
                  png_writer: ThreadPoolExecutor) -> Future | None:
     """A grid from EMA 1 with fixed noise and labels (rank 0, on a full copy of the backbone);
     the PNG is written by `png_writer`'s thread while training goes on (its future is returned)."""
-    from pixelrepa.evaluation.generate import sample_classes
+    from pixelrepa.sampling import sample_classes
 
     weights = _ema_groups(ema)["ema1"]
     if not dist.is_main:
@@ -492,8 +506,6 @@ def _sample_grid(path: Path, config: RunConfig, ema: BackboneEMA, net: JiT, dist
 def _sampler_backbone(config: RunConfig, device: torch.device) -> JiT:
     """A plain (unwrapped, eval-mode) backbone on `device` for sampling; built without drawing from
     the global RNG, whose stream training (dropout) and its checkpoints continue."""
-    from pixelrepa.evaluation.live import preserved_rng
-
     with preserved_rng(device):
         net = JiT(config.model)
     set_attention_impl(net, config.kernels.attention)
@@ -512,11 +524,11 @@ def _load_ema1(net: JiT, ema: BackboneEMA) -> JiT:
     return _load_weights(net, _ema_groups(ema)["ema1"])
 
 
-def _live_evaluator(config: RunConfig, dist: DistInfo):
-    """The evaluation during training (`pixelrepa.evaluation.live`), its references checked."""
-    from pixelrepa.evaluation.live import LiveEvaluator
-
-    evaluator = LiveEvaluator(config, dist)
+def _validator(config: RunConfig, factory: ValidatorFactory, dist: DistInfo) -> Validator | None:
+    """The validator for `train.eval_every` (None when it is unset), its set-up logged."""
+    if not config.train.eval_every:
+        return None
+    evaluator = factory(dist)
     if dist.is_main:
         logger.info("train.eval_every=%d: %s", config.train.eval_every, json.dumps(evaluator.describe()))
     return evaluator
@@ -531,13 +543,6 @@ def _eval_line(record: dict) -> str:
                if k.startswith("align_") and k != "align_seconds"]
     return (f"eval step {record['step']}: {', '.join(values) or 'no metrics'} ({record['images']} images, "
             f"{record['seconds']:.1f} s)")
-
-
-def _plot_evaluations(log_path: Path, out_dir: Path) -> None:
-    """eval.png in the run folder: every evaluation of the log so far against the step."""
-    from pixelrepa.evaluation.live import CURVE_NAME, plot_eval_curves
-
-    plot_eval_curves(log_path, out_dir / CURVE_NAME)
 
 
 class _Logger:

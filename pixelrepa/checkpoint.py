@@ -32,7 +32,6 @@ import contextlib
 import json
 import os
 import pickle
-import random
 import re
 import shutil
 import time
@@ -41,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -50,6 +48,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from pixelrepa.config import RunConfig
+from pixelrepa.rng import capture_rng_state
 from pixelrepa.weights import load_model_file, save_model_file
 
 FORMAT = "pixelrepa-train-checkpoint/2"
@@ -71,40 +70,6 @@ def rng_file(rank: int) -> str:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-# ---------------------------------------------------------------------------
-# RNG state
-# ---------------------------------------------------------------------------
-
-def capture_rng_state() -> dict[str, Any]:
-    """This process's Python, NumPy, torch CPU and CUDA RNG states, in weights-only-loadable types."""
-    version, internal, gauss = random.getstate()
-    np_state = np.random.get_state(legacy=False)
-    return {
-        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"bit_generator": np_state["bit_generator"],
-                  "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                  "pos": int(np_state["state"]["pos"]),
-                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of `capture_rng_state`. CUDA states are restored for the devices present
-    (none without CUDA)."""
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
-    npy = state["numpy"]
-    np.random.set_state({"bit_generator": npy["bit_generator"],
-                         "state": {"key": npy["key"].numpy().astype(np.uint32), "pos": npy["pos"]},
-                         "has_gauss": npy["has_gauss"], "gauss": npy["gauss"]})
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, device)
 
 
 # ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Writing samples as PNG files: a labelled grid with one row per class."""
+"""Image files: single PNGs (written atomically, read, verified) and a labelled grid with one row per class."""
 
 from __future__ import annotations
 
@@ -31,3 +31,25 @@ def save_labelled_grid(images: Tensor, row_labels: list[str], path: str | Path, 
     path = Path(path)
     atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
     return path
+
+
+def is_complete_png(path: Path) -> bool:
+    """True when `path` exists and is a readable PNG."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except (OSError, SyntaxError):
+        return False
+
+
+def write_png(path: Path, image: Tensor) -> None:
+    """uint8 (C, H, W) to PNG, atomically."""
+    array = image.permute(1, 2, 0).numpy()
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+def read_png(path: Path) -> np.ndarray:
+    """uint8 (H, W, 3)."""
+    with Image.open(path) as image:
+        return np.array(image.convert("RGB"))

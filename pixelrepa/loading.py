@@ -1,0 +1,121 @@
+"""One way to load a trained model: `load_model(path, ema=...)` for a model file, a folder
+holding `model.safetensors`, a training checkpoint folder or a run folder (its latest
+checkpoint).
+
+A model file holds one set of weights (`pixelrepa export` / `pixelrepa import`); a training
+checkpoint holds the raw weights and every EMA, picked with `ema` (1-based, or "raw"; default
+EMA 1). Every reader below is weights-only: no file pixelrepa reads can run code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from pixelrepa import checkpoint as ckpt
+from pixelrepa.align.heads import build_align_head
+from pixelrepa.config import RunConfig
+from pixelrepa.models.jit import JiT
+from pixelrepa.weights import load_model_file
+
+MODEL_FILE_NAME = "model.safetensors"
+"""The model file inside a model folder."""
+
+Ema = int | str | None
+"""1-based EMA index, "raw" for the trained weights, or None (EMA 1 of a checkpoint; a model file's one set)."""
+
+
+class LoadedModel(NamedTuple):
+    config: RunConfig
+    net: JiT
+    """The backbone, in eval mode, on the device asked for."""
+    source: dict
+    """Where the weights came from: kind, path, and weights / step or the file's provenance."""
+
+
+def load_model(path: str | Path, ema: Ema = None, device: torch.device | str = "cpu") -> LoadedModel:
+    """The configuration and the trained backbone of `path` (see the module docstring)."""
+    config, state, source = load_backbone_state(path, ema)
+    net = JiT(config.model)
+    net.load_state_dict(state)
+    return LoadedModel(config, net.to(device).eval(), source)
+
+
+def is_model_file(path: str | Path) -> bool:
+    """A model file, or a folder holding one (rather than a training run or checkpoint folder)."""
+    path = Path(path)
+    return not path.is_dir() or (path / MODEL_FILE_NAME).is_file()
+
+
+def load_backbone_state(path: str | Path, ema: Ema = None) -> tuple[RunConfig, dict[str, Tensor], dict]:
+    """(config, full backbone state, source record) of `path`; `load_model` without building the network."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no model file or training run at {path}")
+    if is_model_file(path):
+        file = path / MODEL_FILE_NAME if path.is_dir() else path
+        if ema is not None:
+            raise ValueError(f"{file} is a model file with one set of weights: --ema picks the weights of a "
+                             "training run folder; pass the run folder, or leave --ema out")
+        config, groups, metadata = load_model_file(file)
+        if "net" not in groups:
+            raise ValueError(f"{file} holds no backbone ('net' group), only: {', '.join(groups)}")
+        provenance = {k[len("provenance."):]: v for k, v in metadata.items() if k.startswith("provenance.")}
+        return config, groups["net"], {"kind": "model file", "path": str(file.resolve()), "provenance": provenance}
+    folder = ckpt.find_checkpoint(path)
+    if ema == "raw":
+        loaded = ckpt.load_checkpoint(folder)
+        model = ckpt.read_state(folder, ("model",))["model"]
+        state = {key[len("net."):]: value for key, value in model.items() if key.startswith("net.")}
+        config, step = loaded.config, loaded.step
+    else:
+        config, state, step = ckpt.backbone_with_ema(folder, 1 if ema is None else int(ema))
+    weights = "raw" if ema == "raw" else f"ema{1 if ema is None else int(ema)}"
+    return config, state, {"kind": "training checkpoint", "path": str(folder.resolve()), "weights": weights,
+                           "step": step}
+
+
+def load_head(path: str | Path, config: RunConfig) -> tuple[nn.Module | None, str]:
+    """(the alignment head with its trained weights, its source) of a training run / checkpoint
+    folder or a model file, or (None, why there is none). EMAs track the backbone alone, so the head
+    is always the trained (raw) one."""
+    if config.align.mode == "none":
+        return None, "the run trained without alignment (align.mode none): there is no head"
+    path = Path(path)
+    if is_model_file(path):
+        file = path / MODEL_FILE_NAME if path.is_dir() else path
+        groups = load_model_file(file)[1]
+        if "head" not in groups:
+            return None, f"{file} holds no alignment head (a sampling export keeps the backbone only)"
+        state, source = groups["head"], f"model file {file.resolve()}"
+    else:
+        folder = ckpt.find_checkpoint(path)
+        model = ckpt.read_state(folder, ("model",))["model"]
+        state = {key[len("head."):]: value for key, value in model.items() if key.startswith("head.")}
+        source = f"training checkpoint {folder.resolve()} (trained weights)"
+    head = build_align_head(config.model, config.align)
+    head.load_state_dict(state)
+    return head, source
+
+
+def resolve_model_path(path: Path, ema: int = 1) -> Path:
+    """A model file; the model file inside a folder; or, for a training run or checkpoint
+    folder, its latest checkpoint's EMA backbone, exported once next to that checkpoint (a file
+    whose digest names the weights a sample folder was made from)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if (path / MODEL_FILE_NAME).is_file():
+        return path / MODEL_FILE_NAME
+    try:
+        checkpoint = ckpt.find_checkpoint(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} holds neither {MODEL_FILE_NAME} nor a training checkpoint (model files "
+                                "come from `pixelrepa export` or `pixelrepa import`)") from None
+    exported = checkpoint / f"sampling-ema{ema}.safetensors"
+    if not exported.is_file():
+        ckpt.export_sampling_checkpoint(checkpoint, exported, ema=ema)
+    return exported
