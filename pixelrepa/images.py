@@ -4,30 +4,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
+import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
+from torchvision.utils import make_grid
 
 from pixelrepa.files import atomic_write
 
 
 def save_labelled_grid(images: Tensor, row_labels: list[str], path: str | Path, scale: int = 2,
                        label_width: int = 90, pad: int = 2) -> Path:
-    """images: uint8 (rows * cols, 3, H, W), row-major; one text label per row on the left."""
+    """images: uint8 (rows * cols, 3, H, W), row-major; one text label per row on the left.
+
+    Tiles are enlarged `scale` times (nearest) and laid out `pad` white pixels apart and from the
+    edges, right of a white strip `label_width` pixels wide that holds the labels."""
     rows = len(row_labels)
     if rows == 0 or len(images) % rows:
         raise ValueError(f"{len(images)} images do not split into {rows} rows")
-    cols = len(images) // rows
-    h, w = images.shape[-2] * scale, images.shape[-1] * scale
-    canvas = Image.new("RGB", (label_width + cols * (w + pad) + pad, rows * (h + pad) + pad), "white")
+    tiles = images.cpu().to(torch.uint8).repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    grid = make_grid(tiles, nrow=len(images) // rows, padding=pad, pad_value=255)
+    border = pad if len(tiles) == 1 else 0  # make_grid returns a lone tile without its border
+    grid = torch.nn.functional.pad(grid, (label_width + border, border, border, border), value=255)
+    canvas = Image.fromarray(grid.permute(1, 2, 0).numpy())
     draw = ImageDraw.Draw(canvas)
+    h = tiles.shape[-2]
     for r, label in enumerate(row_labels):
-        top = pad + r * (h + pad)
-        draw.text((4, top + h // 2 - 6), label, fill="black")
-        for c in range(cols):
-            tile = images[r * cols + c].permute(1, 2, 0).cpu().numpy().astype(np.uint8)
-            tile_img = Image.fromarray(tile).resize((w, h), Image.NEAREST)
-            canvas.paste(tile_img, (label_width + pad + c * (w + pad), top))
+        draw.text((4, pad + r * (h + pad) + h // 2 - 6), label, fill="black")
     path = Path(path)
     atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
     return path

@@ -15,7 +15,7 @@ from PIL import Image
 from pixelrepa.cli.main import main
 from pixelrepa.config import get_preset
 from pixelrepa.data.packed import pack_arrays
-from pixelrepa.evaluation import plots, sweep
+from pixelrepa.evaluation import sweep
 from pixelrepa.models.jit import JiT
 from pixelrepa.weights import save_model_file
 
@@ -134,9 +134,6 @@ def test_sweep_errors(setup, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
-def test_nice_ticks_and_best():
-    assert plots.nice_ticks(1.0, 2.0) == [1.0, 1.25, 1.5, 1.75, 2.0]
-    ticks = plots.nice_ticks(3.0, 3.0)
-    assert ticks[0] <= 3.0 <= ticks[-1] and len(ticks) >= 2
+def test_best_setting():
     rows = [{"fid": None, "kid_mean": 0.2}, {"fid": None, "kid_mean": 0.1}]
     assert sweep.best_setting(rows) is rows[1]
