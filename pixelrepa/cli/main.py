@@ -13,13 +13,18 @@ COMMANDS = {"info": info, "train": train, "export": export, "sample": sample, "i
             "data": data, "demo": demo, "eval": eval_command, "probe": probe}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `pixelrepa` parser with every command's subparser (nothing is run)."""
     parser = argparse.ArgumentParser(prog="pixelrepa", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():
         module.add_parser(commands.add_parser(name, help=module.__doc__.strip().splitlines()[0],
                                               description=module.__doc__))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command].run(args) or 0
     except (ValueError, FileNotFoundError, KeyError) as err:
