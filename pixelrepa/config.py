@@ -30,6 +30,22 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _check_at_least(config: object, section: str, minimum: int, names: str, unset: str | None = None) -> None:
+    """Each of the fields `names` of `config` is >= minimum; None too where `unset` says what None means."""
+    for name in names.split():
+        value = getattr(config, name)
+        if value is None and unset is not None:
+            continue
+        allowed = f">= {minimum}" + (f" (or {unset})" if unset else "")
+        _check(value >= minimum, f"{section}.{name} must be {allowed}, got {value}")
+
+
+def _check_fraction(section: str, name: str, value: float, top_open: bool = True) -> None:
+    """0 <= value < 1 (<= 1 when not `top_open`)."""
+    ok = 0 <= value < 1 if top_open else 0 <= value <= 1
+    _check(ok, f"{section}.{name} must be in [0, 1{')' if top_open else ']'}, got {value}")
+
+
 @dataclass(frozen=True)
 class JiTConfig:
     """The JiT backbone (SPEC 3)."""
@@ -64,6 +80,13 @@ class JiTConfig:
     """RMSNorm epsilon everywhere (also q/k norms)."""
 
     def __post_init__(self) -> None:
+        _check_at_least(self, "model", 1, "input_size patch_size in_channels hidden_size depth num_heads num_classes "
+                        "bottleneck_dim")
+        _check_at_least(self, "model", 0, "in_context_len in_context_start")
+        _check(self.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        _check_fraction("model", "attn_drop", self.attn_drop)
+        _check_fraction("model", "proj_drop", self.proj_drop)
+        _check(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps}")
         _check(self.input_size % self.patch_size == 0,
                f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
         _check(self.hidden_size % self.num_heads == 0,
@@ -99,6 +122,9 @@ class EncoderConfig:
     """Local weights file; None means the timm hub (online) or the packaged file."""
     stage: int = -1
     """For CNN encoders: which feature stage gives the tokens (-1 = last)."""
+
+    def __post_init__(self) -> None:
+        _check_at_least(self, "align.encoder", 1, "img_size patch_size feature_dim")
 
 
 # Named target encoders (SPEC 5). DINOv2 as released: built at the training resolution with
@@ -164,7 +190,9 @@ class AlignConfig:
                "with weight >= 0 (0.1 for PixelREPA, 0.5 for REPA)")
         _check(self.mode in ("none", "repa", "pixelrepa"),
                f"unknown alignment mode '{self.mode}' (none | repa | pixelrepa)")
-        _check(0.0 <= self.mask_ratio < 1.0, f"mask_ratio {self.mask_ratio} outside [0, 1)")
+        _check(0.0 <= self.mask_ratio < 1.0, f"align.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        _check_at_least(self, "align", 1, "adapter_depth projector_hidden")
+        _check_at_least(self, "align", 0, "adapter_in_context_len")
 
 
 @dataclass(frozen=True)
@@ -200,7 +228,7 @@ class EMAConfig:
 
     def __post_init__(self) -> None:
         _check(len(self.decays) >= 1, "at least one EMA decay is needed")
-        _check(all(0 <= d < 1 for d in self.decays), f"EMA decays must be in [0, 1), got {self.decays}")
+        _check(all(0 < d < 1 for d in self.decays), f"ema.decays must each be in (0, 1), got {self.decays}")
 
 
 @dataclass(frozen=True)
@@ -225,7 +253,7 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         _check(self.method in ("heun", "euler"), f"unknown sampler method '{self.method}'")
-        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _check(self.steps >= 1, f"sampler.steps must be >= 1, got {self.steps}")
         _check(0 <= self.interval_min <= self.interval_max <= 1,
                f"CFG interval ({self.interval_min}, {self.interval_max}) must satisfy 0 <= min <= max <= 1")
 
@@ -262,7 +290,16 @@ class OptimConfig:
     """Clip the global gradient norm to this value; None = no clipping (the recipe)."""
 
     def __post_init__(self) -> None:
-        _check(self.global_batch >= 1, f"global_batch must be >= 1, got {self.global_batch}")
+        _check_at_least(self, "optim", 1, "global_batch epochs")
+        _check(self.base_lr > 0, f"optim.base_lr must be > 0, got {self.base_lr}")
+        _check(self.lr is None or self.lr > 0, f"optim.lr must be > 0 (or None: base_lr * global_batch / 256), "
+               f"got {self.lr}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               f"optim.betas must be two values in [0, 1), got {self.betas}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.min_lr >= 0, f"optim.min_lr must be >= 0, got {self.min_lr}")
+        _check(self.grad_clip is None or self.grad_clip > 0,
+               f"optim.grad_clip must be > 0 (or None: no clipping), got {self.grad_clip}")
         _check(self.warmup_epochs >= 0, f"optim.warmup_epochs {self.warmup_epochs} is negative")
         _check(self.warmup_steps is None or self.warmup_steps >= 0,
                f"optim.warmup_steps {self.warmup_steps} is negative")
@@ -297,6 +334,9 @@ class DataConfig:
     num_workers: int = field(default_factory=lambda: default_num_workers())
     """Loader worker processes: min(4, usable CPUs) by default. How the data is read, not
     which data: a run may resume with another value."""
+
+    def __post_init__(self) -> None:
+        _check_at_least(self, "data", 0, "num_workers")
 
 
 @dataclass(frozen=True)
@@ -358,10 +398,11 @@ class TrainConfig:
         _check(self.parallel in ("ddp", "fsdp2"), f"unknown parallel mode '{self.parallel}' (ddp | fsdp2)")
         unknown = [name for name in self.stop_signals if not isinstance(getattr(signal, name, None), signal.Signals)]
         _check(not unknown, f"train.stop_signals: unknown signal(s) {', '.join(unknown)} (e.g. SIGTERM, SIGUSR1)")
-        _check(self.per_device_batch >= 1, f"per_device_batch must be >= 1, got {self.per_device_batch}")
-        _check(self.ckpt_every >= 1 and self.keep_last >= 1, "ckpt_every and keep_last must be >= 1")
-        _check(self.eval_every is None or self.eval_every >= 1,
-               f"train.eval_every must be >= 1 (or None: no evaluation), got {self.eval_every}")
+        _check_at_least(self, "train", 1, "steps", unset="unset for optim.epochs")
+        _check_at_least(self, "train", 1, "per_device_batch log_every ckpt_every keep_last eval_batch")
+        _check_at_least(self, "train", 1, "keep_every sample_every", unset="None: never")
+        _check_at_least(self, "train", 1, "eval_every", unset="None: no evaluation")
+        _check_at_least(self, "train", 0, "max_nonfinite_skips")
         _check(self.eval_every is None or self.eval_ref is not None or self.eval_encoder_ref is not None
                or self.eval_align,
                "train.eval_every needs something to score against: train.eval_ref (Inception statistics from "
@@ -369,7 +410,6 @@ class TrainConfig:
                "--features encoder:NAME`) or train.eval_align=true")
         _check(self.eval_images >= 2,
                f"train.eval_images must be >= 2 (the covariance needs 2), got {self.eval_images}")
-        _check(self.eval_batch >= 1, f"train.eval_batch must be >= 1, got {self.eval_batch}")
         _check(self.eval_align_images >= 2,
                f"train.eval_align_images must be >= 2, got {self.eval_align_images}")
 
@@ -420,8 +460,7 @@ class KernelConfig:
                f"unknown cpu_linear '{self.cpu_linear}' (auto | onednn | aten)")
         _check(self.compile in ("auto", "none", "blocks", "model"),
                f"unknown compile mode '{self.compile}' (auto | none | blocks | model)")
-        _check(self.cpu_compile_min_steps >= 0,
-               f"cpu_compile_min_steps must be >= 0, got {self.cpu_compile_min_steps}")
+        _check_at_least(self, "kernels", 0, "cpu_compile_min_steps")
 
 
 REFERENCE_PATH: dict[str, Any] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -121,3 +122,89 @@ def test_demo_end_to_end(tmp_path, capsys):
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"total"' in line]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert Image.open(out / "samples.png").size[1] >= 10 * config.model.input_size
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A one-step JiT-Micro/8 run folder and its exported model file, model.safetensors."""
+    import numpy as np
+
+    from pixelrepa.data.packed import pack_arrays
+
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    pack_arrays(rng.integers(0, 256, size=(8, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, size=8),
+                root / "pack", [str(c) for c in range(10)], source="random")
+    assert main(["train", *tiny_train_args(root / "pack"), "--out", str(root / "run")]) == 0
+    assert main(["export", str(root / "run"), str(root / "model.safetensors")]) == 0
+    return root
+
+
+def tiny_train_args(pack: Path) -> list[str]:
+    return ["--preset", "JiT-Micro/8", "--data", str(pack), "--steps", "1", "--no-progress",
+            "--set", "train.per_device_batch=8", "--set", "optim.global_batch=8", "--set", "data.num_workers=0",
+            "--set", "train.sample_every=none", "--set", "kernels.compile=none"]
+
+
+def error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and "Traceback" not in lines[0]
+    return lines[-1]
+
+
+def test_train_into_a_file_names_it(tiny_run, capsys):
+    (tiny_run / "afile").write_text("")
+    assert main(["train", *tiny_train_args(tiny_run / "pack"), "--out", str(tiny_run / "afile")]) == 2
+    assert error_line(capsys) == (f"pixelrepa train: error: {tiny_run / 'afile'} is a file where a folder is "
+                                  "needed: move it away or choose another path")
+    assert main(["train", *tiny_train_args(tiny_run / "pack"), "--out", str(tiny_run / "afile" / "run")]) == 2
+    assert error_line(capsys).startswith(f"pixelrepa train: error: {tiny_run / 'afile'} is a file, so "
+                                         f"{tiny_run / 'afile' / 'run'} cannot be made")
+
+
+def test_export_force_onto_a_folder_names_it(tiny_run, capsys):
+    (tiny_run / "a-folder").mkdir(exist_ok=True)
+    assert main(["export", str(tiny_run / "run"), str(tiny_run / "a-folder"), "--force"]) == 2
+    assert error_line(capsys) == (f"pixelrepa export: error: {tiny_run / 'a-folder'} is a folder where a file is "
+                                  "needed: give a file's path, or move the folder away")
+    assert (tiny_run / "a-folder").is_dir() and [p.name for p in tiny_run.glob(".a-folder*")] == []
+
+
+def test_sample_under_a_file_names_the_file(tiny_run, capsys):
+    (tiny_run / "afile").write_text("")
+    model = str(tiny_run / "model.safetensors")
+    assert main(["sample", model, str(tiny_run / "afile" / "grid.png"), "--steps", "1"]) == 2
+    assert error_line(capsys) == (f"pixelrepa sample: error: {tiny_run / 'afile'} is a file where a folder is "
+                                  "needed: move it away or choose another path")
+    assert main(["sample", model, str(tiny_run / "afile" / "out"), "--num-images", "1", "--steps", "1"]) == 2
+    assert error_line(capsys).startswith(f"pixelrepa sample: error: {tiny_run / 'afile'} is a file, so ")
+
+
+@pytest.mark.parametrize("code, says", [
+    (errno.EACCES, "permission denied: give this user access (chmod / chown) or choose another path"),
+    (errno.EROFS, "is on a read-only file system: choose a path on a writable one"),
+])
+def test_a_folder_that_cannot_be_written_is_named(tiny_run, capsys, monkeypatch, code, says):
+    # Tests run as root, which may write anywhere: the refusal is simulated.
+    out = tiny_run / "locked" / "run"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == out:
+            raise OSError(code, os.strerror(code), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    assert main(["train", *tiny_train_args(tiny_run / "pack"), "--out", str(out)]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"pixelrepa train: error: {out}") and line.endswith(says)
+
+
+def test_a_missing_file_is_named(tmp_path, capsys, monkeypatch):
+    def missing(*args, **kwargs):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "gone"))
+
+    monkeypatch.setattr("pixelrepa.cli.info.run", missing)
+    assert main(["info", "--preset", "JiT-Micro/8"]) == 2
+    assert error_line(capsys) == (f"pixelrepa info: error: {tmp_path / 'gone'} does not exist: check the path, "
+                                  "or create its folder first")

@@ -257,6 +257,74 @@ def test_component_constructors_validate():
     OptimConfig()
 
 
+NONSENSE = [
+    ("train.steps", 0, "train.steps must be >= 1 (or unset for optim.epochs), got 0"),
+    ("train.steps", -5, "train.steps must be >= 1 (or unset for optim.epochs), got -5"),
+    ("train.log_every", 0, "train.log_every must be >= 1, got 0"),
+    ("train.ckpt_every", 0, "train.ckpt_every must be >= 1, got 0"),
+    ("train.keep_last", 0, "train.keep_last must be >= 1, got 0"),
+    ("train.keep_every", 0, "train.keep_every must be >= 1 (or None: never), got 0"),
+    ("train.sample_every", 0, "train.sample_every must be >= 1 (or None: never), got 0"),
+    ("train.eval_every", 0, "train.eval_every must be >= 1 (or None: no evaluation), got 0"),
+    ("train.per_device_batch", 0, "train.per_device_batch must be >= 1, got 0"),
+    ("train.eval_batch", 0, "train.eval_batch must be >= 1, got 0"),
+    ("train.eval_images", 1, "train.eval_images must be >= 2"),
+    ("train.max_nonfinite_skips", -1, "train.max_nonfinite_skips must be >= 0, got -1"),
+    ("optim.global_batch", 0, "optim.global_batch must be >= 1, got 0"),
+    ("optim.epochs", 0, "optim.epochs must be >= 1, got 0"),
+    ("optim.lr", 0.0, "optim.lr must be > 0 (or None: base_lr * global_batch / 256), got 0.0"),
+    ("optim.base_lr", -1e-4, "optim.base_lr must be > 0, got -0.0001"),
+    ("optim.betas", (0.9, 1.0), "optim.betas must be two values in [0, 1), got (0.9, 1.0)"),
+    ("optim.weight_decay", -0.1, "optim.weight_decay must be >= 0, got -0.1"),
+    ("optim.min_lr", -1e-6, "optim.min_lr must be >= 0, got -1e-06"),
+    ("optim.grad_clip", 0.0, "optim.grad_clip must be > 0 (or None: no clipping), got 0.0"),
+    ("optim.warmup_steps", -1, "optim.warmup_steps -1 is negative"),
+    ("data.num_workers", -1, "data.num_workers must be >= 0, got -1"),
+    ("ema.decays", (0.9999, 0.0), "ema.decays must each be in (0, 1), got (0.9999, 0.0)"),
+    ("ema.decays", (1.0,), "ema.decays must each be in (0, 1), got (1.0,)"),
+    ("align.mask_ratio", 1.0, "align.mask_ratio must be in [0, 1), got 1.0"),
+    ("align.adapter_depth", 0, "align.adapter_depth must be >= 1, got 0"),
+    ("align.projector_hidden", 0, "align.projector_hidden must be >= 1, got 0"),
+    ("align.adapter_in_context_len", -1, "align.adapter_in_context_len must be >= 0, got -1"),
+    ("align.encoder.img_size", 0, "align.encoder.img_size must be >= 1, got 0"),
+    ("align.encoder.feature_dim", 0, "align.encoder.feature_dim must be >= 1, got 0"),
+    ("model.patch_size", 0, "model.patch_size must be >= 1, got 0"),  # was a ZeroDivisionError
+    ("model.num_heads", 0, "model.num_heads must be >= 1, got 0"),
+    ("model.depth", 0, "model.depth must be >= 1, got 0"),
+    ("model.num_classes", 0, "model.num_classes must be >= 1, got 0"),
+    ("model.mlp_ratio", 0.0, "model.mlp_ratio must be > 0, got 0.0"),
+    ("model.proj_drop", 1.0, "model.proj_drop must be in [0, 1), got 1.0"),
+    ("model.norm_eps", 0.0, "model.norm_eps must be > 0, got 0.0"),
+    ("sampler.steps", 0, "sampler.steps must be >= 1, got 0"),
+    ("kernels.cpu_compile_min_steps", -1, "kernels.cpu_compile_min_steps must be >= 0, got -1"),
+]
+
+
+@pytest.mark.parametrize("path,value,message", NONSENSE, ids=[f"{p}={v}" for p, v, _ in NONSENSE])
+def test_values_that_make_no_sense_are_refused_by_name(path, value, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        get_preset("JiT-Micro/8").replace(**{path: value})
+
+
+@pytest.mark.parametrize("path", ["train.steps", "train.keep_every", "train.sample_every", "train.eval_every",
+                                  "optim.lr", "optim.grad_clip", "optim.warmup_steps"])
+def test_none_still_means_unset_or_never(path):
+    assert get_preset("JiT-Micro/8").replace(**{path: None}).to_dict()[path.split(".")[0]][path.split(".")[1]] is None
+
+
+def test_the_command_line_refuses_steps_0(capsys):
+    from pixelrepa.cli.main import main
+
+    assert main(["train", "--preset", "JiT-Micro/8", "--steps", "0", "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == ("pixelrepa train: error: train.steps must be >= 1 (or unset for "
+                                               "optim.epochs), got 0")
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_builds(name):
+    assert get_preset(name).train.log_every >= 1
+
+
 def test_files_from_before_attention_moved_to_kernels_still_load():
     old = RunConfig().to_dict()
     old["model"]["attention"] = "reference"

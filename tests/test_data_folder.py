@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -322,3 +323,22 @@ def test_empty_classes_reachable_from_the_run_config_and_the_pack_command(tmp_pa
     assert main(["data", "pack", str(images), str(tmp_path / "pack"), "--size", str(SIZE)]) == 2
     assert main(["data", "pack", str(images), str(tmp_path / "pack"), "--size", str(SIZE),
                  "--allow-empty-classes"]) == 0
+
+
+def test_a_folder_named_like_an_image_and_symlink_loops_are_recorded(tmp_path):
+    _tree(tmp_path, {"a": 2, "b": 1})
+    (tmp_path / "a" / "x.png").mkdir()
+    (tmp_path / "a" / "x.png" / "inner.png").write_bytes(b"")
+    os.symlink("loop", tmp_path / "a" / "loop")  # a link to itself, no image name
+    os.symlink("y.jpg", tmp_path / "b" / "z.jpg")  # z.jpg -> y.jpg -> z.jpg
+    os.symlink("z.jpg", tmp_path / "b" / "y.jpg")
+    os.symlink("gone.png", tmp_path / "b" / "broken.png")
+    os.symlink("root-loop", tmp_path / "root-loop")
+    ds = ImageFolderDataset(tmp_path, SIZE, validate=False)
+    assert len(ds) == 3 and ds.classes == ["a", "b"]
+    reasons = {str(path.relative_to(tmp_path)): reason for path, reason in ds.skipped}
+    assert reasons == {"root-loop": "a symlink loop (not a class folder)",
+                       "a/loop": "a symlink loop",
+                       "a/x.png": "a folder, not an image file (class folders are not searched recursively)",
+                       "b/broken.png": "a broken link to gone.png",
+                       "b/y.jpg": "a symlink loop", "b/z.jpg": "a symlink loop"}

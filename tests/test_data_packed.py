@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -244,3 +245,14 @@ def test_cli_prepare_mnist(tmp_path, capsys):
     assert image.shape == (3, 32, 32) and 0 <= label < 10 and torch.equal(image[0], image[2])
     assert main(["data", "info", str(dst)]) == 0
     assert "mnist test (first 64)" in capsys.readouterr().out
+
+
+def test_a_folder_named_like_an_image_and_a_symlink_loop_are_listed_in_the_manifest(image_tree, tmp_path):
+    (image_tree / "cat" / "a.png").mkdir()
+    os.symlink("loop", image_tree / "dog" / "loop")
+    manifest = pack_folder(image_tree, tmp_path / "pack", 8)
+    assert manifest["count"] == 12
+    assert f"{image_tree / 'cat' / 'a.png'}: a folder, not an image file" in "\n".join(manifest["skipped"])
+    assert f"{image_tree / 'dog' / 'loop'}: a symlink loop" in manifest["skipped"]
+    assert json.loads((tmp_path / "pack" / "manifest.json").read_text())["skipped"] == manifest["skipped"]
+    assert len(PackedDataset(tmp_path / "pack")) == 12

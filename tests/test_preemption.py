@@ -17,7 +17,8 @@ import pytest
 
 from pixelrepa.config import get_preset
 from pixelrepa.data.packed import pack_arrays
-from pixelrepa.training.runlock import PREEMPTED_EXIT_CODE, RunFolderBusy
+from pixelrepa.training.runlock import (INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, RunFolderBusy,
+                                        StopSignals)
 from pixelrepa.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,11 +34,12 @@ def pack(tmp_path_factory) -> Path:
     return path
 
 
-def config_file(pack: Path, out: Path, steps: int = STEPS, procs: int = 1) -> Path:
+def config_file(pack: Path, out: Path, steps: int = STEPS, procs: int = 1, workers: int = 0) -> Path:
     config = get_preset("JiT-Micro/8").replace(**{
-        "data.source": str(pack), "data.num_workers": 0, "train.out_dir": str(out), "train.steps": steps,
+        "data.source": str(pack), "data.num_workers": workers, "train.out_dir": str(out), "train.steps": steps,
         "train.per_device_batch": 8 // procs, "optim.global_batch": 8, "optim.lr": 1e-3, "train.log_every": 1,
-        "train.ckpt_every": 1000, "train.sample_every": None})
+        "train.ckpt_every": 1000, "train.sample_every": None,
+        "kernels.compile": "none"})  # long runs would compile on the CPU first (a minute)
     path = out.parent / f"{out.name}.json"
     path.write_text(json.dumps(config.to_dict()))
     return path
@@ -69,7 +71,7 @@ def wait_for_step(process: subprocess.Popen, out: Path, step: int, timeout: floa
             raise AssertionError(f"training exited early: {process.stderr.read()}")
         if time.time() > deadline:
             process.kill()
-            raise AssertionError("training did not reach step {step}")
+            raise AssertionError(f"training did not reach step {step}")
         time.sleep(0.05)
 
 
@@ -112,6 +114,39 @@ def test_a_stop_signal_checkpoints_and_the_rerun_continues_bit_identically(pack,
     steps = [r["step"] for r in logged_steps(out)]
     assert steps == list(range(1, STEPS + 1))  # nothing redone, nothing skipped
     assert [r["total"] for r in logged_steps(out)] == uninterrupted[procs]
+
+
+def test_ctrl_c_checkpoints_and_exits_130_saying_how_to_continue(pack, tmp_path):
+    out = tmp_path / "run"
+    # A terminal's Ctrl-C: SIGINT to the whole process group, the loader's worker included.
+    process = subprocess.Popen([*command(config_file(pack, out, steps=100_000, workers=1)), "--requeue"],
+                               env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    wait_for_step(process, out, 1)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == INTERRUPTED_EXIT_CODE, stderr
+    stopped = len(logged_steps(out))
+    assert stopped >= 1 and f"SIGINT at step {stopped}" in stderr
+    assert (out / "checkpoints" / f"step-{stopped:08d}").is_dir()
+    assert "run the same command again to continue" in stderr
+    assert "Traceback" not in stderr and "requeue" not in stderr  # a user's Ctrl-C is not a preemption
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    with StopSignals(("SIGTERM", "SIGUSR1")) as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested() == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_exits_130_and_a_preemption_75():
+    assert Preempted("SIGINT", 3, None).exit_code == INTERRUPTED_EXIT_CODE == 130
+    assert Preempted("SIGINT", 3, None).interrupted
+    assert Preempted("SIGTERM", 3, None).exit_code == PREEMPTED_EXIT_CODE
+    assert not Preempted("SIGUSR1", 3, None).interrupted
 
 
 def test_a_second_process_on_a_live_run_folder_is_refused(pack, tmp_path):

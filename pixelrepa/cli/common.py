@@ -1,9 +1,12 @@
-"""Helpers shared by commands: choosing a configuration from a preset, a file and overrides."""
+"""Helpers shared by commands: choosing a configuration from a preset, a file and overrides;
+one-line messages for file-system errors."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 from pathlib import Path
 
 from pixelrepa.config import RunConfig, apply_overrides, get_preset
@@ -113,3 +116,32 @@ def sampler_overrides(args: argparse.Namespace) -> dict[str, object]:
 def describe_sampler(config: RunConfig) -> str:
     s = config.sampler
     return f"{s.method} {s.steps} steps, CFG {s.cfg_scale} on ({s.interval_min}, {s.interval_max})"
+
+
+def os_error_message(err: OSError) -> str:
+    """A file-system error as one line: the path, what is wrong with it and what to do."""
+    if err.filename is None:
+        return str(err)  # raised with its own message
+    moved = err.filename2 is not None and err.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST)
+    path = Path(os.fsdecode(err.filename2 if moved else err.filename))
+    code = err.errno
+    if code == errno.ENOENT:
+        return f"{path} does not exist: check the path, or create its folder first"
+    if code == errno.ENOTDIR:
+        blocker = next((p for p in (*reversed(path.parents), path) if p.is_file()), None)
+        if blocker is not None:
+            return (f"{blocker} is a file, so {path} cannot be made or read under it: move the file away or "
+                    "choose another path")
+        return f"{path} passes through something that is not a folder: choose another path"
+    if code == errno.EEXIST:
+        what = "a file where a folder is needed" if path.is_file() else "in the way (it already exists)"
+        return f"{path} is {what}: move it away or choose another path"
+    if code in (errno.EISDIR, errno.ENOTEMPTY):
+        return f"{path} is a folder where a file is needed: give a file's path, or move the folder away"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"{path}: permission denied: give this user access (chmod / chown) or choose another path"
+    if code == errno.EROFS:
+        return f"{path} is on a read-only file system: choose a path on a writable one"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"{path}: no space left on its device (or quota): free some space or choose another path"
+    return f"{path}: {err.strerror or err}"

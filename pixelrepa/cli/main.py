@@ -7,6 +7,7 @@ import sys
 
 from pixelrepa.cli import data, demo, export, import_checkpoint, info, probe, sample, train
 from pixelrepa.cli import eval as eval_command
+from pixelrepa.cli.common import os_error_message
 
 
 COMMANDS = {"info": info, "train": train, "export": export, "sample": sample, "import": import_checkpoint,
@@ -27,8 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command].run(args) or 0
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    except (ValueError, OSError, KeyError) as err:
+        if isinstance(err, OSError):
+            message = os_error_message(err)
+        else:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"pixelrepa {args.command}: error: {message}", file=sys.stderr)
         return 2
 

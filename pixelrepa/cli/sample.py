@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pixelrepa.cli.common import add_sampler_arguments, describe_sampler, sampler_overrides
+from pixelrepa.cli.common import add_sampler_arguments, describe_sampler, os_error_message, sampler_overrides
 from pixelrepa.config import RunConfig, apply_overrides
 from pixelrepa.device import apply_kernels, pick_device
 from pixelrepa.evaluation.sample_folder import (
@@ -104,7 +104,7 @@ def run_folder(args: argparse.Namespace, info: DistInfo) -> int:
             settings = run_settings(file_digest(model_path), config, layout, num_images, args.seed)
             prepare_output(out, model_path, settings, args.overwrite)
         except (ValueError, OSError) as err:
-            error = str(err)
+            error = os_error_message(err) if isinstance(err, OSError) else str(err)
     error = broadcast_object(error, info)
     if error is not None:
         raise ValueError(error)

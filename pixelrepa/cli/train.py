@@ -5,7 +5,8 @@ starts a new run (step 0, a run folder without checkpoints) from a released
 checkpoint-last.pth: its raw weights, both EMAs, the adapter and, where it provably fits,
 the optimizer state; the configuration is still this command's and must fit the weights.
 One process trains a run folder at a time (OUT/train.lock). On SIGTERM or SIGUSR1 the run
-finishes its step, checkpoints and exits with status 75; --requeue then resubmits the SLURM job."""
+finishes its step, checkpoints and exits with status 75; --requeue then resubmits the SLURM job.
+The first Ctrl-C does the same with status 130 (never requeued); a second one aborts at once."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     from pixelrepa.evaluation.live import live_validator
-    from pixelrepa.training.runlock import PREEMPTED_EXIT_CODE, Preempted
+    from pixelrepa.training.runlock import Preempted
     from pixelrepa.training.trainer import train
 
     try:
@@ -55,9 +56,9 @@ def run(args: argparse.Namespace) -> int:
                         validator=live_validator(config))
     except Preempted as stopped:
         print(f"pixelrepa train: {stopped}", file=sys.stderr)
-        if args.requeue and int(os.environ.get("RANK", "0")) == 0:
+        if args.requeue and not stopped.interrupted and int(os.environ.get("RANK", "0")) == 0:
             requeue()
-        return PREEMPTED_EXIT_CODE
+        return stopped.exit_code
     if summary.rank == 0:
         print(f"trained to step {summary.steps}; run folder {summary.out_dir}; "
               f"last checkpoint {summary.last_checkpoint}")

@@ -8,6 +8,9 @@ Files and classes
 - Image files are those with extension .jpeg .jpg .png .bmp .webp .tif .tiff, any case,
   directly inside the folder (class folders are not searched recursively). Other files, and
   names starting with "." (e.g. macOS `._x.JPEG`), are ignored without a record.
+- An entry with an image name that is not a file (a folder `x.png/`, a broken link) and a
+  symlink loop (in a class folder or the root) are left out and recorded in `skipped` with
+  the reason.
 - Class index = position in the sorted folder names, or in `class_names` when given; those
   must match the folders exactly (ValueError naming the missing and the extra ones).
 
@@ -44,7 +47,10 @@ worker processes too.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -71,17 +77,44 @@ def load_image(path: str | Path, size: int) -> Tensor:
     return pil_to_uint8(adm_center_crop(rgb, size))
 
 
-def image_files(folder: Path) -> list[Path]:
-    """The image files directly inside `folder`, sorted by name; hidden names left out."""
-    return sorted(p for p in folder.iterdir()
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+SYMLINK_LOOP = "a symlink loop"
+
+
+def image_files(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The image files directly inside `folder`, sorted by name (hidden names left out), and the
+    (path, reason) of entries named like images that are not files, and of symlink loops."""
+    files, unusable = [], []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        problem = _not_a_file(path)
+        if path.suffix.lower() in IMAGE_EXTENSIONS and problem is None:
+            files.append(path)
+        elif path.suffix.lower() in IMAGE_EXTENSIONS or problem == SYMLINK_LOOP:
+            unusable.append((path, problem))
+    return files, unusable
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why `path` is not a regular file (after links), or None when it is one."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return SYMLINK_LOOP
+        if path.is_symlink():
+            return f"a broken link to {os.readlink(path)}"
+        return f"cannot be read: {err.strerror}"
+    if stat.S_ISDIR(mode):
+        return "a folder, not an image file (class folders are not searched recursively)"
+    return None if stat.S_ISREG(mode) else "not a regular file"
 
 
 class _ImageFiles(Dataset):
     """(path, label) samples with the shared scan, load and flip policy (module docstring)."""
 
     def __init__(self, root: Path, candidates: list[tuple[Path, int]], size: int, *,
-                 hflip: bool, seed: int, validate: bool) -> None:
+                 hflip: bool, seed: int, validate: bool, unusable: list[tuple[Path, str]]) -> None:
         self.root = root
         self.size = size
         self.hflip = hflip
@@ -90,6 +123,8 @@ class _ImageFiles(Dataset):
         self.skipped: list[tuple[Path, str]] = []
         self.converted: Counter[str] = Counter()
         self.upsampled: list[Path] = []
+        for path, reason in unusable:
+            self._skip(path, reason)
         self.samples = [s for s in candidates if self._inspect(s[0])] if validate else list(candidates)
         self._failed: set[int] = set()
         if self.skipped:
@@ -165,11 +200,16 @@ class ImageFolderDataset(_ImageFiles):
             raise FileNotFoundError(f"image folder {root} does not exist")
         if not root.is_dir():
             raise NotADirectoryError(f"image folder {root} is not a directory")
-        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        self.classes = _match_classes(root, folders, class_names)
+        entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+        unusable = [(p, f"{SYMLINK_LOOP} (not a class folder)") for p in entries if _not_a_file(p) == SYMLINK_LOOP]
+        self.classes = _match_classes(root, [p.name for p in entries if p.is_dir()], class_names)
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-        candidates = [(path, label) for label, name in enumerate(self.classes) for path in image_files(root / name)]
-        super().__init__(root, candidates, size, hflip=hflip, seed=seed, validate=validate)
+        candidates = []
+        for label, name in enumerate(self.classes):
+            files, odd = image_files(root / name)
+            candidates += [(path, label) for path in files]
+            unusable += odd
+        super().__init__(root, candidates, size, hflip=hflip, seed=seed, validate=validate, unusable=unusable)
         counts = Counter(label for _, label in self.samples)
         empty = [str(root / name) for label, name in enumerate(self.classes) if counts[label] == 0]
         if empty and not allow_empty_classes:

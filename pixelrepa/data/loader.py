@@ -19,6 +19,7 @@ persistent worker processes, whose copy of the dataset never sees `set_epoch` ca
 
 from __future__ import annotations
 
+import signal
 from typing import Iterator
 
 import torch
@@ -60,6 +61,11 @@ class EpochDataLoader(DataLoader):
         self.sampler.set_epoch(epoch, start_batch)
 
 
+def _ignore_interrupts(worker: int) -> None:
+    """Workers leave a Ctrl-C to the training process, which finishes its step (runlock.py)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, num_workers: int, seed: int, rank: int = 0,
                 world_size: int = 1) -> EpochDataLoader:
     """A loader over this rank's batches of `dataset` (see the module docstring).
@@ -70,4 +76,4 @@ def make_loader(dataset: Dataset, batch_size: int, *, num_workers: int, seed: in
                                 tagged=hasattr(dataset, "set_epoch"))
     return EpochDataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                            persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
-                           drop_last=True)
+                           drop_last=True, worker_init_fn=_ignore_interrupts)

@@ -11,7 +11,9 @@ dead process is simply taken over; the file's stale holder is then logged.
 limit) into a request the training loop checks after each step: every rank finishes its
 step, the run writes a checkpoint and `train` raises `Preempted` (the CLI exits with
 `PREEMPTED_EXIT_CODE`). The ranks agree through one tiny all-reduce on the CPU (gloo), so
-the check never waits on the accelerator.
+the check never waits on the accelerator. A Ctrl-C (SIGINT) is the same request, except that
+the CLI exits with `INTERRUPTED_EXIT_CODE` and never requeues; a second Ctrl-C aborts at once
+(KeyboardInterrupt).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ LOCK = "train.lock"
 PREEMPTED_EXIT_CODE = 75
 """Exit status of a run stopped by a preemption signal after its checkpoint (EX_TEMPFAIL: run
 the same command again to continue)."""
+INTERRUPTED_EXIT_CODE = 130
+"""Exit status of a run stopped by Ctrl-C (SIGINT) after its checkpoint (128 + SIGINT, as a shell reports it)."""
 
 
 class RunFolderBusy(ValueError):
@@ -51,6 +55,15 @@ class Preempted(Exception):
         super().__init__(f"stopped by {signal_name} at step {step}; checkpoint {checkpoint}: run the same command "
                          "again to continue")
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by a user's Ctrl-C (SIGINT), not by a preemption: not to be requeued."""
+        return self.signal_name == "SIGINT"
+
+    @property
+    def exit_code(self) -> int:
+        return INTERRUPTED_EXIT_CODE if self.interrupted else PREEMPTED_EXIT_CODE
 
 
 def _holder(path: Path) -> dict:
@@ -98,11 +111,11 @@ def run_folder_lock(out_dir: Path) -> Iterator[None]:
 
 
 class StopSignals:
-    """Records SIGTERM / SIGUSR1 (or the given signals) while installed; `requested()` says,
-    agreed over all ranks, whether any rank got one."""
+    """Records SIGTERM / SIGUSR1 (or the given signals) and SIGINT while installed; `requested()`
+    says, agreed over all ranks, whether any rank got one. A second SIGINT raises KeyboardInterrupt."""
 
     def __init__(self, names: tuple[str, ...]):
-        self.names = names
+        self.names = tuple(dict.fromkeys((*names, "SIGINT")))  # last: a rank's Ctrl-C wins the agreement
         self.received: str | None = None
         self._previous: dict[int, object] = {}
         self._group = None
@@ -123,7 +136,10 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, number: int, frame) -> None:
-        self.received = signal.Signals(number).name
+        name = signal.Signals(number).name
+        if name == "SIGINT" and self.received == "SIGINT":
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+        self.received = name
 
     def requested(self) -> str | None:
         """The signal's name if any rank received one (a collective under torchrun), else None."""
