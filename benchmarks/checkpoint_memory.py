@@ -45,8 +45,8 @@ def worker(rank: int, port: int, preset: str, out_dir: str, results: str) -> Non
     from pixelrepa import checkpoint as ckpt
     from pixelrepa.training.ema import BackboneEMA
     from pixelrepa.training.optim import make_optimizer
-    from pixelrepa.training.parallel import (build_training_module, init_distributed, load_sharded_state,
-                                             sharded_state, shutdown_distributed, wrap_for_training)
+    from pixelrepa.distributed import init_distributed, shutdown_distributed
+    from pixelrepa.training.parallel import build_training_module, load_sharded_state, sharded_state, wrap_for_training
 
     config = get_preset(preset).replace(**{"train.parallel": "fsdp2", "train.out_dir": out_dir})
     info = init_distributed()

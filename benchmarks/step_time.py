@@ -45,7 +45,8 @@ from pixelrepa.objective import draw_randomness
 from pixelrepa.device import autocast_for, kernels_for_run
 from pixelrepa.training.module import TrainingModule
 from pixelrepa.training.optim import make_optimizer
-from pixelrepa.training.parallel import DistInfo, wrap_for_training
+from pixelrepa.distributed import World
+from pixelrepa.training.parallel import wrap_for_training
 
 
 class Case(NamedTuple):
@@ -70,7 +71,7 @@ def train_step(config: RunConfig, batch: int, device: torch.device, checkpointin
     torch.manual_seed(0)
     module = TrainingModule(config)
     randomise_zero_layers(module.net, module.head)
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    info = World(rank=0, world_size=1, local_rank=0, device=device)
     model = wrap_for_training(module, "ddp", info, checkpointing, kernels_for_run(config.kernels, device, run_steps))
     optimizer = make_optimizer(model, config)
     m = config.model

@@ -306,14 +306,14 @@ def test_empty_classes_reachable_from_the_run_config_and_the_pack_command(tmp_pa
     from pixelrepa.cli.main import main
     from pixelrepa.config import get_preset
     from pixelrepa.training.data import build_dataset
-    from pixelrepa.training.parallel import DistInfo
+    from pixelrepa.distributed import World
 
     images = tmp_path / "images"
     _tree(images, {"a": 1, "c": 1})
     (images / "b").mkdir()
     config = get_preset("JiT-Micro/8").replace(**{"data.source": str(images), "model.num_classes": 3,
                                                   "model.input_size": SIZE, "model.patch_size": 8})
-    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    cpu = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="--set data.allow_empty_classes=true"):
         build_dataset(config, tmp_path / "run", cpu)
     allowed = config.replace(**{"data.allow_empty_classes": "true"})

@@ -24,7 +24,7 @@ from pixelrepa.objective import draw_randomness, training_loss
 from pixelrepa import checkpoint as ckpt
 from pixelrepa.training import trainer
 from pixelrepa.training.data import build_dataset
-from pixelrepa.training.parallel import DistInfo
+from pixelrepa.distributed import World
 
 RELEASED = FIXTURES / "released"
 PIXELREPA_FILE = RELEASED / "pixelrepa_checkpoint-last.pth"
@@ -89,7 +89,7 @@ def first_step_losses(config, out: Path, source: Path):
     """The first step's losses and gradients computed directly with the imported modules on
     the trainer's first batch and draws."""
     _, net, adapter = import_released(source, config, weights="raw")
-    dataset = build_dataset(config, out, DistInfo(0, 1, 0, torch.device("cpu")))
+    dataset = build_dataset(config, out, World(0, 1, 0, torch.device("cpu")))
     loader = make_loader(dataset, config.train.per_device_batch, num_workers=0, seed=config.train.seed)
     loader.set_epoch(0)
     images, labels = next(iter(loader))

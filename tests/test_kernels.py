@@ -26,11 +26,12 @@ from pixelrepa.device import (
     resolve_cpu_linear,
 )
 from pixelrepa.training.module import TrainingModule
-from pixelrepa.training.parallel import DistInfo, wrap_for_training
+from pixelrepa.distributed import World
+from pixelrepa.training.parallel import wrap_for_training
 from pixelrepa.training.optim import make_optimizer
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
-CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+CPU = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 # The reference path as it runs on a CPU: the released code's per-block compile is for GPUs.
 CPU_REFERENCE = {**REFERENCE_PATH, "kernels.compile": "none"}
 # Micro/8 images give 16 + 4 tokens of width 64: at this batch the token-wise linears are above

@@ -18,17 +18,11 @@ from torch.distributed.tensor import DTensor
 from pixelrepa.config import get_preset
 from pixelrepa.objective import Draws, draw_randomness
 from pixelrepa.training.module import TrainingModule
+from pixelrepa.distributed import World, _env_from_slurm, _first_host, broadcast_object, init_distributed, reduce_mean, shutdown_distributed
 from pixelrepa.training.parallel import (
-    DistInfo,
-    _env_from_slurm,
-    _first_host,
-    broadcast_object,
-    init_distributed,
     load_full_optimizer_state_dict,
     load_full_state_dict,
     no_sync_context,
-    reduce_mean,
-    shutdown_distributed,
     unwrap,
     wrap_for_training,
 )
@@ -37,7 +31,7 @@ from helpers import randomize_
 GLOBAL_BATCH = 8
 STEPS = 3
 WORLD = 2
-SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+SINGLE = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 # name -> (alignment mode, accumulation micro-steps per rank, activation checkpointing)
 RUNS = {
     "pixelrepa": ("pixelrepa", 1, False),
@@ -95,18 +89,18 @@ def local_rows(rank: int):
     return rows(whole_batch(make_config("pixelrepa"), 0), slice(rank * half, (rank + 1) * half))
 
 
-def train(wrapped, optimizer, config, dist_info: DistInfo, accum: int, steps: range):
+def train(wrapped, optimizer, config, world: World, accum: int, steps: range):
     """Rank r takes its contiguous share of each global batch, in `accum` micro-batches.
     Returns the mean loss per step and the first step's gradients (AdamW would hide a wrong
     gradient scale, e.g. summed instead of averaged over ranks)."""
-    per_rank = GLOBAL_BATCH // dist_info.world_size
+    per_rank = GLOBAL_BATCH // world.world_size
     micro = per_rank // accum
     losses, first_grads = [], None
     for step in steps:
         batch = whole_batch(config, step)
         total = 0.0
         for i in range(accum):
-            start = dist_info.rank * per_rank + i * micro
+            start = world.rank * per_rank + i * micro
             with no_sync_context(wrapped, enabled=i < accum - 1):
                 loss = wrapped(*rows(batch, slice(start, start + micro)))["total"] / accum
                 loss.backward()
@@ -115,7 +109,7 @@ def train(wrapped, optimizer, config, dist_info: DistInfo, accum: int, steps: ra
             first_grads = full_grads(wrapped)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(reduce_mean({"total": total}, dist_info)["total"])
+        losses.append(reduce_mean({"total": total}, world)["total"])
     return losses, first_grads
 
 
@@ -156,18 +150,18 @@ def assert_states_close(actual: dict, expected: dict) -> None:
 # Two gloo processes
 # ---------------------------------------------------------------------------
 
-def _gathered(state: dict, info: DistInfo) -> dict | None:
+def _gathered(state: dict, info: World) -> dict | None:
     # Offloading leaves CPU tensors as the live ones: copy them so later steps leave the result alone.
     return copy.deepcopy(state) if info.is_main else None
 
 
-def full_state_dict(wrapped, info: DistInfo) -> dict | None:
+def full_state_dict(wrapped, info: World) -> dict | None:
     """The whole model state on rank 0 (None elsewhere); collective."""
     return _gathered(get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True,
                                                                             cpu_offload=True)), info)
 
 
-def full_optimizer_state_dict(wrapped, optimizer, info: DistInfo) -> dict | None:
+def full_optimizer_state_dict(wrapped, optimizer, info: World) -> dict | None:
     """The whole optimizer state, keyed by parameter name, on rank 0; collective."""
     return _gathered(get_optimizer_state_dict(wrapped, optimizer, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True)), info)

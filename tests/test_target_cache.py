@@ -13,10 +13,10 @@ import torch
 from pixelrepa.config import get_preset
 from pixelrepa.data.packed import PackedDataset, pack_arrays
 from pixelrepa.training import targets as target_cache
-from pixelrepa.training.parallel import DistInfo
+from pixelrepa.distributed import World
 from pixelrepa.training.trainer import train
 
-CPU_RANK0 = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+CPU_RANK0 = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def make_pack(path: Path, seed: int = 0, count: int = 48) -> Path:

@@ -150,20 +150,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def in_process_group(args: argparse.Namespace, device: torch.device, work):
-    """`work(device)` inside torchrun's process group (none for a single process), as `args.dist_info`:
+    """`work(device)` inside torchrun's process group (none for a single process), as `args.world`:
     feature extraction is split across the ranks, rank 0 computes and writes (the others get None)."""
-    from pixelrepa.training.parallel import init_distributed, shutdown_distributed
+    from pixelrepa.distributed import in_process_group as in_group
 
-    args.dist_info = init_distributed()
-    if args.dist_info.world_size > 1 and not args.device:
-        device = args.dist_info.device
-    try:
-        result = work(device)
-    except BaseException:
-        shutdown_distributed(barrier=False)
-        raise
-    shutdown_distributed()
-    return result
+    def work_in(world):
+        args.world = world
+        return work(world.device if world.world_size > 1 and not args.device else device)
+
+    return in_group(work_in)
 
 
 def reference_stats(src: Path, out: Path, args: argparse.Namespace, device: torch.device) -> int:
@@ -175,7 +170,7 @@ def reference_stats(src: Path, out: Path, args: argparse.Namespace, device: torc
     extractor, network = feature_networks.build_feature_extractor(
         getattr(args, "features", "inception"), device, getattr(args, "encoder_weights", None))
     features, seconds = features_of(source, extractor, args.batch_size, device, "reference",
-                                    getattr(args, "dist_info", None))
+                                    getattr(args, "world", None))
     if features is None:  # not rank 0
         return 0
     with warnings.catch_warnings(record=True) as caught:
@@ -234,11 +229,11 @@ def evaluate_sources(samples_paths: list[Path], ref_path: Path, args: argparse.N
     if found is not None:
         classifier_net, classifier = feature_networks.build_classifier(found, device)
         samples_net = feature_networks.WithClassifier(extractor, classifier_net)
-    dist_info = getattr(args, "dist_info", None)
+    world = getattr(args, "world", None)
     timing: dict[str, float] = {}
     if reference is None:
         ref_features, ref_seconds = features_of(ref_source, extractor, args.batch_size, device, "reference",
-                                                dist_info)
+                                                world)
         if ref_features is not None:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -248,7 +243,7 @@ def evaluate_sources(samples_paths: list[Path], ref_path: Path, args: argparse.N
             timing["reference_seconds"] = round(ref_seconds, 3)
     runs = []
     for samples, seed in zip(sources, seeds):  # every rank runs every source: the extraction is collective
-        features, seconds = features_of(samples, samples_net, args.batch_size, device, "samples", dist_info)
+        features, seconds = features_of(samples, samples_net, args.batch_size, device, "samples", world)
         if features is None:  # not rank 0
             continue
         values, notes = score(features, reference, metrics, found is not None, samples_net, classifier, is_splits,
@@ -272,7 +267,7 @@ def evaluate_sources(samples_paths: list[Path], ref_path: Path, args: argparse.N
                      "device": str(device), "fid_eps": FID_EPS, "kid_subsets": args.kid_subsets,
                      "kid_subset_size": args.kid_subset_size, "seed": args.seed, "pr_neighborhood": PR_NEIGHBORHOOD,
                      "is_splits": is_splits, "inception_weights": getattr(args, "inception_weights", None),
-                     "world_size": dist_info.world_size if dist_info is not None else 1},
+                     "world_size": world.world_size if world is not None else 1},
         "metrics": runs[0]["metrics"],
         "warnings": runs[0]["warnings"],
         "timing": {**runs[0]["timing"], **timing},

@@ -145,7 +145,7 @@ def align_on(args: argparse.Namespace, device: torch.device) -> int:
     from pixelrepa.evaluation.features import gather_in_order, rank_slice
     from pixelrepa.models.layers import set_attention_impl
 
-    rank, world_size = args.dist_info.rank, args.dist_info.world_size
+    rank, world_size = args.world.rank, args.world.world_size
     config, net, source = load_model(args.checkpoint, args.ema, device)
     blocks, ts = probe.check_blocks(args.blocks, config.model.depth), probe.check_ts(args.t)
     head, head_source = load_head(args.checkpoint, config)

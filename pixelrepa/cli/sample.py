@@ -38,7 +38,7 @@ from pixelrepa.images import read_png, save_labelled_grid
 from pixelrepa.loading import MODEL_FILE_NAME, load_model, resolve_model_path
 from pixelrepa.models.jit import JiT
 from pixelrepa.sampling import ClassLayout, class_layout, generate, sample_classes
-from pixelrepa.training.parallel import DistInfo, broadcast_object, init_distributed, reduce_mean, shutdown_distributed
+from pixelrepa.distributed import World, broadcast_object, in_process_group, reduce_mean
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help=f"a pixelrepa model file, a folder holding {MODEL_FILE_NAME}, "
@@ -63,11 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.output.suffix.lower() == ".png":
         return run_grid(args)
-    info = init_distributed()
-    try:
-        return run_folder(args, info)
-    finally:
-        shutdown_distributed()
+    return in_process_group(lambda world: run_folder(args, world))
 
 
 def load_for_sampling(path: Path, args: argparse.Namespace, device: torch.device) -> tuple[RunConfig, JiT]:
@@ -89,9 +85,9 @@ def run_grid(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_folder(args: argparse.Namespace, info: DistInfo) -> int:
+def run_folder(args: argparse.Namespace, world: World) -> int:
     model_path = resolve_model_path(args.model, args.ema)
-    config, net = load_for_sampling(model_path, args, info.device)
+    config, net = load_for_sampling(model_path, args, world.device)
     layout = class_layout(config.model.num_classes, args.classes,
                           50 if args.per_class is None else args.per_class)
     num_images = len(layout) if args.num_images is None else args.num_images
@@ -99,13 +95,13 @@ def run_folder(args: argparse.Namespace, info: DistInfo) -> int:
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
     out = args.output
     error = None
-    if info.is_main:
+    if world.is_main:
         try:
             settings = run_settings(file_digest(model_path), config, layout, num_images, args.seed)
             prepare_output(out, model_path, settings, args.overwrite)
         except (ValueError, OSError) as err:
             error = os_error_message(err) if isinstance(err, OSError) else str(err)
-    error = broadcast_object(error, info)
+    error = broadcast_object(error, world)
     if error is not None:
         raise ValueError(error)
 
@@ -113,14 +109,14 @@ def run_folder(args: argparse.Namespace, info: DistInfo) -> int:
     npz_done = args.format != "png" and (out / NPZ_NAME).is_file()
     # The PNGs are the working store; an npz-only run that is complete needs only the grid's.
     wanted = [k for row in grid_rows for k in row] if args.format == "npz" and npz_done else range(num_images)
-    todo = missing_pngs(out, wanted[info.rank::info.world_size])
-    with tqdm(total=len(todo), desc="sampling", unit="img", dynamic_ncols=True, disable=not info.is_main) as bar:
-        for batch, images in generate(net, config, todo, layout, args.batch_size, info.device, args.seed):
+    todo = missing_pngs(out, wanted[world.rank::world.world_size])
+    with tqdm(total=len(todo), desc="sampling", unit="img", dynamic_ncols=True, disable=not world.is_main) as bar:
+        for batch, images in generate(net, config, todo, layout, args.batch_size, world.device, args.seed):
             write_pngs(out, batch, images)
             bar.update(len(batch))
     # A collective: it also waits for every process to finish before rank 0 assembles.
-    made = round(reduce_mean({"made": len(todo)}, info)["made"] * info.world_size)
-    if info.is_main:
+    made = round(reduce_mean({"made": len(todo)}, world)["made"] * world.world_size)
+    if world.is_main:
         finish(args, out, layout, num_images, grid_rows, npz_done)
         print(f"{out}: {num_images} images ({made} made now, {num_images - made} already there), "
               f"{describe_sampler(config)}, seed {args.seed}")

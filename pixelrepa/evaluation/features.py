@@ -19,7 +19,7 @@ the feature network: `resolve_classifier` finds and checks its weights, and `Wit
 the feature network and the classifier on each batch, so the images are read (or sampled) once.
 `weights_by_metric` says which network and weights file produced each metric.
 
-`extract_features_distributed(source, extractor, batch_size, dist_info)`: under torchrun each
+`extract_features_distributed(source, extractor, batch_size, world)`: under torchrun each
 rank takes a contiguous slice of the images (rank r: images [r N / W, (r + 1) N / W)), and the
 features are gathered to rank 0 in the original image order; other ranks get None. With a single
 process it is `metrics.extract_features` unchanged.
@@ -314,7 +314,7 @@ def gather_in_order(value: Any, start: int, error: str | None, world_size: int, 
     return None if rank != 0 else [p["value"] for p in sorted(gathered, key=lambda p: p["start"])]
 
 
-def extract_features_distributed(source: ImageSource, extractor: nn.Module, batch_size: int, dist_info,
+def extract_features_distributed(source: ImageSource, extractor: nn.Module, batch_size: int, world,
                                  device: torch.device | str | None = None, progress=None) -> np.ndarray | None:
     """float32 (N, D) features of every image of `source` on rank 0 (in image order), None elsewhere.
 
@@ -322,25 +322,25 @@ def extract_features_distributed(source: ImageSource, extractor: nn.Module, batc
     A failure on any rank (e.g. an unreadable image) is raised on every rank, as is a size
     mismatch between slices. Collective: every rank must call it. A single process (world size 1
     or no process group) is `extract_features(source, extractor, batch_size, device, progress)`."""
-    device = dist_info.device if device is None else device
-    if dist_info.world_size <= 1 or not dist.is_initialized():
+    device = world.device if device is None else device
+    if world.world_size <= 1 or not dist.is_initialized():
         return extract_features(source, extractor, batch_size, device, progress)
-    start, stop = rank_slice(len(source), dist_info.rank, dist_info.world_size)
+    start, stop = rank_slice(len(source), world.rank, world.world_size)
     part = SourceSlice(source, start, stop)
     value, error = (None, None), None
     try:
         if len(part):
             value = (extract_features(part, extractor, batch_size, device, progress), part.first_shape)
     except Exception as err:  # reported on every rank, so no rank waits forever
-        error = f"rank {dist_info.rank}: {err}"
-    gathered = gather_in_order(value, start, error, dist_info.world_size, dist_info.rank)
+        error = f"rank {world.rank}: {err}"
+    gathered = gather_in_order(value, start, error, world.world_size, world.rank)
     shapes = {tuple(shape) for _, shape in gathered or [] if shape is not None}
     message = f"{source.path}: images of mixed sizes across ranks ({sorted(shapes)})" if len(shapes) > 1 else None
     holder = [message]
     dist.broadcast_object_list(holder, src=0)
     if holder[0] is not None:
         raise ValueError(holder[0])
-    if not dist_info.is_main:
+    if not world.is_main:
         return None
     parts = [features for features, _ in gathered if features is not None]
     features = np.concatenate(parts)
@@ -362,16 +362,16 @@ def check_count(count: int, name: str, metrics: list[str] | None = None, is_spli
 
 
 def features_of(source: ImageSource, extractor: torch.nn.Module, batch_size: int, device: torch.device,
-                label: str, dist_info=None) -> tuple[np.ndarray | None, float]:
-    """Features of a source with the feature network, and the seconds spent. Under torchrun (`dist_info`)
+                label: str, world=None) -> tuple[np.ndarray | None, float]:
+    """Features of a source with the feature network, and the seconds spent. Under torchrun (`world`)
     each rank extracts its slice and rank 0 gets all features in image order; the others get None."""
     start = time.perf_counter()
-    quiet = True if dist_info is not None and not dist_info.is_main else None
+    quiet = True if world is not None and not world.is_main else None
     with tqdm(total=len(source), desc=f"features ({label})", unit="img", dynamic_ncols=True, disable=quiet) as bar:
-        if dist_info is None:
+        if world is None:
             features = extract_features(source, extractor, batch_size, device, bar.update)
         else:
-            features = extract_features_distributed(source, extractor, batch_size, dist_info,
+            features = extract_features_distributed(source, extractor, batch_size, world,
                                                                      device, bar.update)
     return features, time.perf_counter() - start
 

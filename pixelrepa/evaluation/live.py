@@ -1,6 +1,6 @@
 """Evaluation during training (`train.eval_every`): EMA 1 scored every N steps, in memory.
 
-`LiveEvaluator(config, dist_info)` is built once, when the run starts: it loads and checks the
+`LiveEvaluator(config, world)` is built once, when the run starts: it loads and checks the
 references (`train.eval_ref`: Inception statistics for FID, with stored features also KID;
 `train.eval_encoder_ref`: statistics of an encoder's mean-pooled patch tokens, made with
 `pixelrepa eval ref-stats ... --features encoder:NAME`, for FD in that space: the encoder is the one
@@ -102,11 +102,11 @@ class LiveEvaluator:
     """Scores a backbone against the run's references: `evaluator(net, step)` (see the module
     docstring). Collective under torchrun: every rank calls it with the same weights."""
 
-    def __init__(self, config: RunConfig, dist_info=None, device: torch.device | str | None = None):
+    def __init__(self, config: RunConfig, world=None, device: torch.device | str | None = None):
         t = config.train
-        self.config, self.dist_info = config, dist_info
-        self.device = torch.device(device if device is not None else dist_info.device if dist_info else "cpu")
-        self.rank, self.world_size = (dist_info.rank, dist_info.world_size) if dist_info is not None else (0, 1)
+        self.config, self.world = config, world
+        self.device = torch.device(device if device is not None else world.device if world else "cpu")
+        self.rank, self.world_size = (world.rank, world.world_size) if world is not None else (0, 1)
         self.num_images, self.batch_size, self.seed = t.eval_images, t.eval_batch, t.eval_seed
         per_class = max(1, math.ceil(self.num_images / config.model.num_classes))
         self.layout = class_layout(config.model.num_classes, None, per_class)

@@ -20,22 +20,22 @@ from pixelrepa.config import RunConfig
 from pixelrepa.data.folder import ImageFolderDataset, check_num_classes
 from pixelrepa.data.idx import load_idx_dataset
 from pixelrepa.data.packed import MANIFEST, PackedDataset, pack_arrays
-from pixelrepa.training.parallel import DistInfo
+from pixelrepa.distributed import World
 
 IDX_SETS = ("mnist", "fashion-mnist")
 
 
-def build_dataset(config: RunConfig, out_dir: Path, dist: DistInfo) -> Dataset:
+def build_dataset(config: RunConfig, out_dir: Path, world: World) -> Dataset:
     source, size = config.data.source, config.model.input_size
     if not source:
         raise ValueError("no training data: set data.source to a pack folder, an image folder, "
                          "or one of " + ", ".join(IDX_SETS))
     if source in IDX_SETS:
         pack = out_dir / "data" / f"{source}-{size}"
-        if dist.is_main and not (pack / MANIFEST).is_file():
+        if world.is_main and not (pack / MANIFEST).is_file():
             images, labels, classes = load_idx_dataset(source, "train", size)
             pack_arrays(images, labels, pack, classes, source=source)
-        if dist.world_size > 1:
+        if world.world_size > 1:
             torch_dist.barrier()
         source = str(pack)
     path = Path(source)
@@ -52,7 +52,7 @@ def build_dataset(config: RunConfig, out_dir: Path, dist: DistInfo) -> Dataset:
         raise FileNotFoundError(f"data.source {source!r} is neither a folder nor one of {', '.join(IDX_SETS)}")
     if len(dataset) == 0:
         raise ValueError(f"data set {source} is empty")
-    if dist.is_main:
+    if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "classes.json").write_text(json.dumps(classes, indent=1))
     return dataset

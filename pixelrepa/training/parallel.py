@@ -1,6 +1,6 @@
-"""Multi-process training: process-group set-up, DDP / FSDP2 wrapping, state for checkpoints.
+"""Multi-process training: DDP / FSDP2 wrapping and state for checkpoints.
 
-One process per device. `init_distributed` reads torchrun's or SLURM's environment;
+One process per device (`pixelrepa.distributed` joins the process group);
 `wrap_for_training` puts the `TrainingModule` under DDP or FSDP2 (optionally with
 per-block activation checkpointing); `no_sync_context` skips gradient sync on the
 accumulation micro-steps. `sharded_state` / `load_sharded_state` give and take the state
@@ -9,9 +9,9 @@ each rank holds, and `load_full_*` take a whole state from rank 0, always under 
 
 Typical use::
 
-    info = init_distributed()
+    world = init_distributed()
     module = TrainingModule(config)          # same seed on every rank (see wrap_for_training)
-    wrapped = wrap_for_training(module, config.train.parallel, info, config.train.activation_checkpointing)
+    wrapped = wrap_for_training(module, config.train.parallel, world, config.train.activation_checkpointing)
     optimizer = torch.optim.AdamW(wrapped.parameters(), ...)   # after wrapping
     for i, micro in enumerate(micro_batches):
         with no_sync_context(wrapped, enabled=i < len(micro_batches) - 1):
@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import re
 import types
-from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Mapping
 
 import torch
@@ -46,128 +43,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from pixelrepa.config import KernelConfig, RunConfig
+from pixelrepa.distributed import World, is_distributed
 from pixelrepa.device import apply_kernels, resolve_compile
 from pixelrepa.training.module import TrainingModule
 
 ParallelMode = Literal["ddp", "fsdp2"]
-
-DEFAULT_MASTER_PORT = "29500"
-
-
-# ---------------------------------------------------------------------------
-# Process group
-# ---------------------------------------------------------------------------
-
-@dataclass
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: 'node[01-04,07],gpu2' -> 'node01', 'a,b' -> 'a'."""
-    depth = 0
-    for i, ch in enumerate(nodelist):
-        depth += (ch == "[") - (ch == "]")
-        if ch == "," and depth == 0:
-            nodelist = nodelist[:i]
-            break
-    # Each bracket group contributes its first entry's first value, zero padding kept.
-    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], nodelist).strip()
-
-
-def _env_from_slurm(environ: Mapping[str, str]) -> dict[str, str] | None:
-    """torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from
-    a SLURM task's environment; None outside SLURM. An explicit MASTER_ADDR / MASTER_PORT wins;
-    otherwise the address is the step's (else the job's) first node and the port 29500.
-
-    One task per device is assumed (`srun --ntasks-per-node=<gpus>`); a script started
-    without srun in a multi-task allocation would see SLURM_NTASKS > 1 and wait for
-    tasks that never come, so launch through srun (or torchrun, which takes precedence).
-    """
-    if "SLURM_PROCID" not in environ:
-        return None
-    nodelist = next((environ[k] for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
-                     if environ.get(k)), None)
-    master_addr = environ.get("MASTER_ADDR") or (_first_host(nodelist) if nodelist else "127.0.0.1")
-    return {
-        "RANK": environ["SLURM_PROCID"],
-        "WORLD_SIZE": environ.get("SLURM_NTASKS", "1"),
-        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
-        "MASTER_ADDR": master_addr,
-        "MASTER_PORT": environ.get("MASTER_PORT") or DEFAULT_MASTER_PORT,
-    }
-
-
-def init_distributed() -> DistInfo:
-    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE,
-    LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or, failing that, SLURM's (written into the
-    environment in torchrun's form). With neither, or a world of one, this is a single
-    process and no group is created.
-
-    Backend NCCL with device cuda:LOCAL_RANK (made current) when CUDA is available,
-    gloo with the CPU otherwise.
-    """
-    if "RANK" not in os.environ and (slurm := _env_from_slurm(os.environ)) is not None:
-        os.environ.update(slurm)
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            dist.init_process_group("nccl", init_method="env://", rank=rank, world_size=world_size,
-                                    device_id=device)
-        else:
-            dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world_size)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
-
-
-def shutdown_distributed(barrier: bool = True) -> None:
-    """Barrier, then destroy the group (if any). Destroying without the barrier can abort
-    at exit ("terminate called without an active exception"), seen with gloo + FSDP2; after
-    an error on this rank pass barrier=False, since the other ranks may never reach it."""
-    if dist.is_initialized():
-        if barrier:
-            dist.barrier()
-        dist.destroy_process_group()
-
-
-def _distributed(dist_info: DistInfo) -> bool:
-    return dist_info.world_size > 1 and dist.is_initialized()
-
-
-def reduce_mean(values: Mapping[str, Tensor | float], dist_info: DistInfo) -> dict[str, float]:
-    """Average scalars over ranks with one all-reduce. Every rank must pass the same keys
-    in the same order."""
-    if not values:
-        return {}
-    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dist_info.device).detach().reshape(())
-                           for v in values.values()])
-    if _distributed(dist_info):
-        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
-        stacked /= dist_info.world_size
-    return dict(zip(values.keys(), stacked.tolist()))
-
-
-def broadcast_object(obj: Any, dist_info: DistInfo) -> Any:
-    """Rank 0's `obj` (any picklable value) on every rank."""
-    if not _distributed(dist_info):
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
 
 # ---------------------------------------------------------------------------
 # Wrapping
@@ -195,12 +75,12 @@ def apply_activation_checkpointing(module: TrainingModule) -> None:
         block.forward = types.MethodType(_checkpointed_forward, block)
 
 
-def build_training_module(config: RunConfig, dist_info: DistInfo) -> TrainingModule:
+def build_training_module(config: RunConfig, world: World) -> TrainingModule:
     """The TrainingModule, initialised from the global RNG (seed it first). Under FSDP2 with
     several processes only rank 0 builds it for real, on the host; the others build it on
     the meta device, and `wrap_for_training` gives every rank its shards of rank 0's weights,
     so no rank but one ever holds the whole fp32 model."""
-    if config.train.parallel == "fsdp2" and _distributed(dist_info) and not dist_info.is_main:
+    if config.train.parallel == "fsdp2" and is_distributed(world) and not world.is_main:
         with torch.device("meta"):
             return TrainingModule(config)
     return TrainingModule(config)
@@ -212,10 +92,10 @@ def fsdp_mixed_precision(config: RunConfig, device: torch.device) -> MixedPrecis
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if enabled else None
 
 
-def wrap_for_training(module: TrainingModule, mode: ParallelMode, dist_info: DistInfo,
+def wrap_for_training(module: TrainingModule, mode: ParallelMode, world: World,
                       activation_checkpointing: bool = False, kernels: KernelConfig | None = None,
                       mixed_precision: MixedPrecisionPolicy | None = None) -> nn.Module:
-    """Move `module` to `dist_info.device` and wrap it for data-parallel training.
+    """Move `module` to `world.device` and wrap it for data-parallel training.
 
     - a single process: the module itself (no wrapper);
     - 'ddp': DistributedDataParallel, by default without unused-parameter search (the graph
@@ -237,20 +117,20 @@ def wrap_for_training(module: TrainingModule, mode: ParallelMode, dist_info: Dis
     if mode not in ("ddp", "fsdp2"):
         raise ValueError(f"unknown parallel mode '{mode}' (ddp | fsdp2)")
     on_meta = any(t.is_meta for t in [*module.parameters(), *module.buffers()])
-    if on_meta and not (mode == "fsdp2" and _distributed(dist_info)):
+    if on_meta and not (mode == "fsdp2" and is_distributed(world)):
         raise ValueError("a module on the meta device is materialised only under FSDP2 with several processes")
-    full_state = module.state_dict() if mode == "fsdp2" and dist_info.is_main else {}
+    full_state = module.state_dict() if mode == "fsdp2" and world.is_main else {}
     if not on_meta:
-        module.to(dist_info.device)
+        module.to(world.device)
     if activation_checkpointing:
         apply_activation_checkpointing(module)
-    if resolve_compile(kernels, dist_info.device) == "model" and _distributed(dist_info):
+    if resolve_compile(kernels, world.device) == "model" and is_distributed(world):
         kernels = dataclasses.replace(kernels, compile="blocks")
-    apply_kernels(module, _blocks(module), kernels, dist_info.device)
-    if not _distributed(dist_info):
+    apply_kernels(module, _blocks(module), kernels, world.device)
+    if not is_distributed(world):
         return module
     if mode == "ddp":
-        device_ids = [dist_info.local_rank] if dist_info.device.type == "cuda" else None
+        device_ids = [world.local_rank] if world.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True,
                                        find_unused_parameters=kernels.ddp_find_unused_parameters)
     shard_options = {"mp_policy": mixed_precision} if mixed_precision is not None else {}
@@ -258,7 +138,7 @@ def wrap_for_training(module: TrainingModule, mode: ParallelMode, dist_info: Dis
         fully_shard(block, **shard_options)
     fully_shard(module, **shard_options)
     if on_meta:
-        module.to_empty(device=dist_info.device)
+        module.to_empty(device=world.device)
     with torch.no_grad():
         for buffer in module.buffers():  # not sharded; the meta ranks' (RoPE tables...) are empty
             dist.broadcast(buffer, src=0)

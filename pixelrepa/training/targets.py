@@ -34,7 +34,7 @@ from pixelrepa.config import RunConfig
 from pixelrepa.data.packed import IMAGES, PackedDataset
 from pixelrepa.data.transforms import to_model_range
 from pixelrepa.files import write_text_atomic
-from pixelrepa.training.parallel import DistInfo
+from pixelrepa.distributed import World
 
 logger = logging.getLogger("pixelrepa.train")
 
@@ -104,17 +104,17 @@ def _read_manifest(folder: Path) -> dict | None:
         raise ValueError(f"{path} is not valid JSON ({err}); delete the folder {folder} to rebuild the cache") from None
 
 
-def _barrier(dist: DistInfo) -> None:
-    if dist.world_size > 1:
+def _barrier(world: World) -> None:
+    if world.world_size > 1:
         torch_dist.barrier()
 
 
-def build_target_cache(config: RunConfig, pack: PackedDataset, encoder: nn.Module, dist: DistInfo,
+def build_target_cache(config: RunConfig, pack: PackedDataset, encoder: nn.Module, world: World,
                        batch_size: int, progress: bool = True) -> tuple[Path, dict]:
     """Make (or finish, or check) the cache of `pack`'s targets; returns its folder and record."""
     folder = cache_folder(config, pack.path)
     expected = cache_record(config, pack, encoder)
-    if dist.is_main:
+    if world.is_main:
         found = _read_manifest(folder)
         if found is None:
             folder.mkdir(parents=True, exist_ok=True)
@@ -125,12 +125,12 @@ def build_target_cache(config: RunConfig, pack: PackedDataset, encoder: nn.Modul
             write_text_atomic(folder / MANIFEST, json.dumps({**expected, "complete": False}, indent=1))
         else:
             _check_record(folder, found, expected)
-    _barrier(dist)
+    _barrier(world)
     record = {**expected, "complete": _read_manifest(folder).get("complete", False)}
     if not record["complete"]:
-        _fill_chunks(folder, record, pack, encoder, config, dist, batch_size, progress)
-        _barrier(dist)
-        if dist.is_main:
+        _fill_chunks(folder, record, pack, encoder, config, world, batch_size, progress)
+        _barrier(world)
+        if world.is_main:
             missing = [c for c in range(_num_chunks(record)) if not (folder / DONE / str(c)).is_file()]
             if missing:
                 raise RuntimeError(f"target cache {folder}: chunks {missing[:5]} were not written; run again to finish")
@@ -139,7 +139,7 @@ def build_target_cache(config: RunConfig, pack: PackedDataset, encoder: nn.Modul
             for marker in (folder / DONE).iterdir():
                 marker.unlink()
             (folder / DONE).rmdir()
-        _barrier(dist)
+        _barrier(world)
     expected_bytes = int(np.prod(_shape(record))) * np.dtype(_STORAGE[record["dtype"]][0]).itemsize
     if (folder / TARGETS).stat().st_size != expected_bytes:
         raise ValueError(f"{folder / TARGETS} is {(folder / TARGETS).stat().st_size} bytes, {expected_bytes} expected; "
@@ -152,19 +152,19 @@ def _num_chunks(record: dict) -> int:
 
 
 def _fill_chunks(folder: Path, record: dict, pack: PackedDataset, encoder: nn.Module, config: RunConfig,
-                 dist: DistInfo, batch_size: int, progress: bool) -> None:
+                 world: World, batch_size: int, progress: bool) -> None:
     from pixelrepa.device import autocast_for
 
-    mine = [c for c in range(dist.rank, _num_chunks(record), dist.world_size)
+    mine = [c for c in range(world.rank, _num_chunks(record), world.world_size)
             if not (folder / DONE / str(c)).is_file()]
     if not mine:
         return
     targets = _open(folder, record, "r+")
     grid = tuple(record["grid"])
     storage = _STORAGE[record["dtype"]][1]
-    device = dist.device
+    device = world.device
     bar = tqdm(total=sum(min(CHUNK_IMAGES, record["count"] - c * CHUNK_IMAGES) for c in mine),
-               disable=not (progress and dist.is_main), desc="encoder targets", unit="img", dynamic_ncols=True)
+               disable=not (progress and world.is_main), desc="encoder targets", unit="img", dynamic_ncols=True)
     for chunk in mine:
         stop_chunk = min((chunk + 1) * CHUNK_IMAGES, record["count"])
         for start in range(chunk * CHUNK_IMAGES, stop_chunk, batch_size):
@@ -214,15 +214,15 @@ class PackWithTargets(Dataset):
         return image, label, target
 
 
-def with_target_cache(config: RunConfig, dataset: Dataset, encoder: nn.Module, dist: DistInfo,
+def with_target_cache(config: RunConfig, dataset: Dataset, encoder: nn.Module, world: World,
                       progress: bool = True) -> PackWithTargets:
     """`dataset` (a pack) with its targets, building the cache first where needed."""
     if not isinstance(dataset, PackedDataset):
         raise ValueError(f"align.target_cache needs a packed data set, but data.source {config.data.source!r} is "
                          "an image folder: pack it once with `pixelrepa data pack SRC DST` and train on DST")
-    folder, record = build_target_cache(config, dataset, encoder, dist, batch_size=config.train.per_device_batch,
+    folder, record = build_target_cache(config, dataset, encoder, world, batch_size=config.train.per_device_batch,
                                         progress=progress)
-    if dist.is_main:
+    if world.is_main:
         logger.info("encoder targets from the cache %s (%d images x %d orientations)", folder, record["count"],
                     record["orientations"])
     return PackWithTargets(dataset, folder, record)

@@ -41,19 +41,15 @@ from pixelrepa.training.module import TrainingModule
 from pixelrepa.training.optim import learning_rate, make_optimizer
 from pixelrepa.training.runlock import Preempted, RunFolderBusy, StopSignals, run_folder_lock
 from pixelrepa.training.targets import PackWithTargets, with_target_cache
+from pixelrepa.distributed import World, broadcast_object, init_distributed, reduce_mean, shutdown_distributed
 from pixelrepa.training.parallel import (
-    DistInfo,
-    broadcast_object,
     build_training_module,
     fsdp_mixed_precision,
-    init_distributed,
     load_full_optimizer_state_dict,
     load_full_state_dict,
     load_sharded_state,
     no_sync_context,
-    reduce_mean,
     sharded_state,
-    shutdown_distributed,
     unwrap,
     wrap_for_training,
 )
@@ -105,7 +101,7 @@ class Validator(Protocol):
         """Redraw the evaluation curves from the run's log (rank 0, after each record is logged)."""
 
 
-ValidatorFactory = Callable[[DistInfo], Validator]
+ValidatorFactory = Callable[[World], Validator]
 """Builds the validator once the process group is up (it needs this process's rank and device)."""
 
 
@@ -135,7 +131,7 @@ def train(config: RunConfig, resume: str | Path | None = None, progress: bool = 
 
 
 @contextmanager
-def _run_folder_lock(out_dir: Path, dist: DistInfo):
+def _run_folder_lock(out_dir: Path, dist: World):
     """Rank 0 holds the run folder's lock; every rank stops if it cannot (runlock.py)."""
     with ExitStack() as stack:
         refused = None
@@ -154,7 +150,7 @@ def _run_folder_lock(out_dir: Path, dist: DistInfo):
         yield
 
 
-def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progress: bool,
+def _train(config: RunConfig, dist: World, resume: str | Path | None, progress: bool,
            init_from: str | Path | None, validator: ValidatorFactory | None, stop: StopSignals,
            png_writer: ThreadPoolExecutor) -> RunSummary:
     out_dir = Path(config.train.out_dir)
@@ -318,7 +314,7 @@ def _train(config: RunConfig, dist: DistInfo, resume: str | Path | None, progres
     return RunSummary(out_dir, step, resume_path, last_checkpoint, last_metrics, dist.rank)
 
 
-def _accumulate(model, encoder, data_iter, config: RunConfig, dist: DistInfo, step: int,
+def _accumulate(model, encoder, data_iter, config: RunConfig, dist: World, step: int,
                 accum: int) -> dict[str, torch.Tensor]:
     """Forward/backward over `accum` micro-batches; returns the mean of each loss term."""
     totals: dict[str, torch.Tensor] = {}
@@ -344,7 +340,7 @@ def _accumulate(model, encoder, data_iter, config: RunConfig, dist: DistInfo, st
     return totals
 
 
-def _raise_if_nonfinite(first_bad: torch.Tensor, step: int, last_checkpoint: Path | None, dist: DistInfo) -> None:
+def _raise_if_nonfinite(first_bad: torch.Tensor, step: int, last_checkpoint: Path | None, dist: World) -> None:
     """NonFiniteLossError if any rank saw a non-finite loss since the run (re)started: before a
     log line or a checkpoint is written, so no checkpoint holds weights updated by one."""
     earliest = torch.where(first_bad < 0, torch.iinfo(torch.int64).max, first_bad).to(torch.int64)
@@ -359,7 +355,7 @@ def _raise_if_nonfinite(first_bad: torch.Tensor, step: int, last_checkpoint: Pat
             "N such steps instead (checking every step)")
 
 
-def _all_finite(total: torch.Tensor, dist: DistInfo) -> bool:
+def _all_finite(total: torch.Tensor, dist: World) -> bool:
     flag = torch.isfinite(total).float()
     if dist.world_size > 1:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
@@ -372,7 +368,7 @@ def _clip(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def _build_encoder(config: RunConfig, kernels: KernelConfig, dist: DistInfo):
+def _build_encoder(config: RunConfig, kernels: KernelConfig, dist: World):
     """The frozen target encoder; under torchrun rank 0 builds it first (a hub download lands
     in the shared cache once) while the other ranks wait, then they load the cached weights."""
     if config.align.mode == "none":
@@ -453,7 +449,7 @@ def _training_state(model, optimizer, ema: BackboneEMA) -> dict[str, Any]:
             **{f"ema{k + 1}": ema.state_dict(k) for k in range(len(ema.shadows))}}
 
 
-def _save(out_dir: Path, step: int, config: RunConfig, model, optimizer, ema: BackboneEMA, dist: DistInfo,
+def _save(out_dir: Path, step: int, config: RunConfig, model, optimizer, ema: BackboneEMA, dist: World,
           skipped_steps: int, steps_per_epoch: int) -> Path:
     epoch, position = divmod(step, steps_per_epoch)
     train_state = {"step": step, "epoch": epoch, "data_position": {"epoch": epoch, "step_in_epoch": position},
@@ -464,7 +460,7 @@ def _save(out_dir: Path, step: int, config: RunConfig, model, optimizer, ema: Ba
 
 
 def _resume(loaded: ckpt.LoadedCheckpoint, model, optimizer, ema: BackboneEMA, config: RunConfig,
-            dist: DistInfo) -> None:
+            dist: World) -> None:
     """Model, optimizer, EMAs and RNG from a checkpoint saved by any number of processes."""
     if loaded.legacy:  # format 1: rank 0 reads the full state and broadcasts it (sharded under FSDP2)
         groups, optimizer_state = ckpt.read_legacy(loaded.path) if dist.is_main else ({}, None)
@@ -488,7 +484,7 @@ def _resume(loaded: ckpt.LoadedCheckpoint, model, optimizer, ema: BackboneEMA, c
                            dist.world_size)
 
 
-def _sample_grid(path: Path, config: RunConfig, ema: BackboneEMA, net: JiT, dist: DistInfo,
+def _sample_grid(path: Path, config: RunConfig, ema: BackboneEMA, net: JiT, dist: World,
                  png_writer: ThreadPoolExecutor) -> Future | None:
     """A grid from EMA 1 with fixed noise and labels (rank 0, on a full copy of the backbone);
     the PNG is written by `png_writer`'s thread while training goes on (its future is returned)."""
@@ -524,7 +520,7 @@ def _load_ema1(net: JiT, ema: BackboneEMA) -> JiT:
     return _load_weights(net, _ema_groups(ema)["ema1"])
 
 
-def _validator(config: RunConfig, factory: ValidatorFactory, dist: DistInfo) -> Validator | None:
+def _validator(config: RunConfig, factory: ValidatorFactory, dist: World) -> Validator | None:
     """The validator for `train.eval_every` (None when it is unset), its set-up logged."""
     if not config.train.eval_every:
         return None
@@ -548,7 +544,7 @@ def _eval_line(record: dict) -> str:
 class _Logger:
     """Rank 0's JSON-lines log and TensorBoard scalars; entries past the resume step are dropped."""
 
-    def __init__(self, out_dir: Path, dist: DistInfo, start_step: int, config: RunConfig):
+    def __init__(self, out_dir: Path, dist: World, start_step: int, config: RunConfig):
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         self.path = out_dir / "log.jsonl"
