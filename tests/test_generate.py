@@ -1,4 +1,5 @@
-"""Reproducible sample generation: per-index determinism, output folders, resume, `pixelrepa sample`."""
+"""Reproducible sample generation: per-index determinism, output folders and resume (`sample_folder`),
+and the `pixelrepa sample` command line."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import pytest
 import torch
 from helpers import randomize_
 
-import pixelrepa.cli.sample as sample_cli
 from pixelrepa.cli.main import main
 from pixelrepa.config import get_preset
+from pixelrepa.distributed import World
+from pixelrepa.evaluation import sample_folder
+from pixelrepa.evaluation.sample_folder import SampleResult, SampleSettings, sample_grid, sample_to_folder
 from pixelrepa.sampling import class_layout, generate, sample_classes
 from pixelrepa.images import read_png
 from pixelrepa.models.jit import JiT
@@ -64,17 +67,25 @@ def test_images_do_not_depend_on_the_batch_size(tiny):
     assert not np.array_equal(other_seed[0].numpy(), by_size[1][9])
 
 
+def sample(path, out, **changes) -> SampleResult:
+    """`sample_to_folder` in one process, 2 sampler steps."""
+    settings = SampleSettings(path, out, **{"sampler": {"steps": 2}, **changes})
+    return sample_to_folder(settings, World(rank=0, world_size=1, local_rank=0, device=CPU))
+
+
 def test_sample_classes_are_the_first_images_of_a_run(tiny, tmp_path):
     config, net, path = tiny
     grid = sample_classes(net, config, [3, 1], per_class=2, seed=5, device=CPU)
     out = tmp_path / "run"
-    assert main(["sample", str(path), str(out), *STEPS, "--classes", "3", "1", "--per-class", "2",
-                 "--seed", "5", "--format", "png", "--grid", str(tmp_path / "grid.png")]) == 0
+    result = sample(path, out, classes=(3, 1), per_class=2, seed=5, format="png", grid=tmp_path / "grid.png")
+    assert (result.path, result.num_images, result.made, result.classes) == (out, 4, 4, (3, 1))
+    assert result.config.sampler.steps == 2
     assert np.array_equal(pngs(out, 4), grid.permute(0, 2, 3, 1).numpy())
     assert (tmp_path / "grid.png").is_file() and not (out / "samples.npz").exists()
-    # An OUT ending in .png is the quick grid alone.
-    assert main(["sample", str(path), str(tmp_path / "quick.png"), *STEPS, "--classes", "3", "1",
-                 "--per-class", "2", "--seed", "5"]) == 0
+    # The grid alone: the same picture.
+    quick = sample_grid(SampleSettings(path, tmp_path / "quick.png", classes=(3, 1), per_class=2, seed=5,
+                                       sampler={"steps": 2}), CPU)
+    assert (quick.path, quick.classes, quick.per_class) == (tmp_path / "quick.png", (3, 1), 2)
     assert (tmp_path / "quick.png").read_bytes() == (tmp_path / "grid.png").read_bytes()
 
 
@@ -82,8 +93,7 @@ def test_npz_layout_and_manifest(tiny, tmp_path, monkeypatch):
     config, _, path = tiny
     out = tmp_path / "run"
     # A folder holding model.safetensors stands for the model file.
-    assert main(["sample", str(path.parent), str(out), *STEPS, "--num-images", "12", "--per-class", "5",
-                 "--batch-size", "5"]) == 0
+    assert sample(path.parent, out, num_images=12, per_class=5, batch_size=5).num_images == 12
     with np.load(out / "samples.npz") as npz:
         arr, labels = npz["arr_0"], npz["labels"]
     assert arr.dtype == np.uint8 and arr.shape == (12, 32, 32, 3)
@@ -95,20 +105,21 @@ def test_npz_layout_and_manifest(tiny, tmp_path, monkeypatch):
     assert manifest["settings"]["classes"] == list(range(config.model.num_classes))
     # npz only: the PNGs are scratch, removed once the npz is written; a rerun has nothing to do.
     npz_only = tmp_path / "npz-only"
-    args = ["sample", str(path), str(npz_only), *STEPS, "--num-images", "12", "--per-class", "5", "--batch-size", "5",
-            "--format", "npz"]
-    assert main(args) == 0 and not (npz_only / "images").exists()
+    changes = dict(num_images=12, per_class=5, batch_size=5, format="npz")
+    sample(path, npz_only, **changes)
+    assert not (npz_only / "images").exists()
     with np.load(npz_only / "samples.npz") as npz:
         assert np.array_equal(npz["arr_0"], arr)
     made = count_generated(monkeypatch)
-    assert main(args) == 0 and made == []
+    assert sample(path, npz_only, **changes).made == 0 and made == []
     # A grid asked for afterwards makes just its images (two rows of five) again.
-    assert main([*args, "--grid", str(tmp_path / "grid.png")]) == 0 and made == list(range(10))
+    sample(path, npz_only, **changes, grid=tmp_path / "grid.png")
+    assert made == list(range(10))
     assert (tmp_path / "grid.png").is_file() and not (npz_only / "images").exists()
 
 
 def count_generated(monkeypatch, fail_after: int | None = None) -> list[int]:
-    """Record the indices `pixelrepa sample` generates; optionally crash after some batches."""
+    """Record the indices `sample_to_folder` generates; optionally crash after some batches."""
     made: list[int] = []
 
     def recording(*args, **kwargs):
@@ -118,53 +129,67 @@ def count_generated(monkeypatch, fail_after: int | None = None) -> list[int]:
             made.extend(batch)
             yield batch, images
 
-    monkeypatch.setattr(sample_cli, "generate", recording)
+    monkeypatch.setattr(sample_folder, "generate", recording)
     return made
 
 
 def test_resume_makes_only_the_missing_images(tiny, tmp_path, monkeypatch):
     _, _, path = tiny
-    args = [*STEPS, "--num-images", "12", "--batch-size", "4", "--seed", "3"]
+    changes = dict(num_images=12, batch_size=4, seed=3)
     reference = tmp_path / "reference"
-    assert main(["sample", str(path), str(reference), *args]) == 0
+    sample(path, reference, **changes)
 
     out = tmp_path / "run"
     made = count_generated(monkeypatch, fail_after=1)
     with pytest.raises(RuntimeError, match="interrupted"):
-        main(["sample", str(path), str(out), *args])
+        sample(path, out, **changes)
     assert made == [0, 1, 2, 3] and not (out / "samples.npz").exists()
     (out / "images" / "000002.png").write_bytes(b"\x89PNG truncated")  # a damaged file is made again
 
     made = count_generated(monkeypatch)
-    assert main(["sample", str(path), str(out), *args]) == 0
+    assert sample(path, out, **changes).made == 9
     assert made == [2, *range(4, 12)]
     with np.load(reference / "samples.npz") as a, np.load(out / "samples.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
 
     made = count_generated(monkeypatch)
-    assert main(["sample", str(path), str(out), *args]) == 0 and made == []
+    assert sample(path, out, **changes).made == 0 and made == []
 
 
-def test_other_settings_are_refused_unless_overwrite(tiny, tmp_path, capsys):
+def test_other_settings_are_refused_unless_overwrite(tiny, tmp_path):
     _, _, path = tiny
     out = tmp_path / "run"
-    base = ["sample", str(path), str(out), *STEPS, "--num-images", "3"]
-    assert main(base) == 0
+    sample(path, out, num_images=3)
     first = pngs(out, 3)
-    capsys.readouterr()
-    assert main([*base, "--seed", "1", "--cfg", "2.0"]) == 2
-    err = capsys.readouterr().err
-    assert "other settings (differs in: sampler, seed)" in err and "--overwrite" in err
+    changed = dict(num_images=3, seed=1, sampler={"steps": 2, "cfg_scale": 2.0})
+    with pytest.raises(ValueError, match=r"other settings \(differs in: sampler, seed\).*--overwrite"):
+        sample(path, out, **changed)
     assert np.array_equal(pngs(out, 3), first)
-    assert main([*base, "--seed", "1", "--cfg", "2.0", "--overwrite"]) == 0
+    assert sample(path, out, **changed, overwrite=True).config.sampler.cfg_scale == 2.0
     assert json.loads((out / "manifest.json").read_text())["settings"]["seed"] == 1
     assert not np.array_equal(pngs(out, 3), first)
     # A non-empty folder without a manifest is not written into either.
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    assert main(["sample", str(path), str(other), *STEPS, "--num-images", "1"]) == 2
-    assert "no readable manifest.json" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no readable manifest.json"):
+        sample(path, other, num_images=1)
+
+
+def test_command_line(tiny, tmp_path, capsys):
+    """`pixelrepa sample`: the flags reach the settings; a folder, then a grid."""
+    _, _, path = tiny
+    out = tmp_path / "run"
+    assert main(["sample", str(path), str(out), *STEPS, "--cfg", "2.0", "--interval", "0.2", "0.9", "--method",
+                 "euler", "--classes", "3", "1", "--per-class", "2", "--num-images", "3", "--seed", "5",
+                 "--batch-size", "2", "--format", "npz", "--grid", str(tmp_path / "grid.png")]) == 0
+    assert capsys.readouterr().out == (f"{out}: 3 images (3 made now, 0 already there), euler 2 steps, CFG 2.0 on "
+                                       "(0.2, 0.9), seed 5\n")
+    settings = json.loads((out / "manifest.json").read_text())["settings"]
+    assert (settings["classes"], settings["per_class"], settings["num_images"], settings["seed"]) == ([3, 1], 2, 3, 5)
+    assert (tmp_path / "grid.png").is_file() and not (out / "images").exists()
+    assert main(["sample", str(path), str(tmp_path / "quick.png"), *STEPS, "--classes", "3"]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'quick.png'}: 1 classes x 8, heun 2 steps")
 
 
 def test_clear_errors(tiny, tmp_path, capsys):
@@ -172,6 +197,8 @@ def test_clear_errors(tiny, tmp_path, capsys):
     out = str(tmp_path / "run")
     assert main(["sample", str(path), out, "--classes", "3", "10"]) == 2
     assert "class 10 outside [0, 10)" in capsys.readouterr().err
+    assert main(["sample", str(path), out, "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a model")
     assert main(["sample", str(bad), out]) == 2

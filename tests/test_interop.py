@@ -172,7 +172,7 @@ def _import(*argv: str) -> int:
 def test_import_takes_the_sampler_settings_from_args(tmp_path, capsys):
     """The stored args' cfg, interval, steps and method become the model file's sampler;
     --set and the sampler flags of `import` and `sample` override them."""
-    from pixelrepa.cli.sample import load_for_sampling
+    from pixelrepa.evaluation.sample_folder import load_for_sampling
 
     config_json = str(FIXTURES / "config.json")
     assert _import(RELEASED / "pixelrepa_checkpoint-last.pth", tmp_path / "as-stored.safetensors",
@@ -200,8 +200,7 @@ def test_import_takes_the_sampler_settings_from_args(tmp_path, capsys):
     model_file = tmp_path / "overridden.safetensors"
     sampler = load_model_file(model_file)[0].sampler
     assert (sampler.cfg_scale, sampler.steps, sampler.method, sampler.interval_min) == (3.0, 9, "euler", 0.1)
-    flags = argparse.Namespace(steps=4, method="heun", cfg=None, interval=None)
-    sampler = load_for_sampling(model_file, flags, torch.device("cpu"))[0].sampler
+    sampler = load_for_sampling(model_file, {"steps": 4, "method": "heun"}, torch.device("cpu"))[0].sampler
     assert (sampler.cfg_scale, sampler.steps, sampler.method, sampler.interval_max) == (3.0, 4, "heun", 0.9)
 
 

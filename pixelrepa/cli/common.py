@@ -103,14 +103,18 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", type=float, nargs=2, metavar=("MIN", "MAX"), help="guidance interval")
 
 
+def sampler_changes(args: argparse.Namespace) -> dict[str, object]:
+    """The sampler flags of `add_sampler_arguments` that were given, by SamplerConfig field."""
+    changes: dict[str, object] = {field: value for field, value in (("steps", args.steps), ("method", args.method),
+                                                                    ("cfg_scale", args.cfg)) if value is not None}
+    if args.interval:
+        changes.update({"interval_min": args.interval[0], "interval_max": args.interval[1]})
+    return changes
+
+
 def sampler_overrides(args: argparse.Namespace) -> dict[str, object]:
     """The sampler flags of `add_sampler_arguments` that were given, as dotted overrides."""
-    overrides: dict[str, object] = {f"sampler.{field}": value
-                                    for field, value in (("steps", args.steps), ("method", args.method),
-                                                         ("cfg_scale", args.cfg)) if value is not None}
-    if args.interval:
-        overrides.update({"sampler.interval_min": args.interval[0], "sampler.interval_max": args.interval[1]})
-    return overrides
+    return {f"sampler.{field}": value for field, value in sampler_changes(args).items()}
 
 
 def describe_sampler(config: RunConfig) -> str:
