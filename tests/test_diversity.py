@@ -1,5 +1,6 @@
 """The per-class diversity probe: distances and correlations against plain loops, the identical and
-collapsed limits, and `pixelrepa probe diversity` on a tiny random model and pack."""
+collapsed limits, and the probe of a tiny random model and pack (`diversity.run_diversity`, `pixelrepa probe
+diversity`)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ from PIL import Image
 from pixelrepa.cli.main import main
 from pixelrepa.config import get_preset
 from pixelrepa.data.packed import pack_arrays
+from pixelrepa.distributed import World
 from pixelrepa.evaluation import diversity
+from pixelrepa.evaluation.sample_folder import SampleSettings, sample_to_folder
 from pixelrepa.models.jit import JiT
 from pixelrepa.weights import save_model_file
 
+CPU = torch.device("cpu")
 
 # ---------------------------------------------------------------------------
 # Plain references
@@ -156,7 +160,7 @@ def test_image_set_selection_and_classes():
 
 
 # ---------------------------------------------------------------------------
-# `pixelrepa probe diversity` on a tiny random model and pack
+# `run_diversity` and `pixelrepa probe diversity` on a tiny random model and pack
 # ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -181,30 +185,38 @@ def read_outputs(out):
     return rows, json.loads((out / "diversity.json").read_text())
 
 
-def test_probe_diversity_command(tiny, tmp_path, capsys):
+def run(samples, out, **changes) -> diversity.DiversityResult:
+    """`run_diversity` on the CPU, encoder space only."""
+    return diversity.run_diversity(diversity.DiversitySettings(samples, out=out, **changes), CPU)
+
+
+def test_probe_diversity_run(tiny, tmp_path, capsys):
     out = tmp_path / "fly"
-    base = ["--data", str(tiny / "pack"), "--real-per-class", "6", "--spaces", "encoder", "--device", "cpu",
-            "--top", "2", "--batch-size", "5"]
-    assert main(["probe", "diversity", str(tiny / "model.safetensors"), "--per-class", "4", *base,
-                 "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    base = dict(data=tiny / "pack", real_per_class=6, spaces=("encoder",), top=2, batch_size=5)
+    result = run(tiny / "model.safetensors", out, per_class=4, **base)
+    assert "sampling 3 classes x 4 (euler 2 steps" in capsys.readouterr().err
+    printed = diversity.format_table(result.rows, result.summary, result.spaces)
     assert "most collapsed" in printed and "class3" in printed
 
     rows, record = read_outputs(out)
     assert [r["class"] for r in rows] == ["0", "3", "5"] and [r["name"] for r in rows][0] == "class0"
+    assert [r["class"] for r in result.rows] == [0, 3, 5] and result.spaces == ["encoder"]
     assert record["format"] == diversity.DIVERSITY_FORMAT
     assert record["generated"]["kind"] == "sampled" and record["generated"]["used"] == 12
     assert record["real"]["used"] == 18 and record["encoder"]["from"] == "run config"
     assert record["encoder"]["name"] == "efficientnet-lite0" and record["settings"]["classes"] == [0, 3, 5]
-    for row, result in zip(rows, record["results"]):
+    assert record["settings"] == result.record["settings"]
+    for row, result_row in zip(rows, record["results"]):
         assert (int(row["n_generated"]), int(row["n_real"])) == (4, 6)
         for key in ("encoder_ratio", "encoder_gen_distance", "encoder_real_tightness", "encoder_precision"):
-            assert float(row[key]) == pytest.approx(result[key], rel=1e-5)
-        assert result["encoder_ratio"] == pytest.approx(result["encoder_gen_distance"] / result["encoder_real_distance"])
+            assert float(row[key]) == pytest.approx(result_row[key], rel=1e-5)
+        assert result_row["encoder_ratio"] == pytest.approx(
+            result_row["encoder_gen_distance"] / result_row["encoder_real_distance"])
     summary = record["summary"]
     ratios = [r["encoder_ratio"] for r in record["results"]]
     assert summary["mean_ratio"]["encoder"] == pytest.approx(sum(ratios) / 3)
     assert [c["ratio"] for c in summary["most_collapsed"]] == sorted(ratios)[:2]
+    assert summary["most_collapsed"] == result.summary["most_collapsed"]
     assert summary["correlation"]["encoder"]["pearson"] == pytest.approx(
         loop_pearson([r["encoder_real_tightness"] for r in record["results"]], ratios))
     with Image.open(out / "diversity.png") as image:
@@ -212,13 +224,13 @@ def test_probe_diversity_command(tiny, tmp_path, capsys):
     with Image.open(out / "collapsed.png") as image:
         assert image.size[1] > 4 * 64  # 2 classes x (generated, real) rows of 64-px tiles
 
-    # The same images written by `pixelrepa sample`, read back from the folder: the same numbers.
+    # The same images written to a sample folder, read back from it: the same numbers.
     folder = tmp_path / "samples"
-    assert main(["sample", str(tiny / "model.safetensors"), str(folder), "--classes", "0", "3", "5",
-                 "--per-class", "4", "--format", "png"]) == 0
-    assert main(["probe", "diversity", str(folder), *base, "--out", str(tmp_path / "folder")]) == 0
-    _, again = read_outputs(tmp_path / "folder")
+    sample_to_folder(SampleSettings(tiny / "model.safetensors", folder, classes=(0, 3, 5), per_class=4,
+                                    format="png"), World(rank=0, world_size=1, local_rank=0, device=CPU))
+    again = run(folder, tmp_path / "folder", **base).record
     assert again["generated"]["kind"] == "sample folder (PNGs)" and again["encoder"]["from"] == "run config"
+    _, again = read_outputs(tmp_path / "folder")
     for a, b in zip(again["results"], record["results"]):
         assert a["encoder_ratio"] == pytest.approx(b["encoder_ratio"], rel=1e-4, abs=1e-6)
 
@@ -227,13 +239,30 @@ def test_probe_diversity_command(tiny, tmp_path, capsys):
 
     pack = PackedDataset(tiny / "pack")
     np.savez(tmp_path / "real.npz", arr_0=np.asarray(pack.images), labels=pack.labels)
-    assert main(["probe", "diversity", str(tmp_path / "real.npz"), "--data", str(tiny / "pack"), "--spaces",
-                 "encoder", "--encoder", "efficientnet-lite0", "--device", "cpu", "--real-per-class", "8",
-                 "--out", str(tmp_path / "same")]) == 0
-    _, same = read_outputs(tmp_path / "same")
-    for result in same["results"]:
-        assert result["encoder_ratio"] == pytest.approx(1.0, abs=1e-6)
-        assert result["encoder_precision"] == 1.0 and result["encoder_recall"] == 1.0
+    same = run(tmp_path / "real.npz", tmp_path / "same", data=tiny / "pack", spaces=("encoder",),
+               encoder="efficientnet-lite0", real_per_class=8)
+    assert same.record["encoder"]["from"] == "--encoder"
+    for row in same.rows:
+        assert row["encoder_ratio"] == pytest.approx(1.0, abs=1e-6)
+        assert row["encoder_precision"] == 1.0 and row["encoder_recall"] == 1.0
+
+
+def test_probe_diversity_command(tiny, tmp_path, capsys):
+    """`pixelrepa probe diversity`: the flags reach the settings, the table and the files are reported."""
+    out = tmp_path / "out"
+    assert main(["probe", "diversity", str(tiny / "model.safetensors"), "--data", str(tiny / "pack"), "--per-class",
+                 "3", "--real-per-class", "4", "--classes", "3", "5", "--spaces", "encoder", "--top", "1",
+                 "--steps", "1", "--cfg", "1.5", "--seed", "2", "--batch-size", "4", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "most collapsed (encoder ratio)" in printed and "class5" in printed
+    assert printed.endswith(f"wrote {out / 'diversity.csv'}, diversity.json, diversity.png, collapsed.png\n")
+    _, record = read_outputs(out)
+    generated = record["generated"]
+    assert (generated["per_class"], generated["seed"], generated["sampler"]["steps"],
+            generated["sampler"]["cfg_scale"]) == (3, 2, 1, 1.5)
+    assert record["settings"]["classes"] == [3, 5] and record["settings"]["top"] == 1
+    assert (record["real"]["per_class"], record["real"]["used"], record["settings"]["device"]) == (4, 8, "cpu")
 
 
 def test_probe_diversity_errors(tiny, tmp_path, capsys):

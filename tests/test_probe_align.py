@@ -1,5 +1,5 @@
 """Representation similarity (CKA, CKNNA, mutual kNN) against plain loops, the probe's taps and noise,
-and `pixelrepa probe align` on a tiny trained run."""
+and the probe of a tiny trained run (`probe.run_align`, `pixelrepa probe align`)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,13 @@ from PIL import Image
 from pixelrepa.cli.main import main
 from pixelrepa.config import get_preset
 from pixelrepa.data.packed import pack_arrays
+from pixelrepa.distributed import World
 from pixelrepa.loading import load_backbone_state
 from pixelrepa.evaluation import probe
 from pixelrepa.evaluation.alignment import cknna, linear_cka, mutual_knn
 from pixelrepa.models.jit import JiT
 
+CPU = torch.device("cpu")
 
 # ---------------------------------------------------------------------------
 # Plain references: explicit centring matrix, neighbours by sorting each row
@@ -227,7 +229,7 @@ def test_probe_slices_join_to_the_whole(micro):
 
 
 # ---------------------------------------------------------------------------
-# `pixelrepa probe align` on a tiny trained run
+# `run_align` and `pixelrepa probe align` on a tiny trained run
 # ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -247,29 +249,36 @@ def trained_run(tmp_path_factory):
     return root
 
 
-def test_probe_align_command(trained_run, tmp_path, capsys):
+def probe_run(trained_run, out, **changes) -> probe.AlignResult:
+    """`run_align` of the run's EMA 1 against its pack, in one process on the CPU."""
+    settings = probe.ProbeAlignSettings(trained_run / "run", trained_run / "pack", out, **changes)
+    return probe.run_align(settings, World(rank=0, world_size=1, local_rank=0, device=CPU), CPU)
+
+
+def test_probe_align_run(trained_run, tmp_path, capsys):
     out = tmp_path / "probe"
-    args = ["probe", "align", str(trained_run / "run"), "--data", str(trained_run / "pack"), "--blocks", "1", "4",
-            "--t", "0.5", "1.0", "--images", "32", "--k", "5", "--batch-size", "12", "--device", "cpu"]
-    assert main([*args, "--out", str(out)]) == 0
-    captured = capsys.readouterr()
-    printed = captured.out
-    assert "CKNNA (rows: block, columns: t)" in printed and "t=0.5" in printed
+    changes = dict(blocks=(1, 4), t=(0.5, 1.0), images=32, k=5, batch_size=12)
+    result = probe_run(trained_run, out, **changes)
+    err = capsys.readouterr().err
     assert "probe cost: 32 images x 2 t = 64 passes through 4 of 4 blocks and the alignment head, 32 encoder " \
-           "passes (efficientnet-lite0)" in captured.err and "TFLOP forward" in captured.err
-    assert "mean cosine after the alignment head (pixelrepa, tap block" in printed
+           "passes (efficientnet-lite0)" in err and "TFLOP forward" in err
+    assert set(result.table) == {(1, 0.5), (1, 1.0), (4, 0.5), (4, 1.0)}
+    assert "mean cosine after the alignment head (pixelrepa, tap block" in probe.format_head(result.record["head"])
 
     with open(out / "alignment.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["block"], r["t"]) for r in rows] == [("1", "0.5"), ("1", "1"), ("4", "0.5"), ("4", "1")]
     record = json.loads((out / "alignment.json").read_text())
+    assert record["model"] == result.record["model"] and record["settings"] == result.record["settings"]
     assert record["format"] == probe.PROBE_FORMAT and record["model"]["weights"] == "ema1"
     assert record["model"]["step"] == 2 and (record["data"]["available"], record["data"]["used"]) == (40, 32)
     assert record["encoder"]["name"] == "efficientnet-lite0" and record["encoder"]["from"] == "run config"
     assert record["settings"]["blocks"] == [1, 4] and record["settings"]["t"] == [0.5, 1.0]
+    assert (record["settings"]["device"], record["settings"]["world_size"]) == ("cpu", 1)
     for row, line in zip(record["results"], rows):
         assert 0 <= row["cka"] <= 1 and -1 <= row["cknna"] <= 1 and 0 <= row["mutual_knn"] <= 1
         assert float(line["cka"]) == pytest.approx(row["cka"], rel=1e-5)
+        assert row["cka"] == pytest.approx(result.table[(row["block"], row["t"])]["cka"])
     with Image.open(out / "alignment.png") as image:
         assert image.size[0] > 2 * image.size[1] > 100  # three heatmaps side by side
         assert len(image.convert("RGB").getcolors(1 << 16)) > 4
@@ -278,16 +287,16 @@ def test_probe_align_command(trained_run, tmp_path, capsys):
     assert head["kind"] == "pixelrepa" and head["mask_ratio"] == 0.2 and "trained weights" in head["source"]
     assert set(head["mean_cosine"]) == {"0.5", "1"} and all(-1 <= v <= 1 for v in head["mean_cosine"].values())
 
-    assert main([*args, "--ema", "raw", "--out", str(tmp_path / "raw")]) == 0
-    raw = json.loads((tmp_path / "raw" / "alignment.json").read_text())
-    assert raw["model"]["weights"] == "raw" and raw["results"] != record["results"]
+    raw = probe_run(trained_run, tmp_path / "raw", **changes, ema="raw").record
+    assert raw["model"]["weights"] == "raw"
+    assert json.loads((tmp_path / "raw" / "alignment.json").read_text())["results"] != record["results"]
     assert raw["head"]["mean_cosine"] != head["mean_cosine"]  # same head, the trained backbone under it
 
 
 def test_probe_align_under_torchrun_equals_one_process(trained_run, tmp_path):
+    probe_run(trained_run, tmp_path / "one", blocks=(2, 4), t=(0.5,), images=30, k=5, batch_size=8)
     args = ["probe", "align", str(trained_run / "run"), "--data", str(trained_run / "pack"), "--blocks", "2", "4",
             "--t", "0.5", "--images", "30", "--k", "5", "--batch-size", "8", "--device", "cpu"]
-    assert main([*args, "--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "pixelrepa.cli.main", *args, "--out", str(tmp_path / "two")]
@@ -319,7 +328,11 @@ def test_probe_align_errors(trained_run, tmp_path, capsys):
     assert "one set of weights" in capsys.readouterr().err
     assert main(["probe", "align", str(model_file), "--data", str(trained_run / "pack"), "--images", "12",
                  "--k", "3", "--blocks", "1", "--t", "1", "--out", str(tmp_path / "file")]) == 0
-    assert "mean cosine after the alignment head: none" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "CKNNA (rows: block, columns: t)" in printed and "t=1" in printed
+    assert "mean cosine after the alignment head: none" in printed
+    assert printed.endswith(f"wrote {tmp_path / 'file' / 'alignment.csv'}, alignment.json, alignment.png\n")
+    assert json.loads((tmp_path / "file" / "alignment.json").read_text())["settings"]["blocks"] == [1]
     why = json.loads((tmp_path / "file" / "alignment.json").read_text())["head"]["why_not"]
     assert "holds no alignment head" in why
     config, state, source = load_backbone_state(model_file)

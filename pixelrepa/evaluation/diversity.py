@@ -22,15 +22,19 @@ The functions take feature arrays, so any feature network (or none) can feed the
 reads the images of a sample folder, an ADM `.npz`, a pack or an in-memory tensor by index, and
 `write_outputs` writes diversity.csv, diversity.json, diversity.png (tightness vs ratio, one
 point per class) and collapsed.png (each most-collapsed class: a row of generated samples above
-a row of real ones).
+a row of real ones). `run_diversity(DiversitySettings(samples, data, ...), device)` does all of it
+for a sample folder, an .npz or a model to sample from, against a pack; `pixelrepa probe diversity`
+is its command line.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,14 +43,17 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 from torch import Tensor, nn
+from tqdm import tqdm
 
+from pixelrepa.config import ENCODER_PRESETS, RunConfig, apply_overrides, get_encoder_preset
+from pixelrepa.loading import Ema, load_model
 from pixelrepa.sampling import ClassLayout
 
 from pixelrepa.images import read_png
 
 from pixelrepa.evaluation.sample_folder import IMAGES_DIR, MANIFEST_NAME, NPZ_NAME, png_path
 from pixelrepa.evaluation.metrics import PR_NEIGHBORHOOD, precision_recall
-from pixelrepa.files import write_text_atomic
+from pixelrepa.files import created, write_text_atomic
 
 DIVERSITY_FORMAT = "pixelrepa-probe-diversity/1"
 SPACES = ("encoder", "inception")
@@ -443,3 +450,169 @@ def write_outputs(out: Path, record: dict, rows: list[dict], summary: dict, spac
     body = {**record, "summary": summary, "results": rows}
     write_text_atomic(out / "diversity.json", json.dumps(_json_safe(body), indent=2) + "\n")
     plot(rows, summary, spaces, out / "diversity.png")
+
+
+# ---------------------------------------------------------------------------
+# Generated images against a pack
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DiversitySettings:
+    """One diversity probe: the generated images (or a model to sample them from), the real ones, the
+    feature spaces, the output folder."""
+
+    samples: Path
+    """A `pixelrepa sample` folder or an .npz with labels, or a training run / checkpoint folder / model
+    file to sample from."""
+    data: Path
+    """The real images: a pack folder."""
+    out: Path = Path("probe-diversity")
+    """Folder for diversity.csv, diversity.json, diversity.png and collapsed.png."""
+    per_class: int | None = None
+    """Generated images per class; None: all of a folder's, 16 drawn from a model."""
+    real_per_class: int = 50
+    """Real images per class, a seeded draw."""
+    classes: tuple[int, ...] | None = None
+    """Class indices; None: every class in both sets (from a model: the pack's)."""
+    spaces: tuple[str, ...] = SPACES
+    """Feature spaces; the first ranks the collapse."""
+    encoder: str | None = None
+    """A registered encoder preset; None: the run's align.encoder."""
+    encoder_weights: Path | None = None
+    """A local weights file for the encoder."""
+    ema: Ema = None
+    """Sampling from a training run: its weights (see `pixelrepa.loading`)."""
+    sampler: dict[str, object] = field(default_factory=dict)
+    """Sampling from a model: changes to its SamplerConfig by field name."""
+    top: int = DEFAULT_TOP
+    """Most-collapsed classes listed and shown."""
+    batch_size: int = 64
+    seed: int = 0
+    """The sampling noise and the real subset."""
+
+
+@dataclass(frozen=True)
+class DiversityResult:
+    rows: list[dict]
+    summary: dict
+    spaces: list[str]
+    record: dict
+    """diversity.json without `summary` and `results` (the rows)."""
+
+
+def is_sample_source(path: Path) -> bool:
+    """A `pixelrepa sample` folder or an .npz of images, rather than a model to sample from."""
+    if path.is_file():
+        return path.suffix == ".npz"
+    return ((path / MANIFEST_NAME).is_file() and (path / IMAGES_DIR).is_dir()) or (path / NPZ_NAME).is_file()
+
+
+def sample_folder_config(path: Path) -> RunConfig | None:
+    """The run config of the model a sample folder's manifest names, or None when it is not readable."""
+    from pixelrepa.weights import load_model_file
+
+    try:
+        model = Path(json.loads((path / MANIFEST_NAME).read_text())["model"])
+        return load_model_file(model)[0]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def run_diversity(settings: DiversitySettings, device: torch.device) -> DiversityResult:
+    """Measure the generated images of `settings.samples` (sampled on `device` from a model) against the
+    pack and write the outputs; progress goes to stderr."""
+    from pixelrepa.align.encoders import build_encoder
+    from pixelrepa.evaluation.features import EncoderFeatures, _own_grid, build_feature_extractor
+    from pixelrepa.models.layers import set_attention_impl
+    from pixelrepa.sampling import sample_classes
+
+    for flag, value, least in (("--batch-size", settings.batch_size, 1), ("--top", settings.top, 1),
+                               ("--real-per-class", settings.real_per_class, 2),
+                               ("--per-class", settings.per_class, 2)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    spaces = list(dict.fromkeys(settings.spaces))
+    samples = Path(settings.samples)
+    if not samples.exists():
+        raise FileNotFoundError(f"no sample folder, .npz, model file or training run at {samples}")
+    real = ImageSet.from_pack(settings.data)
+
+    if is_sample_source(samples):
+        if settings.ema is not None or settings.sampler:
+            raise ValueError(f"{samples} holds samples already: --ema and the sampler flags apply only when "
+                             "sampling from a model or run; leave them out")
+        generated = ImageSet.from_samples(samples)
+        config = sample_folder_config(samples) if samples.is_dir() else None
+        classes = common_classes(generated.labels, real.labels, settings.classes)
+        gen_source = generated.source
+    else:
+        config, net, model_source = load_model(samples, settings.ema, device)
+        config = apply_overrides(config, {f"sampler.{name}": value for name, value in settings.sampler.items()})
+        in_model = np.arange(config.model.num_classes)
+        classes = common_classes(in_model, real.labels, settings.classes)
+        per_class = 16 if settings.per_class is None else settings.per_class
+        for c in classes:  # refuse before sampling
+            check_class_counts(c, per_class, min(int((real.labels == c).sum()), settings.real_per_class))
+        set_attention_impl(net, config.kernels.attention)
+        print(f"sampling {len(classes)} classes x {per_class} ({config.sampler.method} {config.sampler.steps} steps, "
+              f"CFG {config.sampler.cfg_scale}, seed {settings.seed})", file=sys.stderr)
+        images = sample_classes(net, config, classes, per_class, settings.seed, device, settings.batch_size)
+        del net
+        labels = np.repeat(np.asarray(classes, dtype=np.int64), per_class)
+        gen_source = {"kind": "sampled", "model": model_source, "per_class": per_class, "seed": settings.seed,
+                      "sampler": dataclasses.asdict(config.sampler)}
+        generated = ImageSet.from_tensor(images, labels, gen_source)
+
+    gen_index = select_per_class(generated.labels, classes, settings.per_class, settings.seed)
+    real_index = select_per_class(real.labels, classes, settings.real_per_class, settings.seed)
+    for c in classes:
+        check_class_counts(c, int((generated.labels[gen_index] == c).sum()), int((real.labels[real_index] == c).sum()))
+
+    encoder_record = None
+    extractors = {}
+    if "encoder" in spaces:
+        if settings.encoder is not None:
+            encoder_cfg, found = get_encoder_preset(settings.encoder), "--encoder"
+        elif config is not None:
+            encoder_cfg, found = config.align.encoder, "run config"
+        else:
+            raise ValueError(f"no run config to take align.encoder from for {samples}: pass --encoder PRESET "
+                             f"({', '.join(sorted(ENCODER_PRESETS))}), or --spaces inception")
+        if settings.encoder_weights is not None:
+            if not settings.encoder_weights.is_file():
+                raise FileNotFoundError(f"encoder weights file not found: {settings.encoder_weights}")
+            encoder_cfg = dataclasses.replace(encoder_cfg, weights=str(settings.encoder_weights.resolve()))
+        try:
+            encoder = build_encoder(encoder_cfg)
+        except RuntimeError as err:  # weights not reachable (offline)
+            raise ValueError(f"encoder '{encoder_cfg.name}': {err}; pass --encoder-weights FILE") from err
+        extractors["encoder"] = EncoderFeatures(encoder, _own_grid(encoder)).to(device).eval()
+        encoder_record = dataclasses.asdict(encoder_cfg) | {"from": found}
+    inception_record = None
+    if "inception" in spaces:
+        extractors["inception"], inception_record = build_feature_extractor("inception", device)
+
+    results = {}
+    for space in spaces:
+        with tqdm(total=len(gen_index) + len(real_index), desc=f"features ({space})", unit="img",
+                  dynamic_ncols=True, disable=None) as bar:
+            gen_features = extract(extractors[space], generated, gen_index, settings.batch_size, device, bar.update)
+            real_features = extract(extractors[space], real, real_index, settings.batch_size, device, bar.update)
+        results[space] = class_metrics(gen_features, generated.labels[gen_index], real_features,
+                                       real.labels[real_index], classes)
+    rows = table_rows(results, real.class_names)
+    summary = summarise(rows, spaces, settings.top)
+    record = {
+        "format": DIVERSITY_FORMAT,
+        "generated": {**gen_source, "used": len(gen_index)},
+        "real": {**real.source, "used": len(real_index), "per_class": settings.real_per_class},
+        "encoder": encoder_record,
+        "inception": inception_record,
+        "settings": {"spaces": spaces, "classes": classes, "k": PR_NEIGHBORHOOD, "top": settings.top,
+                     "seed": settings.seed, "normalisation": NORMALISATION, "batch_size": settings.batch_size,
+                     "device": str(device)},
+        "created": created(),
+    }
+    write_outputs(settings.out, record, rows, summary, spaces)
+    collapsed_grid(generated, gen_index, real, real_index, summary["most_collapsed"], settings.out / "collapsed.png")
+    return DiversityResult(rows, summary, spaces, record)

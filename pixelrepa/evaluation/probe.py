@@ -26,33 +26,40 @@ images (`start` keeps image i's noise that of a single process) and rank 0 gathe
 (`features.gather_in_order`) and computes the metrics: the numbers of one process.
 
 `write_outputs` writes alignment.csv, alignment.json and alignment.png (one heatmap of
-blocks x t per metric).
+blocks x t per metric). `run_align(ProbeAlignSettings(checkpoint, data, ...), world)` does all of it
+for a trained run and a pack; `pixelrepa probe align` is its command line.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from pixelrepa.align.heads import MaskedTransformerAdapter, build_align_head, draw_keep_mask
-from pixelrepa.config import EncoderConfig, RunConfig
+from pixelrepa.config import EncoderConfig, RunConfig, get_encoder_preset
 from pixelrepa.data.transforms import to_model_range
+from pixelrepa.distributed import World
 from pixelrepa.evaluation.alignment import cknna, linear_cka, mutual_knn
 from pixelrepa.evaluation.plots import HeatmapPanel, heatmap
-from pixelrepa.files import write_text_atomic
+from pixelrepa.files import created, write_text_atomic
+from pixelrepa.loading import Ema, load_head, load_model
 from pixelrepa.models.jit import JiT
 from pixelrepa.objective import head_prediction
-from pixelrepa.device import autocast_for
+from pixelrepa.device import autocast_for, pick_device
 from pixelrepa.rng import image_generator
 
 PROBE_FORMAT = "pixelrepa-probe-align/1"
@@ -357,3 +364,139 @@ def write_outputs(out: Path, record: dict, table: Table) -> None:
     write_text_atomic(out / "alignment.csv", format_csv(table))
     write_text_atomic(out / "alignment.json", json.dumps({**record, "results": rows}, indent=2) + "\n")
     plot(table, out / "alignment.png")
+
+
+# ---------------------------------------------------------------------------
+# A trained run against a pack
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ProbeAlignSettings:
+    """One probe: the trained model, the images, what is measured, the output folder."""
+
+    checkpoint: Path
+    """A training run or checkpoint folder, or a model file."""
+    data: Path
+    """A pack folder."""
+    out: Path = Path("probe-align")
+    """Folder for alignment.csv, alignment.json and alignment.png."""
+    ema: Ema = None
+    """A training run's weights: EMA 1 (None), 2, ..., or "raw" (the trained parameters)."""
+    blocks: tuple[int, ...] | None = None
+    """Tokens after b blocks, 0 .. depth; None: every block, 1 .. depth."""
+    t: tuple[float, ...] = DEFAULT_T
+    """Signal levels, 1 = clean."""
+    images: int = 1000
+    """Images drawn from the pack (a seeded subset)."""
+    k: int = DEFAULT_K
+    """Nearest neighbours."""
+    encoder: str | None = None
+    """A registered encoder preset instead of the run's align.encoder."""
+    encoder_weights: Path | None = None
+    """A local weights file for the encoder."""
+    labels: Literal["data", "null"] = "data"
+    """Class labels given to the backbone: the pack's or the null class."""
+    batch_size: int = 64
+    seed: int = 0
+    """The image subset and the noise."""
+
+
+@dataclass(frozen=True)
+class AlignResult:
+    table: Table
+    record: dict
+    """alignment.json without its `results` (the table's rows)."""
+
+
+def run_align(settings: ProbeAlignSettings, world: World, device: torch.device | None = None) -> AlignResult | None:
+    """Probe `settings.checkpoint` and write the outputs. Every process of `world` reads its slice of the
+    images on `device` (None: the world's, a single process `pick_device()`); rank 0 computes, writes and
+    gets the result, the others None. The cost and notes go to stderr, the progress bar too."""
+    from pixelrepa.align.encoders import build_encoder
+    from pixelrepa.data.packed import PackedDataset
+    from pixelrepa.evaluation.features import gather_in_order, rank_slice
+    from pixelrepa.models.layers import set_attention_impl
+
+    if settings.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {settings.batch_size}")
+    if settings.images < 1:
+        raise ValueError(f"--images must be >= 1, got {settings.images}")
+    if device is None:
+        device = world.device if world.world_size > 1 else pick_device()
+    rank, world_size = world.rank, world.world_size
+    config, net, source = load_model(settings.checkpoint, settings.ema, device)
+    blocks, ts = check_blocks(settings.blocks, config.model.depth), check_ts(settings.t)
+    head, head_source = load_head(settings.checkpoint, config)
+
+    encoder_cfg = config.align.encoder if settings.encoder is None else get_encoder_preset(settings.encoder)
+    if settings.encoder_weights is not None:
+        if not settings.encoder_weights.is_file():
+            raise FileNotFoundError(f"encoder weights file not found: {settings.encoder_weights}")
+        encoder_cfg = dataclasses.replace(encoder_cfg, weights=str(settings.encoder_weights.resolve()))
+    if head is not None and encoder_cfg.name != config.align.encoder.name:
+        head, head_source = None, (f"the head predicts the run's align.encoder '{config.align.encoder.name}', "
+                                   f"not the probed '{encoder_cfg.name}'")
+    if config.align.mode == "none" and settings.encoder is None and rank == 0:
+        print(f"note: this run trained without alignment (align.mode none); probing against its config's "
+              f"align.encoder '{encoder_cfg.name}': --encoder PRESET picks another", file=sys.stderr)
+
+    pack = PackedDataset(settings.data, expected_size=config.model.input_size,
+                         num_classes=config.model.num_classes if settings.labels == "data" else None)
+    indices = probe_indices(len(pack), settings.images, settings.seed)
+    k = settings.k
+    if len(indices) <= k:
+        raise ValueError(f"{len(indices)} image(s) for k = {k} nearest neighbours: more than {k} are needed")
+    if rank == 0:
+        cost = probe_cost(config, encoder_cfg, blocks, ts, len(indices), head is not None)
+        print(format_cost(cost, encoder_cfg.name) + (f" on {world_size} processes" if world_size > 1 else ""),
+              file=sys.stderr, flush=True)
+
+    set_attention_impl(net, config.kernels.attention)
+    if head is not None:
+        head = head.to(device).eval()
+        set_attention_impl(head, config.kernels.attention)
+    try:
+        encoder = build_encoder(encoder_cfg).to(device)
+    except RuntimeError as err:  # weights not reachable (offline): a usage error, reported as such
+        raise ValueError(f"encoder '{encoder_cfg.name}': {err}") from err
+
+    start, stop = rank_slice(len(indices), rank, world_size)
+    part, error = None, None
+    try:
+        with tqdm(total=stop - start, desc="probe", unit="img", dynamic_ncols=True,
+                  disable=None if rank == 0 else True) as bar:
+            batches = pack_batches(pack, indices[start:stop], settings.batch_size, settings.labels == "data")
+            part = probe_features(net, encoder, batches, blocks, ts, settings.seed, config.objective.noise_scale,
+                                  start, head, config.tap_block, config.align.mask_ratio, bar.update)
+    except Exception as err:
+        if world_size == 1:
+            raise
+        error = f"rank {rank}: {err}"  # raised on every rank by the gather, so no rank waits forever
+    parts = gather_in_order(part, start, error, world_size, rank, RuntimeError)
+    if parts is None:
+        return None
+    features = join(parts)
+    table = alignment_table(features, k)
+    if head is None:
+        head_record = {"why_not": head_source}
+    else:
+        head_record = {"source": head_source, "kind": config.align.mode, "tap_block": config.tap_block,
+                       "mask_ratio": config.align.mask_ratio if config.align.mode == "pixelrepa" else 0.0,
+                       "mean_cosine": {f"{t:g}": v for t, v in mean_head_cosine(features).items()}}
+    record = {
+        "format": PROBE_FORMAT,
+        "model": source,
+        "align_mode": config.align.mode,
+        "tap_block": config.tap_block,
+        "encoder": dataclasses.asdict(encoder_cfg) | {"from": "run config" if settings.encoder is None
+                                                       else "--encoder"},
+        "data": {"path": str(settings.data.resolve()), "available": len(pack), "used": len(indices)},
+        "settings": {"blocks": blocks, "t": ts, "k": k, "seed": settings.seed, "labels": settings.labels,
+                     "noise_scale": config.objective.noise_scale, "pooling": POOLING,
+                     "metrics": list(METRICS), "batch_size": settings.batch_size, "device": str(device),
+                     "world_size": world_size},
+        "head": head_record,
+        "created": created(),
+    }
+    write_outputs(settings.out, record, table)
+    return AlignResult(table, record)
