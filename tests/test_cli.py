@@ -208,3 +208,15 @@ def test_a_missing_file_is_named(tmp_path, capsys, monkeypatch):
     assert main(["info", "--preset", "JiT-Micro/8"]) == 2
     assert error_line(capsys) == (f"pixelrepa info: error: {tmp_path / 'gone'} does not exist: check the path, "
                                   "or create its folder first")
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_130(monkeypatch, capsys):
+    from pixelrepa.cli import info
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(info, "run", interrupted)
+    assert main(["info", "--list"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("pixelrepa info: interrupted (Ctrl-C)") and "Traceback" not in err

@@ -8,6 +8,7 @@ import sys
 from pixelrepa.cli import data, demo, export, import_checkpoint, info, probe, sample, train
 from pixelrepa.cli import eval as eval_command
 from pixelrepa.cli.common import os_error_message
+from pixelrepa.training.runlock import INTERRUPTED_EXIT_CODE
 
 
 COMMANDS = {"info": info, "train": train, "export": export, "sample": sample, "import": import_checkpoint,
@@ -35,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
             message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"pixelrepa {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"pixelrepa {args.command}: interrupted (Ctrl-C): what was written so far stays; run the same command "
+              "again to continue", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
 
 
 if __name__ == "__main__":
