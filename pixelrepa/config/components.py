@@ -341,26 +341,6 @@ class TrainConfig:
     """Also keep every checkpoint whose step is a multiple of this."""
     sample_every: int | None = 5000
     """Write a sample grid from EMA 1 every this many steps (None = never)."""
-    eval_every: int | None = None
-    """Score EMA 1 every this many steps during training: FID / KID against `eval_ref`, FD in
-    an encoder's space against `eval_encoder_ref` (None = never; `pixelrepa.evaluation.live`)."""
-    eval_images: int = 1000
-    """Images sampled per evaluation (fixed noise and class-major labels, split over ranks)."""
-    eval_ref: str | None = None
-    """Inception reference statistics for FID (`pixelrepa eval ref-stats SRC OUT.npz`; with
-    `--keep-features` also KID)."""
-    eval_encoder_ref: str | None = None
-    """Encoder reference statistics for FD in that encoder's feature space (`pixelrepa eval
-    ref-stats SRC OUT.npz --features encoder:NAME`); the encoder is the one that made it."""
-    eval_seed: int = 0
-    """Sampling seed of the evaluation images (image k's noise from this seed and k)."""
-    eval_batch: int = 50
-    """Images per sampling and feature batch of an evaluation, per process."""
-    eval_align: bool = False
-    """Also run the alignment probe at the tap block (`probe align`'s metrics) on a fixed subset
-    of `eval_align_images` training images, with the run's alignment encoder."""
-    eval_align_images: int = 256
-    """Training images (a fixed seeded subset of the pack) the alignment probe uses."""
     max_nonfinite_skips: int = 0
     """Steps with a non-finite loss that may be skipped before the run stops."""
     stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
@@ -372,19 +352,45 @@ class TrainConfig:
         unknown = [name for name in self.stop_signals if not isinstance(getattr(signal, name, None), signal.Signals)]
         _check(not unknown, f"train.stop_signals: unknown signal(s) {', '.join(unknown)} (e.g. SIGTERM, SIGUSR1)")
         _check_at_least(self, "train", 1, "steps", unset="unset for optim.epochs")
-        _check_at_least(self, "train", 1, "per_device_batch log_every ckpt_every keep_last eval_batch")
+        _check_at_least(self, "train", 1, "per_device_batch log_every ckpt_every keep_last")
         _check_at_least(self, "train", 1, "keep_every sample_every", unset="None: never")
-        _check_at_least(self, "train", 1, "eval_every", unset="None: no evaluation")
         _check_at_least(self, "train", 0, "max_nonfinite_skips")
-        _check(self.eval_every is None or self.eval_ref is not None or self.eval_encoder_ref is not None
-               or self.eval_align,
-               "train.eval_every needs something to score against: train.eval_ref (Inception statistics from "
-               "`pixelrepa eval ref-stats SRC OUT.npz --keep-features`), train.eval_encoder_ref (from `... "
-               "--features encoder:NAME`) or train.eval_align=true")
-        _check(self.eval_images >= 2,
-               f"train.eval_images must be >= 2 (the covariance needs 2), got {self.eval_images}")
-        _check(self.eval_align_images >= 2,
-               f"train.eval_align_images must be >= 2, got {self.eval_align_images}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation during training (`pixelrepa.evaluation.live`): EMA 1 scored every N steps."""
+
+    every: int | None = None
+    """Score EMA 1 every this many steps during training: FID / KID against `ref`, FD in an
+    encoder's space against `encoder_ref`, the alignment probe with `align` (None = never)."""
+    images: int = 1000
+    """Images sampled per evaluation (fixed noise and class-major labels, split over ranks)."""
+    ref: str | None = None
+    """Inception reference statistics for FID (`pixelrepa eval ref-stats SRC OUT.npz`; with
+    `--keep-features` also KID)."""
+    encoder_ref: str | None = None
+    """Encoder reference statistics for FD in that encoder's feature space (`pixelrepa eval
+    ref-stats SRC OUT.npz --features encoder:NAME`); the encoder is the one that made it."""
+    seed: int = 0
+    """Sampling seed of the evaluation images (image k's noise from this seed and k)."""
+    batch: int = 50
+    """Images per sampling and feature batch of an evaluation, per process."""
+    align: bool = False
+    """Also run the alignment probe at the tap block (`probe align`'s metrics) on a fixed subset
+    of `align_images` training images, with the run's alignment encoder."""
+    align_images: int = 256
+    """Training images (a fixed seeded subset of the pack) the alignment probe uses."""
+
+    def __post_init__(self) -> None:
+        _check_at_least(self, "eval", 1, "batch")
+        _check_at_least(self, "eval", 1, "every", unset="None: no evaluation")
+        _check(self.every is None or self.ref is not None or self.encoder_ref is not None or self.align,
+               "eval.every needs something to score against: eval.ref (Inception statistics from "
+               "`pixelrepa eval ref-stats SRC OUT.npz --keep-features`), eval.encoder_ref (from `... "
+               "--features encoder:NAME`) or eval.align=true")
+        _check(self.images >= 2, f"eval.images must be >= 2 (the covariance needs 2), got {self.images}")
+        _check(self.align_images >= 2, f"eval.align_images must be >= 2, got {self.align_images}")
 
 
 @dataclass(frozen=True)
@@ -465,6 +471,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
 
     @property

@@ -1,9 +1,10 @@
 """Reading configs: nested dicts and files into config dataclasses, dotted overrides, and the
 fields that moved.
 
-Nothing here knows the components: it works on any (nested, frozen) config dataclass, taking
-each field's type from its annotation. `RunConfig.from_dict` and `RunConfig.replace` call it;
-`config_from_file` reads a JSON, YAML or TOML file of (some of) a config's fields onto a base.
+Nothing here imports the components (only `_MOVED_FIELDS` names their paths): it works on any
+(nested, frozen) config dataclass, taking each field's type from its annotation.
+`RunConfig.from_dict` and `RunConfig.replace` call it; `config_from_file` reads a JSON, YAML or
+TOML file of (some of) a config's fields onto a base.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-_MOVED_FIELDS = {"model.attention": "kernels.attention"}
+_MOVED_FIELDS = {
+    "model.attention": "kernels.attention",
+    **{f"train.eval_{name}": f"eval.{name}"
+       for name in ("every", "images", "ref", "encoder_ref", "seed", "batch", "align", "align_images")},
+}
 """Fields that moved, old dotted path -> new: files are read with them moved (`moved_fields`);
 an override of an old path is refused with the new path named."""
 
