@@ -97,6 +97,25 @@ def test_preset_lookup():
         get_preset("JiT-X/16")
 
 
+def test_list_presets_lists_exactly_the_names_get_preset_takes():
+    """Every family x size x patch (the released MTA adapter names too) and the demo: those that
+    `get_preset` takes are the listed ones, and each listed one builds."""
+    families = ("JiT", "PixelREPA", "REPA", "MTA")
+    sizes = ("B", "L", "H", "G", "S", "Tiny", "Micro", "Demo")
+    candidates = {f"{family}-{size}{patch}" for family in families for size in sizes
+                  for patch in ("", "/4", "/8", "/16", "/32")}
+    accepted = set()
+    for name in candidates:
+        try:
+            get_preset(name)
+        except KeyError:
+            continue
+        accepted.add(name)
+    listed = list_presets()
+    assert set(listed) <= candidates and accepted == set(listed)
+    assert {"MTA-B/16", "MTA-H/32", "PixelREPA-Demo"} <= accepted
+    assert get_preset("MTA-L/32") == get_preset("PixelREPA-L/32")
+
 def test_configs_are_frozen():
     cfg = get_preset("JiT-B/16")
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -115,12 +115,14 @@ for _small, _projector in (("Tiny/4", 256), ("Micro/8", 256), ("S/4", 1024)):
     _preset(f"PixelREPA-{_small}", f"JiT-{_small}", "pixelrepa", 3.0, adapter_in_context_len=_context, **_enc)
     _preset(f"REPA-{_small}", f"JiT-{_small}", "repa", 3.0, projector_hidden=_projector, **_enc)
 
-# The Masked Transformer Adapter sizes (SPEC 5): depth 2 at the backbone's width.
+# The Masked Transformer Adapter sizes (SPEC 5): depth 2 at the backbone's width. The released
+# code's adapter names, registered as other names of the PixelREPA presets.
 MTA_PRESETS: dict[str, str] = {
     "MTA-B/16": "PixelREPA-B/16", "MTA-B/32": "PixelREPA-B/32",
     "MTA-L/16": "PixelREPA-L/16", "MTA-L/32": "PixelREPA-L/32",
     "MTA-H/16": "PixelREPA-H/16", "MTA-H/32": "PixelREPA-H/32",
 }
+_PRESETS.update({alias: _PRESETS[name] for alias, name in MTA_PRESETS.items()})
 
 
 # The offline demo (`pixelrepa demo`): PixelREPA-Tiny/4 on a 32-px MNIST / Fashion-MNIST pack
@@ -143,7 +145,7 @@ _PRESETS["PixelREPA-Demo"] = _demo
 def preset_note(name: str) -> str | None:
     """Where a preset's numbers do not come from a publication, what they are instead (None:
     published, by the PixelREPA or the JiT authors)."""
-    family, _, size = name.partition("-")
+    family, _, size = MTA_PRESETS.get(name, name).partition("-")
     if size.split("/")[0] in ("Tiny", "Micro", "S", "Demo"):
         return "pixelrepa's CPU preset (32 px, offline EfficientNet-Lite0 targets), not a published model"
     if size.startswith("G/"):
@@ -157,12 +159,12 @@ def preset_note(name: str) -> str | None:
 
 
 def list_presets() -> list[str]:
+    """Every name `get_preset` takes, sorted (the MTA names of the PixelREPA presets included)."""
     return sorted(_PRESETS)
 
 
 def get_preset(name: str) -> RunConfig:
-    if name in MTA_PRESETS:
-        name = MTA_PRESETS[name]
+    """A fresh copy of the named preset (`list_presets`)."""
     if name not in _PRESETS:
         raise KeyError(f"unknown preset '{name}'; known: {', '.join(list_presets())}")
     return _PRESETS[name]()
