@@ -97,6 +97,25 @@ def test_preset_lookup():
         get_preset("JiT-X/16")
 
 
+def test_list_presets_lists_exactly_the_names_get_preset_takes():
+    """Every family x size x patch (the released MTA adapter names too) and the demo: those that
+    `get_preset` takes are the listed ones, and each listed one builds."""
+    families = ("JiT", "PixelREPA", "REPA", "MTA")
+    sizes = ("B", "L", "H", "G", "S", "Tiny", "Micro", "Demo")
+    candidates = {f"{family}-{size}{patch}" for family in families for size in sizes
+                  for patch in ("", "/4", "/8", "/16", "/32")}
+    accepted = set()
+    for name in candidates:
+        try:
+            get_preset(name)
+        except KeyError:
+            continue
+        accepted.add(name)
+    listed = list_presets()
+    assert set(listed) <= candidates and accepted == set(listed)
+    assert {"MTA-B/16", "MTA-H/32", "PixelREPA-Demo"} <= accepted
+    assert get_preset("MTA-L/32") == get_preset("PixelREPA-L/32")
+
 def test_configs_are_frozen():
     cfg = get_preset("JiT-B/16")
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -265,10 +284,10 @@ NONSENSE = [
     ("train.keep_last", 0, "train.keep_last must be >= 1, got 0"),
     ("train.keep_every", 0, "train.keep_every must be >= 1 (or None: never), got 0"),
     ("train.sample_every", 0, "train.sample_every must be >= 1 (or None: never), got 0"),
-    ("train.eval_every", 0, "train.eval_every must be >= 1 (or None: no evaluation), got 0"),
+    ("eval.every", 0, "eval.every must be >= 1 (or None: no evaluation), got 0"),
     ("train.per_device_batch", 0, "train.per_device_batch must be >= 1, got 0"),
-    ("train.eval_batch", 0, "train.eval_batch must be >= 1, got 0"),
-    ("train.eval_images", 1, "train.eval_images must be >= 2"),
+    ("eval.batch", 0, "eval.batch must be >= 1, got 0"),
+    ("eval.images", 1, "eval.images must be >= 2"),
     ("train.max_nonfinite_skips", -1, "train.max_nonfinite_skips must be >= 0, got -1"),
     ("optim.global_batch", 0, "optim.global_batch must be >= 1, got 0"),
     ("optim.epochs", 0, "optim.epochs must be >= 1, got 0"),
@@ -306,7 +325,7 @@ def test_values_that_make_no_sense_are_refused_by_name(path, value, message):
         get_preset("JiT-Micro/8").replace(**{path: value})
 
 
-@pytest.mark.parametrize("path", ["train.steps", "train.keep_every", "train.sample_every", "train.eval_every",
+@pytest.mark.parametrize("path", ["train.steps", "train.keep_every", "train.sample_every", "eval.every",
                                   "optim.lr", "optim.grad_clip", "optim.warmup_steps"])
 def test_none_still_means_unset_or_never(path):
     assert get_preset("JiT-Micro/8").replace(**{path: None}).to_dict()[path.split(".")[0]][path.split(".")[1]] is None
@@ -334,3 +353,49 @@ def test_files_from_before_attention_moved_to_kernels_still_load():
     both = RunConfig().replace(**{"kernels.attention": "sdpa"}).to_dict()
     both["model"]["attention"] = "reference"
     assert RunConfig.from_dict(both).kernels.attention == "sdpa"  # a choice in kernels wins
+
+
+EVAL_SETTINGS = {"every": 500, "images": 64, "ref": "ref.npz", "encoder_ref": "lite0.npz", "seed": 3, "batch": 16,
+                 "align": True, "align_images": 32}
+
+
+def old_layout(config: RunConfig) -> dict:
+    """`config.to_dict()` as files written before the evaluation fields moved to `eval` hold it."""
+    data = config.to_dict()
+    data["train"].update({f"eval_{name}": value for name, value in data.pop("eval").items()})
+    return data
+
+
+def test_evaluation_settings_round_trip():
+    cfg = get_preset("JiT-Micro/8").replace(**{f"eval.{k}": v for k, v in EVAL_SETTINGS.items()})
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert data["eval"] == EVAL_SETTINGS and not any(k.startswith("eval") for k in data["train"])
+    assert RunConfig.from_dict(data) == cfg
+
+
+def test_files_from_before_the_evaluation_fields_moved_still_load(tmp_path):
+    new = get_preset("JiT-Micro/8").replace(**{f"eval.{k}": v for k, v in EVAL_SETTINGS.items()})
+    old = old_layout(new)
+    assert old["train"]["eval_every"] == 500 and "eval" not in old
+    assert RunConfig.from_dict(old) == new
+    # Through --config too (a full file, and a file of changes to a preset).
+    from pixelrepa.cli.common import config_from_file
+
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert config_from_file(tmp_path / "config.json") == new
+    (tmp_path / "changes.yaml").write_text("train:\n  eval_every: 7\n  eval_ref: r.npz\n")
+    loaded = config_from_file(tmp_path / "changes.yaml", get_preset("JiT-Micro/8"))
+    assert (loaded.eval.every, loaded.eval.ref, loaded.eval.images) == (7, "r.npz", 1000)
+    # A value at the new place wins over one at the old place.
+    both = {**old, "eval": {"every": 9}}
+    assert RunConfig.from_dict(both).eval.every == 9 and RunConfig.from_dict(both).eval.ref == "ref.npz"
+    assert old["train"]["eval_every"] == 500  # the caller's dict is left as it was
+
+
+def test_an_override_of_an_old_evaluation_field_names_the_new_one(capsys):
+    with pytest.raises(ValueError, match=r"unknown config field 'train\.eval_every' .*; it is now 'eval\.every'"):
+        get_preset("JiT-Micro/8").replace(**{"train.eval_every": 5})
+    from pixelrepa.cli.main import main
+
+    assert main(["train", "--preset", "JiT-Micro/8", "--set", "train.eval_align_images=5", "--dry-run"]) == 2
+    assert "it is now 'eval.align_images'" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Evaluation during training (`train.eval_every`): the numbers of `pixelrepa eval`, undisturbed RNG streams."""
+"""Evaluation during training (`eval.every`): the numbers of `pixelrepa eval`, undisturbed RNG streams."""
 
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def config_for(setup, out, **overrides):
         "data.source": str(pack), "data.num_workers": 0, "train.out_dir": str(out), "train.steps": 8,
         "train.per_device_batch": 8, "train.log_every": 1, "train.ckpt_every": 4, "train.sample_every": None,
         "optim.global_batch": 16, "optim.lr": 1e-3, "optim.warmup_epochs": 0.5, "ema.warmup": True,
-        "sampler.steps": 2, "train.eval_every": 4, "train.eval_images": 8, "train.eval_batch": 4,
-        "train.eval_ref": str(inception_ref), "train.eval_encoder_ref": str(encoder_ref), "kernels.compile": "none",
+        "sampler.steps": 2, "eval.every": 4, "eval.images": 8, "eval.batch": 4,
+        "eval.ref": str(inception_ref), "eval.encoder_ref": str(encoder_ref), "kernels.compile": "none",
     }
     changes.update(overrides)
     return get_preset("JiT-Micro/8").replace(**changes)
@@ -145,7 +145,7 @@ def test_resume_with_eval_is_bit_identical_and_eval_leaves_the_losses_alone(setu
     assert summary.resumed_from is not None and summary.resumed_from.name == "step-00000004"
     assert losses(tmp_path / "split") == losses(run_with_eval)
     assert evals(tmp_path / "split") == evals(run_with_eval)
-    train_live(config_for(setup, tmp_path / "off", **{"train.eval_every": None}))
+    train_live(config_for(setup, tmp_path / "off", **{"eval.every": None}))
     assert losses(tmp_path / "off") == losses(run_with_eval)
     assert evals(tmp_path / "off") == []
     # the RNG saved with the checkpoints is the same with evaluation on and off
@@ -156,7 +156,7 @@ def test_resume_with_eval_is_bit_identical_and_eval_leaves_the_losses_alone(setu
 
 
 def test_the_evaluator_draws_nothing_from_the_global_rngs(setup, tmp_path):
-    config = config_for(setup, tmp_path / "run", **{"train.eval_align": True, "train.eval_align_images": 12})
+    config = config_for(setup, tmp_path / "run", **{"eval.align": True, "eval.align_images": 12})
     torch.manual_seed(123)
     np.random.seed(5)
     random.seed(7)
@@ -186,18 +186,18 @@ def test_eval_every_without_a_validator_is_refused_before_training(setup, tmp_pa
 
 def test_bad_evaluation_settings_are_refused_before_training(setup, tmp_path):
     _, inception_ref, encoder_ref = setup
-    with pytest.raises(ValueError, match="train.eval_every needs something to score against"):
-        config_for(setup, tmp_path / "a", **{"train.eval_ref": None, "train.eval_encoder_ref": None})
-    with pytest.raises(ValueError, match="train.eval_images must be >= 2"):
-        config_for(setup, tmp_path / "a", **{"train.eval_images": 1})
-    with pytest.raises(ValueError, match="train.eval_every must be >= 1"):
-        config_for(setup, tmp_path / "a", **{"train.eval_every": 0})
-    with pytest.raises(ValueError, match=r"train.eval_ref: no reference statistics file at .*missing.npz"):
-        train_live(config_for(setup, tmp_path / "b", **{"train.eval_ref": str(tmp_path / "missing.npz")}))
+    with pytest.raises(ValueError, match=r"^eval\.every needs something to score against"):
+        config_for(setup, tmp_path / "a", **{"eval.ref": None, "eval.encoder_ref": None})
+    with pytest.raises(ValueError, match=r"^eval\.images must be >= 2"):
+        config_for(setup, tmp_path / "a", **{"eval.images": 1})
+    with pytest.raises(ValueError, match=r"^eval\.every must be >= 1"):
+        config_for(setup, tmp_path / "a", **{"eval.every": 0})
+    with pytest.raises(ValueError, match=r"^eval\.ref: no reference statistics file at .*missing.npz"):
+        train_live(config_for(setup, tmp_path / "b", **{"eval.ref": str(tmp_path / "missing.npz")}))
     assert not (tmp_path / "b" / "checkpoints").exists()
-    with pytest.raises(ValueError, match=f"train.eval_ref: .*made with feature network '{LITE0}'"):
-        train_live(config_for(setup, tmp_path / "c", **{"train.eval_ref": str(encoder_ref)}))
-    with pytest.raises(ValueError, match="train.eval_encoder_ref: .*'inception', not an encoder"):
-        train_live(config_for(setup, tmp_path / "d", **{"train.eval_encoder_ref": str(inception_ref)}))
-    with pytest.raises(ValueError, match="train.eval_align probes on training images from a pack folder"):
-        LiveEvaluator(config_for(setup, tmp_path / "e", **{"train.eval_align": True, "data.source": str(tmp_path)}))
+    with pytest.raises(ValueError, match=rf"^eval\.ref: .*made with feature network '{LITE0}'"):
+        train_live(config_for(setup, tmp_path / "c", **{"eval.ref": str(encoder_ref)}))
+    with pytest.raises(ValueError, match=r"^eval\.encoder_ref: .*'inception', not an encoder"):
+        train_live(config_for(setup, tmp_path / "d", **{"eval.encoder_ref": str(inception_ref)}))
+    with pytest.raises(ValueError, match=r"^eval\.align probes on training images from a pack folder"):
+        LiveEvaluator(config_for(setup, tmp_path / "e", **{"eval.align": True, "data.source": str(tmp_path)}))

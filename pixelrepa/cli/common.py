@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 from pathlib import Path
 
-from pixelrepa.config import RunConfig, apply_overrides, get_preset
+from pixelrepa.config import RunConfig, apply_overrides, get_preset, read_config_file
+from pixelrepa.config import config_from_file as run_config_from_file
 from pixelrepa.interop.released import config_from_constructor_kwargs
 
 
@@ -20,51 +20,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | 
                         help="override a config field, e.g. --set model.depth=6 (repeatable)")
 
 
-def read_config_file(path: Path) -> dict:
-    """A JSON, YAML or TOML file as a nested dict."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no config file at {path}")
-    text = path.read_text()
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        elif path.suffix == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
-            data = tomllib.loads(text)
-        else:
-            data = json.loads(text)
-    except Exception as err:  # each parser has its own error type
-        raise ValueError(f"cannot parse {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a mapping of config fields")
-    return data
-
-
-def flatten(data: dict, prefix: str = "") -> dict[str, object]:
-    """{'model': {'depth': 6}} -> {'model.depth': 6}."""
-    flat: dict[str, object] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_from_file(path: Path, base: RunConfig | None = None) -> RunConfig:
     """A full or partial run config (JSON/YAML/TOML) applied onto `base` (default: RunConfig()),
     or a parity-fixture config.json (the released constructors' arguments)."""
-    data = read_config_file(path)
+    data = read_config_file(path)  # read again below unless it is a parity fixture: a few bytes
     if "net" in data:
         constants = {k: data[k] for k in ("P_mean", "P_std", "t_eps", "noise_scale", "mask_ratio", "align_weight")
                      if k in data}
         return config_from_constructor_kwargs(data["net"], data.get("adapter"), **constants)
-    return apply_overrides(base or RunConfig(), flatten(data))
+    return run_config_from_file(path, base or RunConfig())
 
 
 def base_config(args: argparse.Namespace) -> RunConfig | None:

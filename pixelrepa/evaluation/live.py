@@ -1,12 +1,12 @@
-"""Evaluation during training (`train.eval_every`): EMA 1 scored every N steps, in memory.
+"""Evaluation during training (`eval.every`): EMA 1 scored every N steps, in memory.
 
 `LiveEvaluator(config, world)` is built once, when the run starts: it loads and checks the
-references (`train.eval_ref`: Inception statistics for FID, with stored features also KID;
-`train.eval_encoder_ref`: statistics of an encoder's mean-pooled patch tokens, made with
+references (`eval.ref`: Inception statistics for FID, with stored features also KID;
+`eval.encoder_ref`: statistics of an encoder's mean-pooled patch tokens, made with
 `pixelrepa eval ref-stats ... --features encoder:NAME`, for FD in that space: the encoder is the one
 named in the file) and builds the feature networks, so a wrong file stops the run before its first
-step. `evaluator(net, step)` then samples `train.eval_images` images from `net` with the run's
-sampler settings, fixed noise (image k from `train.eval_seed` and k: `generate.image_noise`) and
+step. `evaluator(net, step)` then samples `eval.images` images from `net` with the run's
+sampler settings, fixed noise (image k from `eval.seed` and k: `generate.image_noise`) and
 fixed class-major labels (`generate.class_layout`, ceil(K / classes) per class, as `eval sweep`
 lays them out), so the same images come from the same weights at every evaluation. Under
 torchrun each rank samples and featurises its contiguous slice (`features.rank_slice`) and the
@@ -15,7 +15,7 @@ None.
 
 The numbers are those of `pixelrepa eval` on the same images written to a folder (FID with eps
 `metrics.FID_EPS`; KID with that command's defaults: 100 subsets of up to 1000, seed 2020), so a
-live curve and an offline evaluation agree to float rounding. With `train.eval_align` the
+live curve and an offline evaluation agree to float rounding. With `eval.align` the
 alignment probe (`probe.align_probe`) runs at the tap block on a fixed seeded subset of the
 training pack, against the run's alignment encoder, at `probe.DEFAULT_T`.
 
@@ -81,7 +81,7 @@ def _load(path: str, field: str) -> Reference:
     try:
         return load_reference(path)
     except (OSError, ValueError) as err:
-        raise ValueError(f"train.{field}: {err}") from None
+        raise ValueError(f"eval.{field}: {err}") from None
 
 
 def _encoder_spec(path: str, reference: Reference) -> tuple[str, str | None]:
@@ -89,11 +89,11 @@ def _encoder_spec(path: str, reference: Reference) -> tuple[str, str | None]:
     network = (reference.meta or {}).get("feature_network")
     made_with = feature_networks.network_id(reference.meta)
     if not made_with.startswith(feature_networks.ENCODER_PREFIX) or not isinstance(network, dict):
-        raise ValueError(f"train.eval_encoder_ref: {path} was made with feature network '{made_with}', not an "
+        raise ValueError(f"eval.encoder_ref: {path} was made with feature network '{made_with}', not an "
                          "encoder: make it with `pixelrepa eval ref-stats SRC OUT.npz --features encoder:NAME`")
     weights = (network.get("encoder") or {}).get("weights") if network.get("weights_sha256") else None
     if weights is not None and not Path(weights).is_file():
-        raise ValueError(f"train.eval_encoder_ref: {path} was made with the encoder weights {weights}, "
+        raise ValueError(f"eval.encoder_ref: {path} was made with the encoder weights {weights}, "
                          "which are not there any more")
     return made_with.split("@")[0], weights
 
@@ -103,28 +103,28 @@ class LiveEvaluator:
     docstring). Collective under torchrun: every rank calls it with the same weights."""
 
     def __init__(self, config: RunConfig, world=None, device: torch.device | str | None = None):
-        t = config.train
+        ev = config.eval
         self.config, self.world = config, world
         self.device = torch.device(device if device is not None else world.device if world else "cpu")
         self.rank, self.world_size = (world.rank, world.world_size) if world is not None else (0, 1)
-        self.num_images, self.batch_size, self.seed = t.eval_images, t.eval_batch, t.eval_seed
+        self.num_images, self.batch_size, self.seed = ev.images, ev.batch, ev.seed
         per_class = max(1, math.ceil(self.num_images / config.model.num_classes))
         self.layout = class_layout(config.model.num_classes, None, per_class)
         self.notes: list[str] = []
         # References first: a wrong file is refused before any network is built.
         self.spaces: list[FeatureSpace] = []
-        if t.eval_ref is not None:
-            reference = _load(t.eval_ref, "eval_ref")
+        if ev.ref is not None:
+            reference = _load(ev.ref, "ref")
             identity, dim = feature_networks.identify(feature_networks.INCEPTION)
-            _checked(feature_networks.check_reference, "eval_ref", t.eval_ref, reference, identity, dim)
-            self.spaces.append(FeatureSpace("inception", Path(t.eval_ref), reference))
-        if t.eval_encoder_ref is not None:
-            reference = _load(t.eval_encoder_ref, "eval_encoder_ref")
-            spec, weights = _encoder_spec(t.eval_encoder_ref, reference)
+            _checked(feature_networks.check_reference, "ref", ev.ref, reference, identity, dim)
+            self.spaces.append(FeatureSpace("inception", Path(ev.ref), reference))
+        if ev.encoder_ref is not None:
+            reference = _load(ev.encoder_ref, "encoder_ref")
+            spec, weights = _encoder_spec(ev.encoder_ref, reference)
             identity, dim = feature_networks.identify(spec, weights)
-            _checked(feature_networks.check_reference, "eval_encoder_ref", t.eval_encoder_ref, reference, identity,
+            _checked(feature_networks.check_reference, "encoder_ref", ev.encoder_ref, reference, identity,
                      dim)
-            self.spaces.append(FeatureSpace("encoder", Path(t.eval_encoder_ref), reference))
+            self.spaces.append(FeatureSpace("encoder", Path(ev.encoder_ref), reference))
             self.encoder_spec, self.encoder_weights = spec, weights
         inception_space = self._space("inception")
         self.kid = inception_space is not None and inception_space.reference.features is not None \
@@ -139,7 +139,7 @@ class LiveEvaluator:
                                   "covariance is singular and the Frechet distance strongly biased (a trend, not "
                                   "a comparable number)")
         self.probe = None
-        if t.eval_align:
+        if ev.align:
             self.probe = _probe_inputs(config)
         with preserved_rng(self.device):  # building networks initialises weights from the global RNG
             for space in self.spaces:
@@ -155,7 +155,7 @@ class LiveEvaluator:
         return next((s for s in self.spaces if s.name == name), None)
 
     def indices(self) -> range:
-        """This rank's images: a contiguous slice of 0 .. eval_images - 1."""
+        """This rank's images: a contiguous slice of 0 .. eval.images - 1."""
         return range(*feature_networks.rank_slice(self.num_images, self.rank, self.world_size))
 
     def images(self, net: nn.Module) -> Iterator[tuple[list[int], torch.Tensor]]:
@@ -284,9 +284,9 @@ def eval_curves(log_path: str | Path) -> dict[str, list[tuple[float, float]]]:
 
 
 def live_validator(config: RunConfig):
-    """What `train(config, validator=...)` takes for `train.eval_every`: a `LiveEvaluator` built
+    """What `train(config, validator=...)` takes for `eval.every`: a `LiveEvaluator` built
     for each process once its process group is up; None when the run does not evaluate."""
-    return functools.partial(LiveEvaluator, config) if config.train.eval_every else None
+    return functools.partial(LiveEvaluator, config) if config.eval.every else None
 
 
 def plot_eval_curves(log_path: str | Path, path: str | Path) -> bool:
@@ -313,7 +313,7 @@ def _checked(check, field: str, *args) -> None:
     try:
         check(*args)
     except (OSError, ValueError) as err:
-        raise ValueError(f"train.{field}: {err}") from None
+        raise ValueError(f"eval.{field}: {err}") from None
 
 
 def _probe_inputs(config: RunConfig) -> dict:
@@ -323,11 +323,11 @@ def _probe_inputs(config: RunConfig) -> dict:
 
     source = Path(config.data.source)
     if not (source / MANIFEST).is_file():
-        raise ValueError(f"train.eval_align probes on training images from a pack folder (`pixelrepa data pack`); "
+        raise ValueError(f"eval.align probes on training images from a pack folder (`pixelrepa data pack`); "
                          f"data.source {config.data.source!r} is not one")
     pack = PackedDataset(source)
-    indices = probe.probe_indices(len(pack), config.train.eval_align_images, config.train.eval_seed)
+    indices = probe.probe_indices(len(pack), config.eval.align_images, config.eval.seed)
     if len(indices) < 2:
-        raise ValueError(f"train.eval_align: the pack has {len(pack)} image(s); the probe needs at least 2")
+        raise ValueError(f"eval.align: the pack has {len(pack)} image(s); the probe needs at least 2")
     return {"pack": pack, "indices": indices}
 

@@ -86,7 +86,7 @@ def accumulation_steps(config: RunConfig, world_size: int) -> int:
 
 
 class Validator(Protocol):
-    """Evaluation during training (`train.eval_every`), built by the caller for this process
+    """Evaluation during training (`eval.every`), built by the caller for this process
     (`pixelrepa.evaluation.live.LiveEvaluator` is one): the trainer never imports evaluation."""
 
     notes: list[str]
@@ -111,11 +111,11 @@ def train(config: RunConfig, resume: str | Path | None = None, progress: bool = 
 
     `init_from`: a released checkpoint-last.pth to start a new run from, at step 0, in a
     run folder without checkpoints (SPEC 8; `pixelrepa.interop.init_from`).
-    `validator`: what `train.eval_every` runs (`pixelrepa.evaluation.live.live_validator(config)`)."""
-    if config.train.eval_every and validator is None:
-        raise ValueError(f"train.eval_every={config.train.eval_every} needs a validator: call "
+    `validator`: what `eval.every` runs (`pixelrepa.evaluation.live.live_validator(config)`)."""
+    if config.eval.every and validator is None:
+        raise ValueError(f"eval.every={config.eval.every} needs a validator: call "
                          "train(config, validator=pixelrepa.evaluation.live.live_validator(config)) (the command "
-                         "line does), or unset train.eval_every")
+                         "line does), or unset eval.every")
     dist = init_distributed()
     try:
         # Sample grids are written by a thread (the device does not wait on the disk); leaving
@@ -207,7 +207,7 @@ def _train(config: RunConfig, dist: World, resume: str | Path | None, progress: 
     writer = _Logger(out_dir, dist, start_step, config) if dist.is_main else None
     if writer is not None and evaluator is not None:
         for note in evaluator.notes:
-            logger.warning("train.eval_every: %s", note)
+            logger.warning("eval.every: %s", note)
     bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and dist.is_main), unit="step",
                dynamic_ncols=True)
     last_checkpoint = resume_path
@@ -289,7 +289,7 @@ def _train(config: RunConfig, dist: World, resume: str | Path | None, progress: 
                 pending_grid.result()  # raises what writing the previous grid raised
             pending_grid = _sample_grid(out_dir / "samples" / f"step-{step:08d}.png", config, ema,
                                         unwrap(model).net, dist, png_writer)
-        if evaluator is not None and step % config.train.eval_every == 0 and not signal_name:
+        if evaluator is not None and step % config.eval.every == 0 and not signal_name:
             record = evaluator(_load_ema1(eval_net, ema), step)  # collective: every rank samples its share
             if writer is not None:
                 writer.log_eval(step, record)
@@ -521,12 +521,12 @@ def _load_ema1(net: JiT, ema: BackboneEMA) -> JiT:
 
 
 def _validator(config: RunConfig, factory: ValidatorFactory, dist: World) -> Validator | None:
-    """The validator for `train.eval_every` (None when it is unset), its set-up logged."""
-    if not config.train.eval_every:
+    """The validator for `eval.every` (None when it is unset), its set-up logged."""
+    if not config.eval.every:
         return None
     evaluator = factory(dist)
     if dist.is_main:
-        logger.info("train.eval_every=%d: %s", config.train.eval_every, json.dumps(evaluator.describe()))
+        logger.info("eval.every=%d: %s", config.eval.every, json.dumps(evaluator.describe()))
     return evaluator
 
 
@@ -570,7 +570,7 @@ class _Logger:
                 self.tensorboard.add_scalar(f"{group}/{key}", value, step)
 
     def log_eval(self, step: int, record: dict[str, float]) -> None:
-        """An evaluation (`train.eval_every`): {"step", "eval": {...}} in the log, eval/* scalars."""
+        """An evaluation (`eval.every`): {"step", "eval": {...}} in the log, eval/* scalars."""
         values = {k: v for k, v in record.items() if k != "step"}
         self.file.write(json.dumps({"step": step, "eval": values}) + "\n")
         self.file.flush()

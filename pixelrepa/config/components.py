@@ -1,21 +1,19 @@
-"""Typed configuration: one small dataclass per component, composed into `RunConfig`.
+"""The component configs: one small dataclass per component, composed into `RunConfig`.
 
 Every recipe constant is a field whose default is the published value (SPEC sections
-cited per field). Presets are registered by name and never edited: a variant gets a
-new name. `RunConfig.to_dict` / `RunConfig.from_dict` give the JSON saved with runs
+cited per field). `RunConfig.to_dict` / `RunConfig.from_dict` give the JSON saved with runs
 and checkpoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
-import types
 import signal
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
+
+from pixelrepa.config.overrides import apply_overrides, from_dict, moved_fields
 
 AlignMode = Literal["none", "repa", "pixelrepa"]
 AttentionImpl = Literal["auto", "sdpa", "reference"]
@@ -125,31 +123,6 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         _check_at_least(self, "align.encoder", 1, "img_size patch_size feature_dim")
-
-
-# Named target encoders (SPEC 5). DINOv2 as released: built at the training resolution with
-# the patch embedding resampled to 16 (256 px -> 16 x 16 tokens); "-repa" variants as REPA:
-# resized to 224 with the native patch 14 (also 16 x 16 tokens).
-ENCODER_PRESETS: dict[str, EncoderConfig] = {
-    **{f"dinov2-{size}": EncoderConfig(name=f"vit_{width}_patch14_dinov2.lvd142m", feature_dim=dim)
-       for size, width, dim in (("s", "small", 384), ("b", "base", 768), ("l", "large", 1024),
-                                ("g", "giant", 1536))},
-    **{f"dinov2-{size}-repa": EncoderConfig(name=f"vit_{width}_patch14_dinov2.lvd142m", img_size=224,
-                                           patch_size=14, feature_dim=dim)
-       for size, width, dim in (("s", "small", 384), ("b", "base", 768), ("l", "large", 1024),
-                                ("g", "giant", 1536))},
-    "efficientnet-lite0": EncoderConfig(name="efficientnet-lite0", img_size=128, feature_dim=112, stage=3),
-}
-
-
-def get_encoder_preset(name: str, img_size: int | None = None) -> EncoderConfig:
-    """A named encoder; `img_size` rebuilds a released-style (patch 16) ViT at another resolution."""
-    if name not in ENCODER_PRESETS:
-        raise KeyError(f"unknown encoder preset '{name}'; known: {', '.join(sorted(ENCODER_PRESETS))}")
-    preset = ENCODER_PRESETS[name]
-    if img_size is not None and not name.endswith("-repa") and preset.name != "efficientnet-lite0":
-        preset = dataclasses.replace(preset, img_size=img_size)
-    return preset
 
 
 @dataclass(frozen=True)
@@ -368,26 +341,6 @@ class TrainConfig:
     """Also keep every checkpoint whose step is a multiple of this."""
     sample_every: int | None = 5000
     """Write a sample grid from EMA 1 every this many steps (None = never)."""
-    eval_every: int | None = None
-    """Score EMA 1 every this many steps during training: FID / KID against `eval_ref`, FD in
-    an encoder's space against `eval_encoder_ref` (None = never; `pixelrepa.evaluation.live`)."""
-    eval_images: int = 1000
-    """Images sampled per evaluation (fixed noise and class-major labels, split over ranks)."""
-    eval_ref: str | None = None
-    """Inception reference statistics for FID (`pixelrepa eval ref-stats SRC OUT.npz`; with
-    `--keep-features` also KID)."""
-    eval_encoder_ref: str | None = None
-    """Encoder reference statistics for FD in that encoder's feature space (`pixelrepa eval
-    ref-stats SRC OUT.npz --features encoder:NAME`); the encoder is the one that made it."""
-    eval_seed: int = 0
-    """Sampling seed of the evaluation images (image k's noise from this seed and k)."""
-    eval_batch: int = 50
-    """Images per sampling and feature batch of an evaluation, per process."""
-    eval_align: bool = False
-    """Also run the alignment probe at the tap block (`probe align`'s metrics) on a fixed subset
-    of `eval_align_images` training images, with the run's alignment encoder."""
-    eval_align_images: int = 256
-    """Training images (a fixed seeded subset of the pack) the alignment probe uses."""
     max_nonfinite_skips: int = 0
     """Steps with a non-finite loss that may be skipped before the run stops."""
     stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
@@ -399,19 +352,45 @@ class TrainConfig:
         unknown = [name for name in self.stop_signals if not isinstance(getattr(signal, name, None), signal.Signals)]
         _check(not unknown, f"train.stop_signals: unknown signal(s) {', '.join(unknown)} (e.g. SIGTERM, SIGUSR1)")
         _check_at_least(self, "train", 1, "steps", unset="unset for optim.epochs")
-        _check_at_least(self, "train", 1, "per_device_batch log_every ckpt_every keep_last eval_batch")
+        _check_at_least(self, "train", 1, "per_device_batch log_every ckpt_every keep_last")
         _check_at_least(self, "train", 1, "keep_every sample_every", unset="None: never")
-        _check_at_least(self, "train", 1, "eval_every", unset="None: no evaluation")
         _check_at_least(self, "train", 0, "max_nonfinite_skips")
-        _check(self.eval_every is None or self.eval_ref is not None or self.eval_encoder_ref is not None
-               or self.eval_align,
-               "train.eval_every needs something to score against: train.eval_ref (Inception statistics from "
-               "`pixelrepa eval ref-stats SRC OUT.npz --keep-features`), train.eval_encoder_ref (from `... "
-               "--features encoder:NAME`) or train.eval_align=true")
-        _check(self.eval_images >= 2,
-               f"train.eval_images must be >= 2 (the covariance needs 2), got {self.eval_images}")
-        _check(self.eval_align_images >= 2,
-               f"train.eval_align_images must be >= 2, got {self.eval_align_images}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation during training (`pixelrepa.evaluation.live`): EMA 1 scored every N steps."""
+
+    every: int | None = None
+    """Score EMA 1 every this many steps during training: FID / KID against `ref`, FD in an
+    encoder's space against `encoder_ref`, the alignment probe with `align` (None = never)."""
+    images: int = 1000
+    """Images sampled per evaluation (fixed noise and class-major labels, split over ranks)."""
+    ref: str | None = None
+    """Inception reference statistics for FID (`pixelrepa eval ref-stats SRC OUT.npz`; with
+    `--keep-features` also KID)."""
+    encoder_ref: str | None = None
+    """Encoder reference statistics for FD in that encoder's feature space (`pixelrepa eval
+    ref-stats SRC OUT.npz --features encoder:NAME`); the encoder is the one that made it."""
+    seed: int = 0
+    """Sampling seed of the evaluation images (image k's noise from this seed and k)."""
+    batch: int = 50
+    """Images per sampling and feature batch of an evaluation, per process."""
+    align: bool = False
+    """Also run the alignment probe at the tap block (`probe align`'s metrics) on a fixed subset
+    of `align_images` training images, with the run's alignment encoder."""
+    align_images: int = 256
+    """Training images (a fixed seeded subset of the pack) the alignment probe uses."""
+
+    def __post_init__(self) -> None:
+        _check_at_least(self, "eval", 1, "batch")
+        _check_at_least(self, "eval", 1, "every", unset="None: no evaluation")
+        _check(self.every is None or self.ref is not None or self.encoder_ref is not None or self.align,
+               "eval.every needs something to score against: eval.ref (Inception statistics from "
+               "`pixelrepa eval ref-stats SRC OUT.npz --keep-features`), eval.encoder_ref (from `... "
+               "--features encoder:NAME`) or eval.align=true")
+        _check(self.images >= 2, f"eval.images must be >= 2 (the covariance needs 2), got {self.images}")
+        _check(self.align_images >= 2, f"eval.align_images must be >= 2, got {self.align_images}")
 
 
 @dataclass(frozen=True)
@@ -492,6 +471,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
 
     @property
@@ -508,264 +488,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
-        """From `to_dict`'s form; files written before `attention` moved from `model` to
-        `kernels` are read with it moved (a choice in `kernels` wins)."""
-        if "attention" in data.get("model", {}):
-            data = {**data, "model": {k: v for k, v in data["model"].items() if k != "attention"},
-                    "kernels": {"attention": data["model"]["attention"], **data.get("kernels", {})}}
-        return _from_dict(cls, data)
+        """From `to_dict`'s form; files written before a field moved (`model.attention` to
+        `kernels.attention`, ...) are read with it moved (a value at the new place wins)."""
+        return from_dict(cls, moved_fields(data))
 
     def replace(self, **overrides: Any) -> "RunConfig":
         """Dotted overrides, e.g. replace(**{"model.depth": 2, "align.mode": "none"})."""
         return apply_overrides(self, overrides)
 
 
-# ---------------------------------------------------------------------------
-# Presets
-# ---------------------------------------------------------------------------
-
-_BACKBONES: dict[str, JiTConfig] = {}
-_PRESETS: dict[str, Callable[[], RunConfig]] = {}
-
-
-def _register_backbone(name: str, **kw: Any) -> None:
-    _BACKBONES[name] = JiTConfig(**kw)
-
-
-# SPEC 3 table. /16 for 256 px, /32 for 512 px (noise scale 2.0 at 512, SPEC 4).
-for _size, (_depth, _width, _heads, _bottleneck, _start) in {
-    "B": (12, 768, 12, 128, 4),
-    "L": (24, 1024, 16, 128, 8),
-    "H": (32, 1280, 16, 256, 10),
-    "G": (40, 1664, 16, 256, 10),
-}.items():
-    # SPEC 3: the released H recipe sets only --proj_dropout 0.2; attention probabilities keep 0.
-    _proj_drop = 0.2 if _size == "H" else 0.0
-    for _patch, _res in ((16, 256), (32, 512)):
-        _register_backbone(
-            f"JiT-{_size}/{_patch}", input_size=_res, patch_size=_patch, hidden_size=_width,
-            depth=_depth, num_heads=_heads, bottleneck_dim=_bottleneck, in_context_start=_start,
-            proj_drop=_proj_drop,
-        )
-
-# Tiny backbones for CPU: same architecture, seconds per step on 2 cores.
-_register_backbone("JiT-Tiny/4", input_size=32, patch_size=4, hidden_size=128, depth=4, num_heads=4,
-                   num_classes=10, bottleneck_dim=32, in_context_len=8, in_context_start=1)
-_register_backbone("JiT-S/4", input_size=32, patch_size=4, hidden_size=384, depth=12, num_heads=6,
-                   num_classes=10, bottleneck_dim=64, in_context_len=16, in_context_start=4)
-_register_backbone("JiT-Micro/8", input_size=32, patch_size=8, hidden_size=64, depth=4, num_heads=4,
-                   num_classes=10, bottleneck_dim=16, in_context_len=4, in_context_start=1)
-
-# Released sampling settings (SPEC 7): CFG scale per size for PixelREPA and for JiT, whose
-# authors publish other scales at 512 px (/32).
-_PIXELREPA_CFG = {"B": 3.1, "L": 2.8, "H": 2.4, "G": 2.2}
-_JIT_CFG = {16: {"B": 3.0, "L": 2.4, "H": 2.2, "G": 2.2}, 32: {"B": 3.0, "L": 2.5, "H": 2.3, "G": 2.2}}
-
-
-def _preset(name: str, backbone: str, mode: AlignMode, cfg_scale: float,
-            **align_kw: Any) -> None:
-    def build() -> RunConfig:
-        model = _BACKBONES[backbone]
-        noise_scale = 2.0 if model.input_size >= 512 else 1.0
-        weight = {"pixelrepa": 0.1, "repa": 0.5, "none": 0.0}[mode]
-        align = {"encoder": EncoderConfig(img_size=model.input_size), **align_kw}
-        return RunConfig(
-            model=model,
-            align=AlignConfig(mode=mode, weight=weight, **align),
-            objective=ObjectiveConfig(noise_scale=noise_scale),
-            sampler=SamplerConfig(cfg_scale=cfg_scale),
-        )
-
-    _PRESETS[name] = build
-
-
-for _backbone in list(_BACKBONES):
-    _size = _backbone.split("-")[1].split("/")[0]
-    _suffix = _backbone.split("-")[1]
-    if _size in _PIXELREPA_CFG:
-        _jit_cfg = _JIT_CFG[_BACKBONES[_backbone].patch_size][_size]
-        _preset(_backbone, _backbone, "none", _jit_cfg)
-        _preset(f"PixelREPA-{_suffix}", _backbone, "pixelrepa", _PIXELREPA_CFG[_size])
-        _preset(f"REPA-{_suffix}", _backbone, "repa", _jit_cfg)
-
-# 32-px presets aligned to the offline EfficientNet-Lite0 (CPU demo, tests, the convergence benchmark).
-for _small, _projector in (("Tiny/4", 256), ("Micro/8", 256), ("S/4", 1024)):
-    _enc = dict(encoder=EncoderConfig(name="efficientnet-lite0", img_size=128, feature_dim=112, stage=3))
-    _context = _BACKBONES[f"JiT-{_small}"].in_context_len
-    _preset(f"JiT-{_small}", f"JiT-{_small}", "none", 3.0, adapter_in_context_len=_context, **_enc)
-    _preset(f"PixelREPA-{_small}", f"JiT-{_small}", "pixelrepa", 3.0, adapter_in_context_len=_context, **_enc)
-    _preset(f"REPA-{_small}", f"JiT-{_small}", "repa", 3.0, projector_hidden=_projector, **_enc)
-
-# The Masked Transformer Adapter sizes (SPEC 5): depth 2 at the backbone's width.
-MTA_PRESETS: dict[str, str] = {
-    "MTA-B/16": "PixelREPA-B/16", "MTA-B/32": "PixelREPA-B/32",
-    "MTA-L/16": "PixelREPA-L/16", "MTA-L/32": "PixelREPA-L/32",
-    "MTA-H/16": "PixelREPA-H/16", "MTA-H/32": "PixelREPA-H/32",
-}
-
-
-# The offline demo (`pixelrepa demo`): PixelREPA-Tiny/4 on a 32-px MNIST / Fashion-MNIST pack
-# with cached Lite0 targets, no flips (mirrored digits are other glyphs), 1,600 steps at batch 32:
-# README command 1 in about 8 minutes on a 2-core CPU, installation included.
-def _demo() -> RunConfig:
-    return get_preset("PixelREPA-Tiny/4").replace(**{
-        "data.hflip": False, "align.target_cache": "auto",
-        "optim.global_batch": 32, "optim.lr": 1e-3, "optim.warmup_epochs": 0, "optim.warmup_steps": 50,
-        "ema.warmup": True,  # a short run: warm the averages up
-        "train.steps": 1600, "train.per_device_batch": 32, "train.log_every": 20, "train.ckpt_every": 200,
-        "train.sample_every": None, "train.out_dir": "demo/run",
-        "sampler.steps": 25, "sampler.cfg_scale": 3.0,
-    })
-
-
-_PRESETS["PixelREPA-Demo"] = _demo
-
-
-def preset_note(name: str) -> str | None:
-    """Where a preset's numbers do not come from a publication, what they are instead (None:
-    published, by the PixelREPA or the JiT authors)."""
-    family, _, size = name.partition("-")
-    if size.split("/")[0] in ("Tiny", "Micro", "S", "Demo"):
-        return "pixelrepa's CPU preset (32 px, offline EfficientNet-Lite0 targets), not a published model"
-    if size.startswith("G/"):
-        return ("invented: nobody published a G recipe (SPEC 3's G architecture is as JiT's users report it); "
-                "the CFG scale 2.2 is pixelrepa's guess")
-    if family == "PixelREPA" and size.endswith("/32"):
-        return "the CFG scale is not published at 512 px: the /16 scale is reused"
-    if family == "REPA":
-        return "REPA on JiT as the paper's baseline; its CFG scale is not published: JiT's is used"
-    return None
-
-
-def list_presets() -> list[str]:
-    return sorted(_PRESETS)
-
-
-def get_preset(name: str) -> RunConfig:
-    if name in MTA_PRESETS:
-        name = MTA_PRESETS[name]
-    if name not in _PRESETS:
-        raise KeyError(f"unknown preset '{name}'; known: {', '.join(list_presets())}")
-    return _PRESETS[name]()
-
-
-# ---------------------------------------------------------------------------
-# Dict round-trip and dotted overrides
-# ---------------------------------------------------------------------------
-
-def _from_dict(cls: type, data: dict[str, Any]) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
-    hints = _field_types(cls)
-    return cls(**{key: _coerce(value, hints[key], key) for key, value in data.items()})
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    """Each field's annotation, resolved (the module uses postponed annotations)."""
-    return typing.get_type_hints(cls)
-
-
-def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
-    """Return a copy of a (nested) config with dotted-path fields replaced.
-
-    All changes to one component are applied together, so validation sees the final
-    combination (e.g. a new width together with a new head count)."""
-    tree: dict[str, Any] = {}
-    for path, value in overrides.items():
-        node = tree
-        *parents, leaf = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"config override '{path}' conflicts with another override")
-        node[leaf] = (path, value)
-    return _replace_tree(config, tree)
-
-
-_MOVED_FIELDS = {"model.attention": "kernels.attention"}
-
-
-def _replace_tree(obj: Any, tree: dict[str, Any]) -> Any:
-    names = {f.name for f in dataclasses.fields(obj)}
-    changes = {}
-    for name, sub in tree.items():
-        if name not in names:
-            path = sub[0] if isinstance(sub, tuple) else name
-            moved = f"; it is now '{_MOVED_FIELDS[path]}'" if path in _MOVED_FIELDS else ""
-            raise ValueError(f"unknown config field '{path}' ({type(obj).__name__} has: "
-                             f"{', '.join(sorted(names))}){moved}")
-        if isinstance(sub, tuple):
-            path, value = sub
-            changes[name] = _coerce(value, _field_types(type(obj))[name], path)
-        else:
-            changes[name] = _replace_tree(getattr(obj, name), sub)
-    return dataclasses.replace(obj, **changes)
-
-
-def _coerce(value: Any, annotation: Any, path: str) -> Any:
-    """`value` (a --set string, a config-file value or a typed value) as the field's annotated
-    type: bool, int (integral floats such as 1e3 included), float, str, a Literal, a tuple, a
-    component config (or a dict of its fields), or None where the field allows it."""
-    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
-        else (annotation,)
-    is_none = value is None or (isinstance(value, str) and value.strip().lower() == "none")
-    if is_none and type(None) in options:
-        return None
-    for option in options:
-        if option is not type(None):
-            try:
-                return _as_type(value, option, path)
-            except (TypeError, ValueError):
-                pass
-    expected = " or ".join(_type_name(o) for o in options)
-    raise ValueError(f"cannot use {value!r} for config field '{path}' (expected {expected})")
-
-
-def _as_type(value: Any, kind: Any, path: str) -> Any:
-    origin = typing.get_origin(kind)
-    text = value.strip() if isinstance(value, str) else None
-    if dataclasses.is_dataclass(kind):
-        if isinstance(value, kind):
-            return value
-        if isinstance(value, dict):
-            return _from_dict(kind, value)
-    elif origin is Literal:
-        if value in typing.get_args(kind) or text in typing.get_args(kind):
-            return value if text is None else text
-    elif origin is tuple:
-        items = [v for v in text.strip("()[]").split(",") if v.strip()] if text is not None else value
-        if not isinstance(items, (list, tuple)):
-            raise TypeError(path)
-        args = typing.get_args(kind)
-        element_types = [args[0]] * len(items) if len(args) == 2 and args[1] is Ellipsis else list(args)
-        if len(element_types) != len(items):
-            raise ValueError(path)
-        return tuple(_as_type(item, t, path) for item, t in zip(items, element_types))
-    elif kind is bool:
-        if isinstance(value, bool):
-            return value
-        if text is not None and text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return text.lower() in ("1", "true", "yes", "on")
-    elif kind is int:
-        number = float(text) if text is not None else value
-        if not isinstance(number, bool) and isinstance(number, (int, float)) and float(number).is_integer():
-            return int(number)
-    elif kind is float:
-        number = float(text) if text is not None else value
-        if not isinstance(number, bool) and isinstance(number, (int, float)):
-            return float(number)
-    elif kind is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    raise TypeError(path)
-
-
-def _type_name(kind: Any) -> str:
-    if typing.get_origin(kind) is Literal:
-        return " | ".join(repr(v) for v in typing.get_args(kind))
-    return "None" if kind is type(None) else getattr(kind, "__name__", str(kind))
