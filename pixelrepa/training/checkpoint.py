@@ -436,6 +436,18 @@ def find_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"no complete checkpoint in {root}")
 
 
+def resume_order(root: str | Path) -> list[Path]:
+    """A checkpoints folder's final-named checkpoint folders, complete or not, in the order a
+    resume tries them: the one `latest` names, then by decreasing step."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    folders = [folder for _, folder in reversed(_step_folders(root))]
+    pointer = root / LATEST
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    return [named, *(f for f in folders if f != named)] if named in folders else folders
+
+
 def load_checkpoint(path: str | Path, rank: int = 0) -> LoadedCheckpoint:
     """The step, config, trainer state and rank `rank`'s RNG state of `find_checkpoint(path)`.
 
