@@ -164,15 +164,16 @@ def save_checkpoint(out_dir: str | Path, step: int, *, config: RunConfig, state:
     refusal, needed = _from_rank0((refusal, needed))
     if refusal is not None:
         raise _write_error(errno.ENOSPC, refusal, tmp, needed)
+    error: BaseException | None = None
     try:
         with _single_process_quiet():
             dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp / SHARDS, sync_files=True),
                      no_dist=not distributed)
         write_rank_rng(tmp, rank)
         write_rank_checksums(tmp, rank)
-        failure = _first_failure(None)
     except (OSError, RuntimeError, CheckpointException) as err:
-        failure = _first_failure(err)
+        error = err
+    failure = _first_failure(error)
     if failure is None and rank == 0:
         try:
             state_text = json.dumps({"format": FORMAT, "step": step, "world_size": world_size,
