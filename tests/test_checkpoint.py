@@ -1,9 +1,13 @@
-"""Training checkpoints: round trip, pruning, `latest`, crash safety, export, RNG files, format 1."""
+"""Training checkpoints: round trip, pruning, `latest`, crash safety, export, RNG files, format 1,
+no code run by a crafted checkpoint, checksums, a full disk."""
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -14,7 +18,11 @@ import torch
 
 from pixelrepa.config import get_preset
 from pixelrepa.models.jit import JiT
+from pixelrepa import checkpoint as ckpt
 from pixelrepa.checkpoint import (
+    CheckpointWriteError,
+    backbone_with_ema,
+    check_checkpoint,
     export_sampling_checkpoint,
     finalize_checkpoint,
     find_checkpoint,
@@ -97,7 +105,7 @@ def test_round_trip(run, tmp_path):
     folder = run.save(tmp_path, 1200)
     expected = draws()
     assert folder == tmp_path / "checkpoints" / "step-00001200"
-    assert sorted(p.name for p in folder.iterdir()) == ["rng-rank0.pt", "state", "state.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["checksums.json", "rng-rank0.pt", "state", "state.json"]
     assert sorted(p.name for p in (folder / "state").iterdir()) == [".metadata", "__0_0.distcp"]
 
     loaded = load_checkpoint(tmp_path)
@@ -263,3 +271,131 @@ def test_format_1_checkpoints_still_load(run, tmp_path):
     export_sampling_checkpoint(folder, tmp_path / "new.safetensors", ema=2)
     assert_states_equal(load_model_file(tmp_path / "old.safetensors")[1]["net"],
                         load_model_file(tmp_path / "new.safetensors")[1]["net"])
+
+
+class Payload:
+    """Pickles as a call of `os.system` that creates `marker`, as a crafted file would."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def reading_paths(folder: Path, out: Path) -> dict:
+    def load():
+        fresh = Run(seed=1, train=False)
+        load_checkpoint(folder)
+        load_state(folder, fresh.state())
+
+    return {"load_state": load, "read_state": lambda: read_state(folder), "check": lambda: check_checkpoint(folder),
+            "backbone_with_ema": lambda: backbone_with_ema(folder),
+            "export": lambda: export_sampling_checkpoint(folder, out / "ema.safetensors")}
+
+
+def test_crafted_metadata_runs_no_code(run, tmp_path):
+    folder = run.save(tmp_path, 100)
+    marker = tmp_path / "pwned"
+    (folder / "state" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    (folder / "checksums.json").unlink()  # whoever crafts the file can rewrite the list too
+    for name, read in reading_paths(folder, tmp_path).items():
+        with pytest.raises(ValueError, match=r"\.metadata.*posix\.system") as raised:
+            read()
+        assert not marker.exists(), name
+        assert "not checkpoint metadata" in str(raised.value), name
+
+
+def test_crafted_plain_value_runs_no_code(run, tmp_path):
+    marker = tmp_path / "pwned"
+    state = run.state()
+    state["model"] = {**state["model"], "evil": Payload(marker)}  # DCP stores plain values as pickles
+    folder = save_checkpoint(tmp_path, 100, config=run.config, state=state, train_state=TRAIN_STATE, keep_last=1,
+                             keep_every=None)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="model.evil is not weights-only loadable"):
+        read_state(folder)
+    assert not marker.exists()
+
+
+def test_every_file_loads_weights_only(run, tmp_path):
+    """What the module docstring claims: RNG files and every item of the DCP shards (tensors and
+    the optimizer's plain values) load with torch.load(weights_only=True)."""
+    folder = run.save(tmp_path, 100)
+    metadata = ckpt.read_metadata(folder)
+    items = list(metadata.storage_data.values())
+    assert len(items) > 100
+    for item in items:
+        with open(folder / "state" / item.relative_path, "rb") as f:
+            f.seek(item.offset)
+            torch.load(io.BytesIO(f.read(item.length)), weights_only=True)
+    torch.load(folder / "rng-rank0.pt", weights_only=True)
+
+
+def flip_byte(path: Path, at: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * at)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_checksums_catch_a_flipped_byte(run, tmp_path):
+    folder = run.save(tmp_path, 100)
+    listing = json.loads((folder / "checksums.json").read_text())
+    assert listing["algorithm"] == "sha256"
+    assert set(listing["files"]) == {"rng-rank0.pt", "state/.metadata", "state/__0_0.distcp"}
+    shard = folder / "state" / "__0_0.distcp"
+    flip_byte(shard)  # inside a tensor: DCP alone would load it silently
+    for name, read in reading_paths(folder, tmp_path).items():
+        with pytest.raises(ValueError, match=r"__0_0\.distcp does not match its sha256"):
+            read() if name != "load_state" else check_checkpoint(folder)
+    flip_byte(shard)
+    assert check_checkpoint(folder) == folder
+    flip_byte(folder / "rng-rank0.pt", at=0.9)
+    with pytest.raises(ValueError, match="rng-rank0.pt does not match"):
+        check_checkpoint(folder)
+    flip_byte(folder / "rng-rank0.pt", at=0.9)
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"__0_0\.distcp is truncated"):
+        check_checkpoint(folder)
+    (folder / "checksums.json").unlink()  # written before checksums existed: the size check still holds
+    with pytest.raises(ValueError, match=r"__0_0\.distcp is truncated"):
+        check_checkpoint(folder)
+
+
+def test_checkpoints_without_checksums_still_load(run, tmp_path):
+    folder = run.save(tmp_path, 100)
+    (folder / "checksums.json").unlink()
+    assert check_checkpoint(tmp_path) == folder
+    assert_states_equal(read_state(folder)["ema1"], run.ema.state_dict(0))
+
+
+def fail_with_full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("where", ["shards", "rng"])
+def test_a_full_disk_removes_the_partial_checkpoint(run, tmp_path, monkeypatch, where):
+    previous = run.save(tmp_path, 100)
+    size = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file())
+    if where == "shards":
+        monkeypatch.setattr(ckpt.dcp.FileSystemWriter, "write_data", fail_with_full_disk)
+    else:
+        monkeypatch.setattr(ckpt, "_write_file", fail_with_full_disk)
+    with pytest.raises(CheckpointWriteError) as raised:
+        run.save(tmp_path, 200)
+    message = str(raised.value)
+    assert raised.value.errno == errno.ENOSPC and "\n" not in message
+    assert "No space left on device" in message and str(tmp_path / "checkpoints") in message
+    assert "GiB free" in message and f"needs about {size / 2**20:.1f} MiB" in message
+    monkeypatch.undo()
+    assert names(tmp_path) == ["latest", "step-00000100"]
+    assert check_checkpoint(tmp_path) == previous
+
+
+def test_a_save_that_cannot_fit_is_refused_before_writing(run, tmp_path, monkeypatch):
+    run.save(tmp_path, 100)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * 2**30, 10 * 2**30, 2**20))
+    with pytest.raises(CheckpointWriteError, match=r"not enough free space; that disk has 1\.0 MiB free and a "
+                                                   r"checkpoint needs about \d"):
+        run.save(tmp_path, 200)
+    assert names(tmp_path) == ["latest", "step-00000100"]

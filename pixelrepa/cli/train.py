@@ -1,6 +1,8 @@
 """Train a JiT with alignment none, REPA or PixelREPA (CPU, one GPU, torchrun or SLURM).
 
-Re-running the same command resumes from the run folder's latest checkpoint. --init-from
+Re-running the same command resumes from the run folder's newest intact checkpoint (a
+damaged one is set aside with a warning); a run folder whose checkpoints are all damaged is
+refused unless --restart, which moves them aside and starts at step 0. --init-from
 starts a new run (step 0, a run folder without checkpoints) from a released
 checkpoint-last.pth: its raw weights, both EMAs, the adapter and, where it provably fits,
 the optimizer state; the configuration is still this command's and must fit the weights.
@@ -27,6 +29,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="train.out_dir: the run folder")
     parser.add_argument("--steps", type=int, help="train.steps")
     parser.add_argument("--resume", type=Path, help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    parser.add_argument("--restart", action="store_true",
+                        help="start the run over at step 0: the run folder's checkpoints/, log.jsonl, tensorboard/ and "
+                             "samples/ are moved aside (NAME.aside-TIME), not deleted")
     parser.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
                         help="start a new run from a released checkpoint-last.pth")
     parser.add_argument("--encoder-weights", metavar="PATH",
@@ -53,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         summary = train(config, resume=args.resume, progress=not args.no_progress, init_from=args.init_from,
-                        validator=live_validator(config))
+                        validator=live_validator(config), restart=args.restart)
     except Preempted as stopped:
         print(f"pixelrepa train: {stopped}", file=sys.stderr)
         if args.requeue and not stopped.interrupted and int(os.environ.get("RANK", "0")) == 0:

@@ -106,11 +106,15 @@ ValidatorFactory = Callable[[World], Validator]
 
 
 def train(config: RunConfig, resume: str | Path | None = None, progress: bool = True,
-          init_from: str | Path | None = None, validator: ValidatorFactory | None = None) -> RunSummary:
-    """Train `config` (resuming from `resume`, or from the run folder's latest checkpoint).
+          init_from: str | Path | None = None, restart: bool = False,
+          validator: ValidatorFactory | None = None) -> RunSummary:
+    """Train `config` (resuming from `resume`, or from the run folder's newest intact checkpoint).
 
-    `init_from`: a released checkpoint-last.pth to start a new run from, at step 0, in a
-    run folder without checkpoints (SPEC 8; `pixelrepa.interop.init_from`).
+    A damaged newest checkpoint is set aside (`step-N.damaged`, with a warning) for the one
+    before it; a run folder whose checkpoints are all damaged is refused, unless `restart`,
+    which moves its checkpoints, log and TensorBoard files aside (`NAME.aside-TIME`) and
+    starts at step 0. `init_from`: a released checkpoint-last.pth to start a new run from, at
+    step 0, in a run folder without checkpoints (SPEC 8; `pixelrepa.interop.init_from`).
     `validator`: what `eval.every` runs (`pixelrepa.evaluation.live.live_validator(config)`)."""
     if config.eval.every and validator is None:
         raise ValueError(f"eval.every={config.eval.every} needs a validator: call "
@@ -122,7 +126,7 @@ def train(config: RunConfig, resume: str | Path | None = None, progress: bool = 
         # the block waits for the last one.
         with (_run_folder_lock(Path(config.train.out_dir), dist), StopSignals(config.train.stop_signals) as stop,
               ThreadPoolExecutor(1, thread_name_prefix="sample-png") as png_writer):
-            summary = _train(config, dist, resume, progress, init_from, validator, stop, png_writer)
+            summary = _train(config, dist, resume, progress, init_from, restart, validator, stop, png_writer)
     except BaseException:
         shutdown_distributed(barrier=False)
         raise
@@ -151,13 +155,14 @@ def _run_folder_lock(out_dir: Path, dist: World):
 
 
 def _train(config: RunConfig, dist: World, resume: str | Path | None, progress: bool,
-           init_from: str | Path | None, validator: ValidatorFactory | None, stop: StopSignals,
+           init_from: str | Path | None, restart: bool, validator: ValidatorFactory | None, stop: StopSignals,
            png_writer: ThreadPoolExecutor) -> RunSummary:
     out_dir = Path(config.train.out_dir)
     device = dist.device
     accum = accumulation_steps(config, dist.world_size)
 
-    resume_path = _resume_point(out_dir, resume)
+    candidates = _resume_candidates(out_dir, resume, restart, dist)
+    resume_path = candidates[0] if candidates else None
     released = _released_start_point(init_from, resume, resume_path, out_dir) if init_from is not None else None
     if resume_path is not None:
         loaded = ckpt.load_checkpoint(resume_path, rank=dist.rank)
@@ -190,7 +195,9 @@ def _train(config: RunConfig, dist: World, resume: str | Path | None, progress: 
     ema = BackboneEMA(unwrap(model).net, config.ema)
     start_step, skipped_steps = 0, 0
     if resume_path is not None:
-        _resume(loaded, model, optimizer, ema, config, dist)
+        loaded = _resume_first_loadable(candidates, loaded, model, optimizer, ema, config, dist,
+                                        explicit=resume is not None)
+        resume_path = loaded.path
         start_step = loaded.train_state["step"]
         skipped_steps = loaded.train_state.get("skipped_steps", 0)
     elif start is not None:
@@ -383,13 +390,99 @@ def _build_encoder(config: RunConfig, kernels: KernelConfig, dist: World):
     return encoder
 
 
-def _resume_point(out_dir: Path, resume: str | Path | None) -> Path | None:
+def _resume_candidates(out_dir: Path, resume: str | Path | None, restart: bool, dist: World) -> list[Path]:
+    """The checkpoints to resume from, best first; the first has passed `ckpt.check_checkpoint`
+    (the others are checked if it fails to load). Rank 0 decides; every rank gets its answer."""
+    answer: tuple[list[Path], BaseException | None] = ([], None)
+    if dist.is_main:
+        try:
+            answer = (_choose_checkpoints(out_dir, resume, restart), None)
+        except (FileNotFoundError, ValueError) as err:
+            answer = ([], err)
+    candidates, error = broadcast_object(answer, dist)
+    if error is not None:
+        raise error
+    return candidates
+
+
+def _choose_checkpoints(out_dir: Path, resume: str | Path | None, restart: bool) -> list[Path]:
     if resume is not None:
-        return ckpt.find_checkpoint(resume)
-    try:
-        return ckpt.find_checkpoint(out_dir)
-    except FileNotFoundError:
-        return None
+        if restart:
+            raise ValueError("--restart starts the run over and --resume continues it: pass only one of them")
+        return [ckpt.check_checkpoint(resume)]
+    if restart:
+        _move_run_aside(out_dir)
+        return []
+    folders = ckpt.resume_order(out_dir / ckpt.CHECKPOINTS)
+    damaged: list[tuple[Path, str]] = []
+    for k, folder in enumerate(folders):
+        try:
+            ckpt.check_checkpoint(folder)
+        except (FileNotFoundError, ValueError) as err:
+            damaged.append((folder, str(err)))
+            continue
+        for bad, reason in damaged:
+            _set_damaged_aside(bad, reason, folder.name)
+        return folders[k:]
+    if damaged:
+        lines = "".join(f"\n  {folder.name}: {reason}" for folder, reason in damaged)
+        raise ValueError(f"{out_dir} has checkpoints but none can be resumed from:{lines}\nrerun with --restart to "
+                         "start the run over at step 0 (checkpoints/, log.jsonl and tensorboard/ are moved aside, "
+                         "not deleted), or choose another out_dir")
+    return []
+
+
+def _move_run_aside(out_dir: Path) -> None:
+    """--restart: the run folder's checkpoints, log, TensorBoard files and sample grids become
+    `NAME.aside-TIME`, nothing is deleted."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in (ckpt.CHECKPOINTS, "log.jsonl", "tensorboard", "samples"):
+        if (out_dir / name).exists():
+            aside = out_dir / f"{name}.aside-{stamp}"
+            (out_dir / name).rename(aside)
+            logger.warning("--restart: moved %s aside to %s", out_dir / name, aside)
+
+
+def _set_damaged_aside(folder: Path, reason: str, instead: str) -> None:
+    """A damaged checkpoint is renamed `step-N.damaged` (kept for inspection, out of the way of
+    pruning and of the run's later saves)."""
+    aside = folder.with_name(f"{folder.name}.damaged")
+    if aside.exists():
+        aside = folder.with_name(f"{folder.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder.rename(aside)
+    logger.warning("checkpoint %s is damaged (%s): moved to %s; resuming from %s", folder, reason, aside.name,
+                   instead)
+
+
+def _resume_first_loadable(candidates: list[Path], loaded: ckpt.LoadedCheckpoint, model, optimizer,
+                           ema: BackboneEMA, config: RunConfig, dist: World,
+                           explicit: bool) -> ckpt.LoadedCheckpoint:
+    """`_resume` from `loaded` (candidates[0]); where its state fails to load, from the next
+    candidate that passes rank 0's checks (not for an explicit --resume)."""
+    for k, path in enumerate(candidates):
+        if k > 0:
+            problem = None
+            if dist.is_main:
+                try:
+                    ckpt.check_checkpoint(path)
+                except (FileNotFoundError, ValueError) as err:
+                    problem = str(err)
+            problem = broadcast_object(problem, dist)
+            if problem is not None:
+                if dist.is_main:
+                    _set_damaged_aside(path, problem, "an earlier checkpoint")
+                continue
+            loaded = ckpt.load_checkpoint(path, rank=dist.rank)
+            _check_same_run(config, loaded.config, path)
+        try:
+            _resume(loaded, model, optimizer, ema, config, dist)
+            return loaded
+        except ValueError as err:
+            if explicit or k == len(candidates) - 1:
+                raise
+            if dist.is_main:
+                _set_damaged_aside(path, str(err), "an earlier checkpoint")
+    raise ValueError(f"no checkpoint among {', '.join(p.name for p in candidates)} loads")
 
 
 def _released_start_point(init_from: str | Path, resume: str | Path | None, resume_path: Path | None,
