@@ -6,6 +6,7 @@ layer (training and evaluation) may not import each other."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,12 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
     fake = PACKAGE / "evaluation" / "fake.py"
     units = imported_units(ast.parse(source), fake)
     assert units == [(2, "cli"), (3, "training")]
+
+
+def test_the_readme_names_the_same_layers_in_the_same_order():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    items = re.findall(r"^\s*\d+\. (.*(?:\n   .*)*)", layout, re.M)
+    named = [tuple(name for m in re.findall(r"`([a-z_]+(?:\.py|/))`", item)
+                   if (name := m.removesuffix(".py").removesuffix("/")) in RANK) for item in items]
+    assert named == [names for names in LAYERS if names != ("__main__",)]
