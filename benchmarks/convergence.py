@@ -33,9 +33,7 @@ encoder targets, reference features) live in `--cache`.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import json
 import math
 import sys
@@ -53,18 +51,20 @@ from common import cpu_model  # benchmarks/ is on sys.path when run as a script
 from pixelrepa.config import RunConfig, get_preset
 from pixelrepa.data.idx import load_idx_dataset
 from pixelrepa.data.packed import MANIFEST, pack_arrays
+from pixelrepa.evaluation.diversity import ImageSet
 from pixelrepa.evaluation.features import build_feature_extractor
 from pixelrepa.sampling import class_layout
 from pixelrepa.evaluation.metrics import (
     Reference,
     extract_features,
     feature_statistics,
-    frechet_distance,
-    kernel_inception_distance,
     load_reference,
     save_reference,
+    scalars,
+    score,
 )
 from pixelrepa.evaluation.plots import Panel, line_plot
+from pixelrepa.evaluation.results import write_result_set
 from pixelrepa.evaluation.sweep import GeneratedImages
 from pixelrepa.files import cache_dir, write_text_atomic
 from pixelrepa.models.layers import set_attention_impl
@@ -77,7 +77,6 @@ from pixelrepa.loading import load_model
 ARMS = ("none", "repa", "pixelrepa")
 ARM_PRESET_PREFIX = {"none": "JiT", "repa": "REPA", "pixelrepa": "PixelREPA"}
 FORMAT = "pixelrepa-convergence/1"
-KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 2020  # torch-fidelity's KID defaults
 
 
 @dataclass(frozen=True)
@@ -194,20 +193,6 @@ def training_pack(settings: ConvergenceConfig, cache: Path) -> Path:
     return pack
 
 
-class ArrayImages:
-    """uint8 (N, 3, H, W) images in memory as an image source for `extract_features`."""
-
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def batches(self, batch_size: int):
-        for start in range(0, len(self.images), batch_size):
-            yield self.images[start:start + batch_size].permute(0, 2, 3, 1).numpy()
-
-
 def reference_features(settings: ConvergenceConfig, extractor, record: dict, cache: Path,
                        device: torch.device) -> Reference:
     """Features and their statistics of `reference_images` train images (drawn from the seed
@@ -218,13 +203,14 @@ def reference_features(settings: ConvergenceConfig, extractor, record: dict, cac
         reference = load_reference(path)
         if reference.features is not None and len(reference.features) == settings.reference_images:
             return reference
-    images, _, _ = load_idx_dataset(settings.dataset, "train", 32)
+    images, labels, _ = load_idx_dataset(settings.dataset, "train", 32)
     if settings.reference_images > len(images):
         raise ValueError(f"reference_images {settings.reference_images} exceeds the {len(images)} train images")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(settings.data_seed + 1))
     started = time.perf_counter()
-    features = extract_features(ArrayImages(images[order[:settings.reference_images]]), extractor,
-                                settings.feature_batch, device)
+    pick = order[:settings.reference_images]
+    features = extract_features(ImageSet.from_tensor(images[pick], labels[pick]), extractor, settings.feature_batch,
+                                device)
     print(f"reference     {len(features)} {settings.dataset} train images: {features.shape[1]}-d features "
           f"in {time.perf_counter() - started:.0f} s (cached in {path})", flush=True)
     with warnings.catch_warnings():
@@ -246,12 +232,12 @@ def sample_features(net, config: RunConfig, settings: ConvergenceConfig, count: 
         return extract_features(source, extractor, settings.feature_batch, device)
 
 
-def score(features: np.ndarray, reference: Reference) -> dict:
-    kid = kernel_inception_distance(features, reference.features, KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED)
+def score_row(features: np.ndarray, reference: Reference) -> dict:
+    """KID (the library's defaults) and FID of the features, with their count."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # small counts: FID is biased, and reported as such
-        fid = frechet_distance(*feature_statistics(features), reference.mu, reference.sigma)
-    return {"kid_mean": float(kid["mean"]), "kid_std": float(kid["std"]), "fid": float(fid),
+        values = scalars(score(features, reference, ("kid", "fid")))
+    return {"kid_mean": values["kid_mean"], "kid_std": values["kid_std"], "fid": values["fid"],
             "num_images": len(features)}
 
 
@@ -356,11 +342,11 @@ def _evaluate(run_dir: Path, config: RunConfig, settings: ConvergenceConfig, tra
         count = settings.final_samples if final else settings.eval_samples
         features = sample_features(net, saved, settings, count, seed, extractor, device)
         pooled.append(features)
-        rows.append({**base, "sample_seed": seed, **score(features, reference),
+        rows.append({**base, "sample_seed": seed, **score_row(features, reference),
                      "eval_seconds": round(time.perf_counter() - tic, 1)})
     if final:
         tic = time.perf_counter()
-        rows.append({**base, "sample_seed": "pooled", **score(np.concatenate(pooled), reference),
+        rows.append({**base, "sample_seed": "pooled", **score_row(np.concatenate(pooled), reference),
                      "eval_seconds": round(time.perf_counter() - tic, 1)})
     return rows
 
@@ -463,15 +449,6 @@ def format_markdown(rows: list[dict], settings: ConvergenceConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def format_csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for r in sorted(rows, key=lambda r: (r["train_seed"], ARMS.index(r["arm"]), r["step"], str(r["sample_seed"]))):
-        writer.writerow(r)
-    return buffer.getvalue()
-
-
 def plot(rows: list[dict], settings: ConvergenceConfig, path: Path) -> None:
     """KID and FID against the training step: one curve per arm (and training seed)."""
     curves = curve_rows(rows)
@@ -506,10 +483,9 @@ def write_outputs(out: Path, settings: ConvergenceConfig, rows: list[dict], scal
         "reading": reading(rows, settings),
         "rows": rows,
     }
-    write_text_atomic(out / "convergence.csv", format_csv(rows))
-    write_text_atomic(out / "convergence.md", format_markdown(rows, settings))
-    write_text_atomic(out / "convergence.json", json.dumps(record, indent=2) + "\n")
-    plot(rows, settings, out / "convergence.png")
+    ordered = sorted(rows, key=lambda r: (r["train_seed"], ARMS.index(r["arm"]), r["step"], str(r["sample_seed"])))
+    write_result_set(out, "convergence", ordered, CSV_COLUMNS, record, format_markdown(rows, settings),
+                     lambda path: plot(rows, settings, path))
     return record
 
 

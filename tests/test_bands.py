@@ -16,7 +16,8 @@ from PIL import Image
 from pixelrepa.cli.main import main
 from pixelrepa.config import get_preset
 from pixelrepa.data.packed import pack_arrays
-from pixelrepa.evaluation import sweep
+from pixelrepa.evaluation import pipeline, sweep
+from pixelrepa.evaluation.metrics import ScoreSettings
 from pixelrepa.evaluation.sample_folder import MANIFEST_FORMAT, MANIFEST_NAME
 from pixelrepa.models.jit import JiT
 from pixelrepa.weights import save_model_file
@@ -54,19 +55,18 @@ def folders(tmp_path_factory):
     return seeds, short, ref
 
 
-def evaluate(paths, ref, out, *extra):
+def evaluate(paths, ref, metrics):
+    settings = pipeline.EvalSettings(tuple(paths), ref, metrics, scores=ScoreSettings(kid_subsets=4))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main(["eval", *map(str, paths), "--ref", str(ref), "--device", "cpu", "--out", str(out),
-                     "--kid-subsets", "4", *extra]) == 0
-    return json.loads(out.read_text())
+        return json.loads(json.dumps(pipeline.evaluate(settings, torch.device("cpu"))))
 
 
 @pytest.fixture(scope="module")
-def single(folders, tmp_path_factory):
+def single(folders):
     """The single-source record of the seed-0 folder."""
     seeds, _, ref = folders
-    return evaluate(seeds[:1], ref, tmp_path_factory.mktemp("single") / "one.json", "--metrics", "fid", "kid", "pr")
+    return evaluate(seeds[:1], ref, ("fid", "kid", "pr"))
 
 
 def test_band_is_numpy_mean_and_sample_std():
@@ -80,8 +80,8 @@ def test_band_is_numpy_mean_and_sample_std():
 
 def test_eval_bands_over_seed_folders(folders, single, tmp_path, capsys):
     seeds, _, ref = folders
-    record = evaluate(seeds, ref, tmp_path / "bands.json", "--metrics", "fid", "kid", "pr")
-    err = capsys.readouterr().err
+    record = evaluate(seeds, ref, ("fid", "kid", "pr"))
+    summary = pipeline.format_bands(record["bands"])
     assert [run["seed"] for run in record["runs"]] == [0, 1, 2] and "metrics" not in record
     assert [s["path"] for s in record["samples"]] == [str(p.resolve()) for p in seeds]
     per_seed = {"fid": [r["metrics"]["fid"] for r in record["runs"]],
@@ -95,7 +95,7 @@ def test_eval_bands_over_seed_folders(folders, single, tmp_path, capsys):
         assert band["mean"] == pytest.approx(np.mean(values)) and band["std"] == pytest.approx(np.std(values, ddof=1))
     assert len(set(per_seed["fid"])) == 3  # different images, different FIDs
     assert "ddof=1" in record["band_std"]
-    assert f"FID {record['bands']['fid']['mean']:.4g} ± " in err and "(3 seeds, sample std)" in err
+    assert f"FID {record['bands']['fid']['mean']:.4g} ± " in summary and "(3 seeds, sample std)" in summary
 
     # Each run is the evaluation of its folder alone, whose record keeps the single-source format.
     assert "runs" not in single and "bands" not in single and single["samples"] == record["samples"][0]
@@ -107,12 +107,23 @@ def test_eval_bands_over_seed_folders(folders, single, tmp_path, capsys):
 
 def test_copies_of_one_folder_have_zero_std(folders, single, tmp_path, capsys):
     seeds, _, ref = folders
-    record = evaluate([seeds[0]] * 3, ref, tmp_path / "copies.json", "--metrics", "kid", "pr")
+    record = evaluate([seeds[0]] * 3, ref, ("kid", "pr"))
     band = record["bands"]["kid"]
     assert band["std"] == 0.0 and band["n"] == 3
     assert band["mean"] == pytest.approx(single["metrics"]["kid"]["mean"], rel=1e-9)
     assert all(r["metrics"]["kid"]["mean"] == single["metrics"]["kid"]["mean"] for r in record["runs"]) and record["bands"]["precision"]["std"] == 0.0
     assert any("more than once" in w for w in record["warnings"]) and "more than once" in capsys.readouterr().err
+
+
+def test_eval_command_prints_the_bands(folders, tmp_path, capsys):
+    seeds, _, ref = folders
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["eval", str(seeds[0]), str(seeds[1]), "--ref", str(ref), "--device", "cpu",
+                     "--out", str(tmp_path / "bands.json")]) == 0
+    record = json.loads((tmp_path / "bands.json").read_text())
+    assert pipeline.format_bands(record["bands"]) in capsys.readouterr().err and "(2 seeds, sample std)" in \
+        pipeline.format_bands(record["bands"])
 
 
 def test_mixed_counts_and_seeds_refused(folders, capsys):

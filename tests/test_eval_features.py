@@ -14,7 +14,7 @@ from PIL import Image
 
 from pixelrepa.cli.main import main
 from pixelrepa.data.packed import pack_arrays
-from pixelrepa.evaluation.features import SourceSlice, build_feature_extractor, identify, rank_slice
+from pixelrepa.evaluation.features import build_feature_extractor, identify, rank_slice
 from pixelrepa.evaluation.metrics import ImageSource, extract_features, load_reference
 
 LITE0 = "encoder:efficientnet-lite0"
@@ -110,8 +110,8 @@ def test_source_slices_read_the_images_of_their_range(tmp_path):
     for path in (tmp_path / "pngs", tmp_path / "images.npz", tmp_path / "pack"):
         source = ImageSource(path)
         for start, stop in ((0, 3), (3, 7), (5, 5), (2, 6)):
-            batches = list(SourceSlice(source, start, stop).batches(2))
-            got = np.concatenate(batches) if batches else np.zeros((0, 8, 8, 3), np.uint8)
+            batches = list(source.part(start, stop).batches(2))
+            got = torch.cat(batches).permute(0, 2, 3, 1).numpy() if batches else np.zeros((0, 8, 8, 3), np.uint8)
             np.testing.assert_array_equal(got, images[start:stop], err_msg=f"{path} [{start}, {stop})")
 
 

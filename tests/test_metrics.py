@@ -176,7 +176,7 @@ def test_sources_agree_and_stream_in_batches(tmp_path):
         source = ImageSource(tmp_path / path)
         batches = list(source.batches(3))
         assert [len(b) for b in batches] == [3, 3, 1], path
-        np.testing.assert_array_equal(np.concatenate(batches), images)
+        np.testing.assert_array_equal(torch.cat(batches).permute(0, 2, 3, 1).numpy(), images)  # (B, 3, H, W)
         assert len(ImageSource(tmp_path / path, max_images=4)) == 4
 
 

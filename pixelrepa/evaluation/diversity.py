@@ -29,13 +29,11 @@ is its command line.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,8 +50,9 @@ from pixelrepa.sampling import ClassLayout
 from pixelrepa.images import read_png
 
 from pixelrepa.evaluation.sample_folder import IMAGES_DIR, MANIFEST_NAME, NPZ_NAME, png_path
-from pixelrepa.evaluation.metrics import PR_NEIGHBORHOOD, precision_recall
-from pixelrepa.files import created, write_text_atomic
+from pixelrepa.evaluation.metrics import PR_NEIGHBORHOOD, extract_features, precision_recall
+from pixelrepa.evaluation.results import write_result_set
+from pixelrepa.files import created
 
 DIVERSITY_FORMAT = "pixelrepa-probe-diversity/1"
 SPACES = ("encoder", "inception")
@@ -222,12 +221,26 @@ def summarise(rows: list[dict], spaces: Sequence[str], top: int = DEFAULT_TOP) -
 
 @dataclass
 class ImageSet:
-    """Labelled images read by index: `read(indices)` gives uint8 (B, 3, H, W)."""
+    """Labelled images read by index: `read(indices)` gives uint8 (B, 3, H, W); an `ImageBatches` of
+    all of them in order, or of `subset(indices)`."""
 
     labels: np.ndarray
     read: Callable[[np.ndarray], Tensor]
     source: dict = field(default_factory=dict)
     class_names: tuple[str, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int) -> Iterator[Tensor]:
+        for start in range(0, len(self), batch_size):
+            yield self.read(np.arange(start, min(start + batch_size, len(self))))
+
+    def subset(self, indices: np.ndarray) -> "ImageSet":
+        """The images at `indices`, in that order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return ImageSet(self.labels[indices], lambda idx: self.read(indices[np.asarray(idx)]), self.source,
+                        self.class_names)
 
     @classmethod
     def from_tensor(cls, images: Tensor, labels: Sequence[int], source: dict | None = None) -> "ImageSet":
@@ -340,17 +353,10 @@ def _listing(values: set, limit: int = 8) -> str:
     return (text + f", ... ({len(ordered)} in all)" if len(ordered) > limit else text) or "none"
 
 
-@torch.no_grad()
 def extract(extractor: nn.Module, images: ImageSet, indices: np.ndarray, batch_size: int = 64,
             device: torch.device | str = "cpu", progress: Callable[[int], object] | None = None) -> np.ndarray:
-    """float32 (len(indices), D) features: `extractor(uint8 (B, 3, H, W))[0]` batch by batch."""
-    parts = []
-    for start in range(0, len(indices), batch_size):
-        x = images.read(indices[start:start + batch_size]).to(device)
-        parts.append(extractor(x)[0].float().cpu().numpy())
-        if progress is not None:
-            progress(len(x))
-    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+    """float32 (len(indices), D) features of the images at `indices` (`metrics.extract_features`)."""
+    return extract_features(images.subset(indices), extractor, batch_size, device, progress)
 
 
 # ---------------------------------------------------------------------------
@@ -359,16 +365,6 @@ def extract(extractor: nn.Module, images: ImageSet, indices: np.ndarray, batch_s
 
 def columns(spaces: Sequence[str]) -> list[str]:
     return ["class", "name", "n_generated", "n_real", *(f"{s}_{m}" for s in spaces for m in PER_SPACE)]
-
-
-def format_csv(rows: list[dict], spaces: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    names = columns(spaces)
-    writer.writerow(names)
-    for row in rows:
-        writer.writerow([f"{row[n]:.6g}" if isinstance(row[n], float) else row[n] for n in names])
-    return buffer.getvalue()
 
 
 def format_table(rows: list[dict], summary: dict, spaces: Sequence[str]) -> str:
@@ -433,24 +429,10 @@ def collapsed_grid(generated: ImageSet, generated_index: np.ndarray, real: Image
     save_labelled_grid(images, names, path, scale=scale)
 
 
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def write_outputs(out: Path, record: dict, rows: list[dict], summary: dict, spaces: Sequence[str]) -> None:
     """diversity.csv, diversity.json (`record` + summary + rows as `results`, NaN as null), diversity.png."""
-    out = Path(out)
-    write_text_atomic(out / "diversity.csv", format_csv(rows, spaces))
-    body = {**record, "summary": summary, "results": rows}
-    write_text_atomic(out / "diversity.json", json.dumps(_json_safe(body), indent=2) + "\n")
-    plot(rows, summary, spaces, out / "diversity.png")
-
+    write_result_set(out, "diversity", rows, columns(spaces), {**record, "summary": summary, "results": rows},
+                     plot=lambda path: plot(rows, summary, spaces, path))
 
 # ---------------------------------------------------------------------------
 # Generated images against a pack

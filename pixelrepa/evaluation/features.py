@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +40,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pixelrepa.evaluation import inception
-from pixelrepa.images import read_png
-from pixelrepa.evaluation.metrics import PR_NEIGHBORHOOD, ImageSource, extract_features
+from pixelrepa.evaluation.metrics import PR_NEIGHBORHOOD, ImageBatches, ImageSource, extract_features
 from pixelrepa.files import file_digest
 
 INCEPTION = "inception"
@@ -130,6 +128,13 @@ def weights_by_metric(metrics: list[str], network: dict, classifier: dict | None
         out["is"] = {"network": f"{inception.EXTRACTOR_NAME} classifier", "weights": classifier["weights"],
                      "sha256": classifier["sha256"], "found_by": classifier["found_by"]}
     return out
+
+
+def unpublished_note(classifier: dict) -> str:
+    """The warning for Inception Score weights that are not torch-fidelity's published file."""
+    return (f"the Inception Score weights {classifier['weights']} are not torch-fidelity's published file (SHA-256 "
+            f"{classifier['sha256'][:8]}..., not {inception.PUBLISHED_SHA256_PREFIX}...): the score is not "
+            "comparable with published ones")
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -247,50 +252,6 @@ def check_reference(path: str | Path, reference, identity: str, dim: int) -> Non
 # Feature extraction across ranks
 # ---------------------------------------------------------------------------
 
-class SourceSlice:
-    """Images [start, stop) of an `ImageSource`, read in batches (what `extract_features` needs)."""
-
-    def __init__(self, source: ImageSource, start: int, stop: int) -> None:
-        self.source, self.start, self.stop = source, start, stop
-        self.first_shape: tuple[int, ...] | None = None
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        for index, batch in zip(range(self.start, self.stop, batch_size), self._chunks(batch_size)):
-            for k, image in enumerate(batch):
-                if self.first_shape is None:
-                    self.first_shape = image.shape
-                if image.shape != self.first_shape:
-                    raise ValueError(f"{self.source._name(index + k)} is {image.shape[1]}x{image.shape[0]}, but "
-                                     f"image {self.start} is {self.first_shape[1]}x{self.first_shape[0]}: "
-                                     "images of mixed sizes")
-            yield np.stack(batch)
-
-    def _chunks(self, batch_size: int) -> Iterator[list[np.ndarray]]:
-        src, starts = self.source, range(self.start, self.stop, batch_size)
-        if src.kind == "png-folder":
-            for s in starts:
-                yield [read_png(p) for p in src._pngs[s:min(s + batch_size, self.stop)]]
-        elif src.kind == "pack":
-            for s in starts:
-                yield list(np.asarray(src._pack.images[s:min(s + batch_size, self.stop)]))
-        else:  # a compressed zip member does not seek: read past the images before the slice
-            (_, height, width, _), offset = src._npz_header()
-            image_bytes = height * width * 3
-            with zipfile.ZipFile(src.path) as archive, archive.open("arr_0.npy") as f:
-                f.read(offset)
-                for skip in range(0, self.start, batch_size):
-                    f.read(min(batch_size, self.start - skip) * image_bytes)
-                for s in starts:
-                    n = min(batch_size, self.stop - s)
-                    data = np.frombuffer(f.read(n * image_bytes), dtype=np.uint8)
-                    if data.size != n * image_bytes:
-                        raise ValueError(f"{src.path}: 'arr_0' is truncated at image {s + data.size // image_bytes}")
-                    yield list(data.reshape(n, height, width, 3))
-
-
 def rank_slice(count: int, rank: int, world_size: int) -> tuple[int, int]:
     """The contiguous image range [start, stop) of `rank`."""
     return rank * count // world_size, (rank + 1) * count // world_size
@@ -326,7 +287,7 @@ def extract_features_distributed(source: ImageSource, extractor: nn.Module, batc
     if world.world_size <= 1 or not dist.is_initialized():
         return extract_features(source, extractor, batch_size, device, progress)
     start, stop = rank_slice(len(source), world.rank, world.world_size)
-    part = SourceSlice(source, start, stop)
+    part = source.part(start, stop)
     value, error = (None, None), None
     try:
         if len(part):
@@ -361,7 +322,7 @@ def check_count(count: int, name: str, metrics: list[str] | None = None, is_spli
         raise ValueError(f"{name} has {count} image(s); the covariance needs at least 2")
 
 
-def features_of(source: ImageSource, extractor: torch.nn.Module, batch_size: int, device: torch.device,
+def features_of(source: ImageBatches, extractor: torch.nn.Module, batch_size: int, device: torch.device,
                 label: str, world=None) -> tuple[np.ndarray | None, float]:
     """Features of a source with the feature network, and the seconds spent. Under torchrun (`world`)
     each rank extracts its slice and rank 0 gets all features in image order; the others get None."""

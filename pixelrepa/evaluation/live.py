@@ -14,7 +14,7 @@ features are gathered to rank 0 in image order, which computes the numbers; the 
 None.
 
 The numbers are those of `pixelrepa eval` on the same images written to a folder (FID with eps
-`metrics.FID_EPS`; KID with that command's defaults: 100 subsets of up to 1000, seed 2020), so a
+`metrics.FID_EPS`; KID with that command's defaults, `metrics.DEFAULTS`), both through `metrics.score`, so a
 live curve and an offline evaluation agree to float rounding. With `eval.align` the
 alignment probe (`probe.align_probe`) runs at the tap block on a fixed seeded subset of the
 training pack, against the run's alignment encoder, at `probe.DEFAULT_T`.
@@ -45,24 +45,9 @@ from torch import nn
 from pixelrepa.config import RunConfig
 from pixelrepa.evaluation import features as feature_networks
 from pixelrepa.sampling import class_layout, generate
-from pixelrepa.evaluation.metrics import (
-    FID_EPS,
-    Reference,
-    SmallSampleWarning,
-    feature_statistics,
-    frechet_distance,
-    kernel_inception_distance,
-    load_reference,
-)
+from pixelrepa.evaluation.metrics import DEFAULTS, Reference, SmallSampleWarning, load_reference, scalars, score
 from pixelrepa.evaluation.plots import Panel, line_plot
 from pixelrepa.rng import preserved_rng
-
-KID_SUBSETS = 100
-"""KID subsets: `pixelrepa eval`'s default (--kid-subsets)."""
-KID_SUBSET_SIZE = 1000
-"""KID subset size, capped at the smaller set: `pixelrepa eval`'s default (--kid-subset-size)."""
-KID_SEED = 2020
-"""KID subset draws: `pixelrepa eval`'s default (--seed), torch-fidelity's."""
 
 
 @dataclass
@@ -224,20 +209,15 @@ class LiveEvaluator:
             rows = features[space.name]
             if len(rows) != self.num_images:
                 raise RuntimeError(f"{len(rows)} {space.name} feature rows for {self.num_images} images")
+            metrics = ("fid", "kid") if space.name == "inception" and self.kid else ("fid",)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", SmallSampleWarning)  # said once, in `notes`
                 if len(rows) <= len(space.reference.mu):  # singular covariance: also said in `notes`
                     warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-                mu, sigma = feature_statistics(rows)
-                distance = frechet_distance(mu, sigma, space.reference.mu, space.reference.sigma, FID_EPS)
-            if space.name == "inception":
-                out["fid"] = distance
-                if self.kid:
-                    kid = kernel_inception_distance(rows, space.reference.features, KID_SUBSETS, KID_SUBSET_SIZE,
-                                                    KID_SEED)
-                    out["kid_mean"], out["kid_std"] = float(kid["mean"]), float(kid["std"])
-            else:
-                out["fd_encoder"] = distance
+                values = scalars(score(rows, space.reference, metrics))
+            if space.name == "encoder":
+                values = {"fd_encoder": values["fid"]}
+            out.update(values)
         return out
 
     def _align(self, net: nn.Module) -> dict[str, float]:
@@ -259,7 +239,8 @@ class LiveEvaluator:
                 "world_size": self.world_size, "sampler": dataclasses.asdict(self.config.sampler),
                 "references": {s.name: str(s.path.resolve()) for s in self.spaces},
                 "feature_networks": {s.name: (s.record or {}).get("id") for s in self.spaces},
-                "kid": self.kid and {"subsets": KID_SUBSETS, "subset_size": KID_SUBSET_SIZE, "seed": KID_SEED},
+                "kid": self.kid and {"subsets": DEFAULTS.kid_subsets, "subset_size": DEFAULTS.kid_subset_size,
+                                     "seed": DEFAULTS.kid_seed},
                 "align": self.probe is not None, "notes": list(self.notes)}
 
     def plot(self, log_path: Path) -> None:

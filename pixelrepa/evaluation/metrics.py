@@ -17,20 +17,23 @@ covariance is singular (rank <= n - 1); FID is still computed, through the eps f
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import scipy.linalg
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from pixelrepa.data.packed import MANIFEST as PACK_MANIFEST
 from pixelrepa.data.packed import PackedDataset
+from pixelrepa.evaluation.inception import classifier_missing_reason
 from pixelrepa.files import atomic_write
 from pixelrepa.images import read_png
 from pixelrepa.evaluation.sample_folder import IMAGES_DIR
@@ -49,6 +52,24 @@ class SmallSampleWarning(UserWarning):
 
 PR_NEIGHBORHOOD = 3
 """k of the k-nearest-neighbour precision / recall (Kynkaanniemi et al.)."""
+METRICS = ("fid", "kid", "pr", "is")
+"""What `score` computes: FID (or FD in an encoder's space), KID, precision / recall, Inception Score."""
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """KID and Inception Score settings; the defaults are torch-fidelity's, used by every evaluation."""
+
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    """Capped at the smaller set."""
+    kid_seed: int = 2020
+    is_splits: int = 10
+    is_seed: int = 2020
+    """The Inception Score's split shuffle."""
+
+
+DEFAULTS = ScoreSettings()
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -59,11 +80,16 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n, dim = features.shape
     if n < 2:
         raise ValueError(f"{n} sample(s): the covariance needs at least 2")
+    warn_small_sample(n, dim)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def warn_small_sample(n: int, dim: int) -> None:
+    """A `SmallSampleWarning` when n <= dim: the covariance is singular and FID strongly biased."""
     if n <= dim:
         warnings.warn(f"{n} samples for {dim}-d features: the covariance is singular (rank <= {n - 1}) "
                       "and FID is strongly biased; use more samples than the feature dimension",
-                      SmallSampleWarning, stacklevel=2)
-    return features.mean(axis=0), np.cov(features, rowvar=False)
+                      SmallSampleWarning, stacklevel=3)
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
@@ -91,8 +117,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def kernel_inception_distance(generated: np.ndarray, real: np.ndarray, subsets: int = 100,
-                              subset_size: int = 1000, seed: int = 2020) -> dict:
+def kernel_inception_distance(generated: np.ndarray, real: np.ndarray, subsets: int = DEFAULTS.kid_subsets,
+                              subset_size: int = DEFAULTS.kid_subset_size, seed: int = DEFAULTS.kid_seed) -> dict:
     """KID through torch-fidelity (unbiased MMD^2, polynomial kernel degree 3, gamma 1/D, coef 1)
     over `subsets` random subsets of min(subset_size, N1, N2) samples: mean, std and the settings."""
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
@@ -121,7 +147,7 @@ def precision_recall(generated: np.ndarray, real: np.ndarray, neighborhood: int 
             "f_score": out[KEY_METRIC_F_SCORE], "neighborhood": neighborhood}
 
 
-def inception_score(logits: np.ndarray, splits: int = 10, seed: int = 2020) -> dict:
+def inception_score(logits: np.ndarray, splits: int = DEFAULTS.is_splits, seed: int = DEFAULTS.is_seed) -> dict:
     """Inception Score through torch-fidelity on logits (N, C): the images are shuffled (`seed`) and cut
     into `splits` parts; per part exp(mean_x KL(p(y|x) || p(y))), p = softmax of the logits and p(y)
     the part's mean; the value is the mean over the parts, with their standard deviation."""
@@ -136,6 +162,50 @@ def inception_score(logits: np.ndarray, splits: int = 10, seed: int = 2020) -> d
     out = isc_features_to_metric(torch.as_tensor(logits), splits=splits, shuffle=True, rng_seed=seed)
     return {"value": out[KEY_METRIC_ISC_MEAN], "std": out[KEY_METRIC_ISC_STD], "available": True,
             "splits": splits, "seed": seed, "shuffle": True}
+
+
+def score(features: np.ndarray, reference: Reference | None, metrics: Sequence[str] = ("fid",),
+          settings: ScoreSettings = DEFAULTS, logits: np.ndarray | None = None) -> dict:
+    """`metrics` (of METRICS) of features (N, D) against `reference`: {"fid": float, "kid": dict, "pr": dict,
+    "is": dict}. FID needs the reference's statistics, KID and precision / recall its features; the
+    Inception Score is of `logits` (N, C) alone, and without them is reported as unavailable. Warns
+    (`SmallSampleWarning`) when N <= D."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(METRICS)}")
+    warn_small_sample(*np.shape(features))
+    values: dict[str, object] = {}
+    if "fid" in metrics:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SmallSampleWarning)  # said once, above
+            mu, sigma = feature_statistics(features)
+        values["fid"] = frechet_distance(mu, sigma, reference.mu, reference.sigma)
+    if "kid" in metrics:
+        values["kid"] = kernel_inception_distance(features, reference.features, settings.kid_subsets,
+                                                  settings.kid_subset_size, settings.kid_seed)
+    if "pr" in metrics:
+        values["pr"] = precision_recall(features, reference.features, PR_NEIGHBORHOOD)
+    if "is" in metrics:
+        values["is"] = {"value": None, "available": False, "reason": classifier_missing_reason()} if logits is None \
+            else inception_score(logits, settings.is_splits, settings.is_seed)
+    return values
+
+
+def scalars(values: dict) -> dict[str, float | None]:
+    """The numbers of a `score` result as flat columns: fid, kid_mean, kid_std, precision, recall, is_mean,
+    is_std (those computed; None where unavailable)."""
+    out: dict[str, float | None] = {}
+    if "fid" in values:
+        out["fid"] = float(values["fid"])
+    if "kid" in values:
+        out["kid_mean"], out["kid_std"] = float(values["kid"]["mean"]), float(values["kid"]["std"])
+    if "pr" in values:
+        out["precision"], out["recall"] = float(values["pr"]["precision"]), float(values["pr"]["recall"])
+    if "is" in values:
+        available = values["is"]["available"]
+        out["is_mean"] = float(values["is"]["value"]) if available else None
+        out["is_std"] = float(values["is"]["std"]) if available else None
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -201,10 +271,20 @@ def load_reference(path: str | Path, dim: int | None = None) -> Reference:
 # Image sources and feature extraction
 # ---------------------------------------------------------------------------
 
-class ImageSource:
-    """uint8 (B, 3, H, W) batches from a PNG folder, a sample folder, an ADM `.npz` or a pack folder.
+class ImageBatches(Protocol):
+    """Images read in batches, what `extract_features` takes: `len` images in all, in a fixed order."""
 
-    All images must have one size. `max_images` keeps only the first ones."""
+    def __len__(self) -> int: ...
+
+    def batches(self, batch_size: int) -> Iterator[Tensor]:
+        """uint8 (B, 3, H, W) CPU tensors of up to `batch_size` images each."""
+
+
+class ImageSource:
+    """The images of a PNG folder, a sample folder, an ADM `.npz` or a pack folder (an `ImageBatches`).
+
+    All images must have one size. `max_images` keeps only the first ones; `part(start, stop)` is the
+    source of images [start, stop) alone (a rank's slice under torchrun)."""
 
     def __init__(self, path: str | Path, max_images: int | None = None):
         self.path = Path(path)
@@ -227,48 +307,60 @@ class ImageSource:
                 raise ValueError(f"{folder} holds no .png images")
         self.total = total
         self.count = total if max_images is None else min(total, max_images)
+        self.start = 0
+        self.first_shape: tuple[int, ...] | None = None
+        """(H, W, 3) of the first image read, once `batches` has read one."""
 
     def __len__(self) -> int:
         return self.count
 
+    def part(self, start: int, stop: int) -> "ImageSource":
+        """Images [start, stop) of this source."""
+        part = copy.copy(self)
+        part.start, part.count, part.first_shape = self.start + start, stop - start, None
+        return part
+
     def describe(self) -> dict:
         return {"path": str(self.path.resolve()), "kind": self.kind, "available": self.total, "used": self.count}
 
-    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        """uint8 (B, H, W, 3) arrays, checked to share one size."""
-        first_shape, index = None, 0
+    def batches(self, batch_size: int) -> Iterator[Tensor]:
+        """uint8 (B, 3, H, W) tensors, checked to share one size."""
+        first = "the first image" if self.start == 0 else f"image {self.start}"
+        index = self.start
         for batch in self._chunks(batch_size):
-            if first_shape is None:
-                first_shape = batch[0].shape
             for image in batch:
-                if image.shape != first_shape:
-                    raise ValueError(f"{self._name(index)} is {image.shape[1]}x{image.shape[0]}, but the first "
-                                     f"image is {first_shape[1]}x{first_shape[0]}: images of mixed sizes")
+                if self.first_shape is None:
+                    self.first_shape = image.shape
+                if image.shape != self.first_shape:
+                    raise ValueError(f"{self._name(index)} is {image.shape[1]}x{image.shape[0]}, but {first} is "
+                                     f"{self.first_shape[1]}x{self.first_shape[0]}: images of mixed sizes")
                 index += 1
-            yield np.stack(batch)
+            yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
 
     def _name(self, index: int) -> str:
         return str(self._pngs[index]) if self.kind == "png-folder" else f"{self.path} image {index}"
 
     def _chunks(self, batch_size: int) -> Iterator[list[np.ndarray]]:
-        starts = range(0, self.count, batch_size)
+        stop = self.start + self.count
+        starts = range(self.start, stop, batch_size)
         if self.kind == "png-folder":
-            for start in starts:
-                yield [read_png(p) for p in self._pngs[start:start + batch_size]]
+            for s in starts:
+                yield [read_png(p) for p in self._pngs[s:min(s + batch_size, stop)]]
         elif self.kind == "pack":
-            for start in starts:
-                yield list(np.asarray(self._pack.images[start:min(start + batch_size, self.count)]))
-        else:  # one sequential pass through the (possibly compressed) zip member
+            for s in starts:
+                yield list(np.asarray(self._pack.images[s:min(s + batch_size, stop)]))
+        else:  # one sequential pass through the (possibly compressed) zip member, which does not seek
             (_, height, width, _), offset = self._npz_header()
             image_bytes = height * width * 3
             with zipfile.ZipFile(self.path) as archive, archive.open("arr_0.npy") as f:
                 f.read(offset)
-                for start in starts:
-                    n = min(batch_size, self.count - start)
+                for skip in range(0, self.start, batch_size):
+                    f.read(min(batch_size, self.start - skip) * image_bytes)
+                for s in starts:
+                    n = min(batch_size, stop - s)
                     data = np.frombuffer(f.read(n * image_bytes), dtype=np.uint8)
                     if data.size != n * image_bytes:
-                        raise ValueError(f"{self.path}: 'arr_0' is truncated at image "
-                                         f"{start + data.size // image_bytes}")
+                        raise ValueError(f"{self.path}: 'arr_0' is truncated at image {s + data.size // image_bytes}")
                     yield list(data.reshape(n, height, width, 3))
 
     def _npz_header(self) -> tuple[tuple[int, ...], int]:
@@ -291,19 +383,20 @@ class ImageSource:
 
 
 @torch.no_grad()
-def extract_features(source: ImageSource, extractor: nn.Module, batch_size: int = 50,
+def extract_features(source: ImageBatches, extractor: nn.Module, batch_size: int = 50,
                      device: torch.device | str = "cpu", progress=None) -> np.ndarray:
-    """float32 (N, D) features of every image of `source`, batch by batch; `progress(n)` after each batch."""
+    """float32 (N, D) features of every image of `source`, batch by batch (`extractor` maps uint8
+    (B, 3, H, W) to `((B, D),)`); `progress(n)` after each batch."""
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
     features, tf32 = [], torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # full float32 convolutions on GPU, as on CPU
     try:
         for batch in source.batches(batch_size):
-            x = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous().to(device)
+            x = batch.contiguous().to(device)
             features.append(extractor(x)[0].float().cpu().numpy())
             if progress is not None:
                 progress(len(batch))
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
-    return np.concatenate(features)
+    return np.concatenate(features) if features else np.zeros((0, 0), np.float32)

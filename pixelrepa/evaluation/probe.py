@@ -32,11 +32,7 @@ for a trained run and a pack; `pixelrepa probe align` is its command line.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
-import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -55,7 +51,8 @@ from pixelrepa.data.transforms import to_model_range
 from pixelrepa.distributed import World
 from pixelrepa.evaluation.alignment import cknna, linear_cka, mutual_knn
 from pixelrepa.evaluation.plots import HeatmapPanel, heatmap
-from pixelrepa.files import created, write_text_atomic
+from pixelrepa.evaluation.results import write_result_set
+from pixelrepa.files import created
 from pixelrepa.loading import Ema, load_head, load_model
 from pixelrepa.models.jit import JiT
 from pixelrepa.objective import head_prediction
@@ -316,15 +313,6 @@ def table_rows(table: Table) -> list[dict]:
     return [{"block": b, "t": t, **values} for (b, t), values in sorted(table.items())]
 
 
-def format_csv(table: Table) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for row in table_rows(table):
-        writer.writerow([row["block"], f"{row['t']:g}", *(f"{row[m]:.6g}" for m in METRICS)])
-    return buffer.getvalue()
-
-
 def format_grids(table: Table) -> str:
     """Each metric as a text grid: one row per block, one column per t."""
     blocks = sorted({b for b, _ in table})
@@ -358,13 +346,8 @@ def plot(table: Table, path: Path) -> None:
 def write_outputs(out: Path, record: dict, table: Table) -> None:
     """alignment.csv, alignment.json (`record` with the rows as `results`, NaN as null) and alignment.png
     in `out`."""
-    out = Path(out)
-    rows = [{key: None if isinstance(v, float) and not math.isfinite(v) else v for key, v in row.items()}
-            for row in table_rows(table)]  # NaN (a constant feature set) is not JSON
-    write_text_atomic(out / "alignment.csv", format_csv(table))
-    write_text_atomic(out / "alignment.json", json.dumps({**record, "results": rows}, indent=2) + "\n")
-    plot(table, out / "alignment.png")
-
+    rows = table_rows(table)
+    write_result_set(out, "alignment", rows, COLUMNS, {**record, "results": rows}, plot=lambda path: plot(table, path))
 
 # ---------------------------------------------------------------------------
 # A trained run against a pack

@@ -36,13 +36,12 @@ reference: a sweep of IS alone may leave out `ref`.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import dataclasses
 import math
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,17 +56,19 @@ from pixelrepa.evaluation.features import check_count, features_of, is_image_npz
 from pixelrepa.sampling import class_layout, generate
 from pixelrepa.loading import is_model_file, load_model, resolve_model_path
 from pixelrepa.evaluation.plots import Panel, line_plot
+from pixelrepa.evaluation.results import cell, format_csv, write_result_set
 from pixelrepa.files import created, write_text_atomic
 from pixelrepa.evaluation.metrics import (
+    DEFAULTS,
     FID_EPS,
     ImageSource,
     Reference,
+    ScoreSettings,
     extract_features,
     feature_statistics,
-    frechet_distance,
-    inception_score,
-    kernel_inception_distance,
     load_reference,
+    scalars,
+    score,
 )
 
 SWEEP_FORMAT = "pixelrepa-sweep/1"
@@ -83,8 +84,6 @@ BANDED = (("fid_mean", "fid_std", "fid"), ("kid_mean", "kid_std", "kid_mean"), (
 """(band mean column, band std column, per-seed column) of a band row."""
 BAND_DDOF = 1
 """Bands report the sample standard deviation (numpy's ddof=1) over the seeds."""
-KID_SEED = 2020  # KID subset draws (torch-fidelity's default); `seed` is the sampling seed here
-IS_SEED = 2020  # IS split shuffle (torch-fidelity's default)
 
 
 @dataclass(frozen=True)
@@ -118,11 +117,17 @@ class SweepSettings:
     """Sampling seed: image k is drawn from the noise of index k and this seed."""
     seeds: tuple[int, ...] | None = None
     """Sampling seeds (each once) for reproduction bands, each setting sampled once per seed; None: (seed,)."""
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000
-    is_splits: int = 10
+    kid_subsets: int = DEFAULTS.kid_subsets
+    kid_subset_size: int = DEFAULTS.kid_subset_size
+    is_splits: int = DEFAULTS.is_splits
     inception_weights: str | None = None
     """torch-fidelity's classifier weights for the Inception Score; None: its download cache."""
+
+    @property
+    def scores(self) -> ScoreSettings:
+        """The KID and IS settings; their seeds are the defaults (`seed` is the sampling seed here)."""
+        return dataclasses.replace(DEFAULTS, kid_subsets=self.kid_subsets, kid_subset_size=self.kid_subset_size,
+                                   is_splits=self.is_splits)
 
 
 # ---------------------------------------------------------------------------
@@ -130,7 +135,7 @@ class SweepSettings:
 # ---------------------------------------------------------------------------
 
 class GeneratedImages:
-    """An image source (`batches`, as `extract_features` reads) that samples the images on the fly."""
+    """An `ImageBatches` that samples the images on the fly (`batch_size` images per sampler pass)."""
 
     def __init__(self, net, config: RunConfig, num_images: int, layout, batch_size: int, device, seed: int):
         self.net, self.config, self.num_images, self.layout = net, config, num_images, layout
@@ -139,10 +144,10 @@ class GeneratedImages:
     def __len__(self) -> int:
         return self.num_images
 
-    def batches(self, batch_size: int):
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         for _, images in generate(self.net, self.config, range(self.num_images), self.layout, self.batch_size,
                                   self.device, self.seed):
-            yield images.permute(0, 2, 3, 1).numpy()
+            yield images
 
 
 def run(settings: SweepSettings, device: torch.device) -> dict:
@@ -184,10 +189,7 @@ def run(settings: SweepSettings, device: torch.device) -> dict:
               "weights": feature_networks.weights_by_metric(metrics, {"id": "inception", **network}, classifier),
               "settings": None, "results": [], "best": None, "warnings": [], "created": created()}
     if classifier is not None and not classifier["matches_published"]:
-        record["warnings"].append(f"the Inception Score weights {classifier['weights']} are not torch-fidelity's "
-                                  f"published file (SHA-256 {classifier['sha256'][:8]}..., not "
-                                  f"{inception.PUBLISHED_SHA256_PREFIX}...): the scores are not comparable with "
-                                  "published ones")
+        record["warnings"].append(feature_networks.unpublished_note(classifier))
         print(f"warning: {record['warnings'][-1]}", file=sys.stderr)
     for ema, path in paths.items():
         config, net, _ = load_model(path, device=device)
@@ -204,7 +206,7 @@ def run(settings: SweepSettings, device: torch.device) -> dict:
                 "seed": None if banded else seeds[0], "seeds": seeds,
                 "metrics": metrics, "batch_size": settings.batch_size, "device": str(device), "fid_eps": FID_EPS,
                 "kid_subsets": settings.kid_subsets, "kid_subset_size": settings.kid_subset_size,
-                "kid_seed": KID_SEED, "is_splits": settings.is_splits, "is_seed": IS_SEED,
+                "kid_seed": DEFAULTS.kid_seed, "is_splits": settings.is_splits, "is_seed": DEFAULTS.is_seed,
                 "inception_weights": settings.inception_weights}
             if banded:
                 record["settings"]["band_std"] = f"sample standard deviation over the seeds (ddof={BAND_DDOF})"
@@ -229,7 +231,7 @@ def run(settings: SweepSettings, device: torch.device) -> dict:
                     record["results"].append(result)
                     record["best"] = best_setting([r for r in record["results"]
                                                    if not banded or r["n_seeds"] == len(seeds)])
-                    write_outputs(out, record, write_text_atomic)
+                    write_outputs(out, record)
     return record
 
 
@@ -247,25 +249,17 @@ def evaluate_setting(net, config: RunConfig, layout, settings: SweepSettings, re
     logits = None
     if isinstance(extractor, feature_networks.WithClassifier):
         features, logits = extractor.split(features)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        values = score(features, reference, settings.metrics, settings.scores, logits)
+    for w in caught:
+        if str(w.message) not in record["warnings"]:
+            record["warnings"].append(str(w.message))
+            print(f"warning: {w.message}", file=sys.stderr)
     row = {"steps": s.steps, "method": s.method, "cfg": s.cfg_scale,
            "interval": f"{s.interval_min:g}-{s.interval_max:g}", "num_images": len(features),
-           "fid": None, "kid_mean": None, "kid_std": None, "kid": None, "is_mean": None, "is_std": None, "is": None}
-    if "fid" in settings.metrics:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            mu, sigma = feature_statistics(features)
-        for w in caught:
-            if str(w.message) not in record["warnings"]:
-                record["warnings"].append(str(w.message))
-                print(f"warning: {w.message}", file=sys.stderr)
-        row["fid"] = frechet_distance(mu, sigma, reference.mu, reference.sigma)
-    if "kid" in settings.metrics:
-        kid = kernel_inception_distance(features, reference.features, settings.kid_subsets,
-                                        settings.kid_subset_size, KID_SEED)
-        row.update(kid=kid, kid_mean=float(kid["mean"]), kid_std=float(kid["std"]))
-    if "is" in settings.metrics:
-        score = inception_score(logits, settings.is_splits, IS_SEED)
-        row.update({"is": score, "is_mean": float(score["value"]), "is_std": float(score["std"])})
+           "fid": None, "kid_mean": None, "kid_std": None, "is_mean": None, "is_std": None,
+           **scalars(values), "kid": values.get("kid"), "is": values.get("is")}
     row["seconds"] = round(time.perf_counter() - start, 3)
     return row
 
@@ -368,31 +362,11 @@ def describe_row(row: dict | None) -> str:
     return f"{ema}, {row['method']} {row['steps']} steps, CFG {row['cfg']:g}: " + ", ".join(v for v in values if v)
 
 
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, list):
-        return " ".join(map(str, value))
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
 def _columns(rows: list[dict]) -> tuple[str, ...]:
     """COLUMNS for single-seed rows, SEED_COLUMNS for per-seed rows, BAND_COLUMNS for band rows."""
     if _is_band(rows):
         return BAND_COLUMNS
     return SEED_COLUMNS if rows and "seed" in rows[0] else COLUMNS
-
-
-def format_csv(rows: list[dict]) -> str:
-    columns = _columns(rows)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([_cell(row[c]) for c in columns])
-    return buffer.getvalue()
 
 
 MARKDOWN_BAND_COLUMNS = ("ema", "steps", "method", "cfg", "interval", "num_images", "seeds", "fid", "kid", "is",
@@ -402,15 +376,15 @@ MARKDOWN_BAND_COLUMNS = ("ema", "steps", "method", "cfg", "interval", "num_image
 
 def _markdown_cells(row: dict, columns: tuple[str, ...]) -> list[str]:
     if "runs" not in row:
-        return [_cell(row[c]) or "-" for c in columns]
+        return [cell(row[c]) or "-" for c in columns]
     bands = {key: (m, s) for key, (m, s, _) in zip(("fid", "kid", "is"), BANDED)}
     cells = []
     for c in columns:
         if c in bands:
             mean, std = (row[k] for k in bands[c])
-            cells.append("-" if mean is None else _cell(mean) + ("" if std is None else f" ± {std:.2g}"))
+            cells.append("-" if mean is None else cell(mean) + ("" if std is None else f" ± {std:.2g}"))
         else:
-            cells.append(_cell(row[c]) or "-")
+            cells.append(cell(row[c]) or "-")
     return cells
 
 
@@ -426,21 +400,19 @@ def format_markdown(rows: list[dict], best: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(out: Path, record: dict, write_text) -> None:
+def write_outputs(out: Path, record: dict) -> None:
+    """sweep.csv, sweep.md, sweep.json and sweep.png (and sweep_seeds.csv for band rows)."""
     rows, best = record["results"], record["best"]
-    write_text(out / "sweep.csv", format_csv(rows))
+    markdown = "# Sampler sweep\n\n"
     if not _is_band(rows):
-        write_text(out / "sweep.md", "# Sampler sweep\n\n" + format_markdown(rows, best)
-                   + f"\nBest: {describe_row(best)}\n")
+        markdown += format_markdown(rows, best) + f"\nBest: {describe_row(best)}\n"
     else:
         runs = [run for row in rows for run in row["runs"]]
-        write_text(out / "sweep_seeds.csv", format_csv(runs))
-        write_text(out / "sweep.md", "# Sampler sweep\n\n"
-                   f"Mean ± sample standard deviation (ddof={BAND_DDOF}) over the sampling seeds.\n\n"
-                   + format_markdown(rows, best) + f"\nBest: {describe_row(best)}\n\n## Per seed\n\n"
-                   + format_markdown(runs))
-    write_text(out / "sweep.json", json.dumps(record, indent=2) + "\n")
-    plot(rows, out / "sweep.png")
+        write_text_atomic(out / "sweep_seeds.csv", format_csv(runs, _columns(runs)))
+        markdown += (f"Mean ± sample standard deviation (ddof={BAND_DDOF}) over the sampling seeds.\n\n"
+                     + format_markdown(rows, best) + f"\nBest: {describe_row(best)}\n\n## Per seed\n\n"
+                     + format_markdown(runs))
+    write_result_set(out, "sweep", rows, _columns(rows), record, markdown, lambda path: plot(rows, path))
 
 
 def _series(rows: list[dict], key: str) -> list[tuple[str, list[tuple[float, float]]]]:
