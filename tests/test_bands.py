@@ -119,8 +119,8 @@ def test_eval_command_prints_the_bands(folders, tmp_path, capsys):
     seeds, _, ref = folders
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main(["eval", str(seeds[0]), str(seeds[1]), "--ref", str(ref), "--device", "cpu",
-                     "--out", str(tmp_path / "bands.json")]) == 0
+        assert main(["eval", str(seeds[0]), str(seeds[1]), "--ref", str(ref), "--device", "cpu", "--metrics", "kid",
+                     "--kid-subsets", "4", "--out", str(tmp_path / "bands.json")]) == 0
     record = json.loads((tmp_path / "bands.json").read_text())
     assert pipeline.format_bands(record["bands"]) in capsys.readouterr().err and "(2 seeds, sample std)" in \
         pipeline.format_bands(record["bands"])

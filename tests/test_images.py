@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pixelrepa.evaluation.images import save_labelled_grid
+from pixelrepa.images import save_labelled_grid
 
 
 def read(path) -> np.ndarray:
