@@ -5,7 +5,9 @@ SLURM (DDP, or FSDP2 with `train.parallel=fsdp2`). Everything random in a step i
 from generators seeded by (seed, rank, step, micro-step) and the data order is a function
 of (seed, epoch), so re-running the same command resumes exactly where the last
 checkpoint left off: on CPU the losses after a resume are bit-identical to an
-uninterrupted run.
+uninterrupted run. The loop owns the step; a `CheckpointManager` (checkpointing.py) chooses
+the start, restores and saves, a `MetricsLogger` (metrics.py) writes the logs, and the
+caller's `Validator` evaluates.
 """
 
 from __future__ import annotations
@@ -150,6 +152,7 @@ def _run_folder_lock(out_dir: Path, world: World):
 def _train(config: RunConfig, world: World, resume: str | Path | None, progress: bool,
            init_from: str | Path | None, restart: bool, validator: ValidatorFactory | None, stop: StopSignals,
            png_writer: ThreadPoolExecutor) -> RunSummary:
+    """Choose the start, build, restore, then step until `total_steps` or a stop signal."""
     accum = accumulation_steps(config, world.world_size)
     checkpoints = CheckpointManager(config, world)
     checkpoints.choose_start(resume, restart, init_from)
