@@ -229,8 +229,8 @@ def _poison_step(monkeypatch, bad_steps: set[int]) -> None:
 
     real = trainer._accumulate
 
-    def accumulate(model, encoder, data_iter, config, dist, step, accum):
-        out = real(model, encoder, data_iter, config, dist, step, accum)
+    def accumulate(model, encoder, data_iter, config, world, step, accum):
+        out = real(model, encoder, data_iter, config, world, step, accum)
         if step in bad_steps:
             out["total"] = out["total"] * float("nan")
         return out

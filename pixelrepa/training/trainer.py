@@ -5,7 +5,9 @@ SLURM (DDP, or FSDP2 with `train.parallel=fsdp2`). Everything random in a step i
 from generators seeded by (seed, rank, step, micro-step) and the data order is a function
 of (seed, epoch), so re-running the same command resumes exactly where the last
 checkpoint left off: on CPU the losses after a resume are bit-identical to an
-uninterrupted run.
+uninterrupted run. The loop owns the step; a `CheckpointManager` (checkpointing.py) chooses
+the start, restores and saves, a `MetricsLogger` (metrics.py) writes the logs, and the
+caller's `Validator` evaluates.
 """
 
 from __future__ import annotations
@@ -13,46 +15,39 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import torch
-from tqdm import tqdm
 
 from pixelrepa.config import KernelConfig, RunConfig
-from pixelrepa.data.transforms import to_model_range
 from pixelrepa.data.loader import make_loader
+from pixelrepa.data.transforms import to_model_range
+from pixelrepa.device import autocast_for, kernels_for_run, prepare_encoder
+from pixelrepa.distributed import World, init_distributed, shutdown_distributed
 from pixelrepa.images import save_labelled_grid
-from pixelrepa.interop.init_from import load_released_weights, released_optimizer_state
-from pixelrepa.interop.released import ReleasedCheckpoint, read_released_checkpoint
 from pixelrepa.models.jit import JiT
 from pixelrepa.models.layers import set_attention_impl
 from pixelrepa.objective import draw_randomness
-from pixelrepa import checkpoint as ckpt
+from pixelrepa.rng import MAX_SLOTS, preserved_rng, step_generator
+from pixelrepa.training.checkpointing import CheckpointManager
 from pixelrepa.training.data import build_dataset
-from pixelrepa.device import autocast_for, kernels_for_run, prepare_encoder
 from pixelrepa.training.ema import BackboneEMA
-from pixelrepa.rng import MAX_SLOTS, preserved_rng, reseed_global, restore_rng_state, step_generator
+from pixelrepa.training.metrics import MetricsLogger
 from pixelrepa.training.module import TrainingModule
 from pixelrepa.training.optim import learning_rate, make_optimizer
-from pixelrepa.training.runlock import Preempted, RunFolderBusy, StopSignals, run_folder_lock
-from pixelrepa.training.targets import PackWithTargets, with_target_cache
-from pixelrepa.distributed import World, broadcast_object, init_distributed, reduce_mean, shutdown_distributed
 from pixelrepa.training.parallel import (
     build_training_module,
     fsdp_mixed_precision,
-    load_full_optimizer_state_dict,
-    load_full_state_dict,
-    load_sharded_state,
     no_sync_context,
-    sharded_state,
     unwrap,
     wrap_for_training,
 )
+from pixelrepa.training.runlock import Preempted, RunFolderBusy, StopSignals, run_folder_lock
+from pixelrepa.training.targets import PackWithTargets, with_target_cache
 
 logger = logging.getLogger("pixelrepa.train")
 
@@ -120,13 +115,13 @@ def train(config: RunConfig, resume: str | Path | None = None, progress: bool = 
         raise ValueError(f"eval.every={config.eval.every} needs a validator: call "
                          "train(config, validator=pixelrepa.evaluation.live.live_validator(config)) (the command "
                          "line does), or unset eval.every")
-    dist = init_distributed()
+    world = init_distributed()
     try:
         # Sample grids are written by a thread (the device does not wait on the disk); leaving
         # the block waits for the last one.
-        with (_run_folder_lock(Path(config.train.out_dir), dist), StopSignals(config.train.stop_signals) as stop,
+        with (_run_folder_lock(Path(config.train.out_dir), world), StopSignals(config.train.stop_signals) as stop,
               ThreadPoolExecutor(1, thread_name_prefix="sample-png") as png_writer):
-            summary = _train(config, dist, resume, progress, init_from, restart, validator, stop, png_writer)
+            summary = _train(config, world, resume, progress, init_from, restart, validator, stop, png_writer)
     except BaseException:
         shutdown_distributed(barrier=False)
         raise
@@ -135,16 +130,16 @@ def train(config: RunConfig, resume: str | Path | None = None, progress: bool = 
 
 
 @contextmanager
-def _run_folder_lock(out_dir: Path, dist: World):
+def _run_folder_lock(out_dir: Path, world: World):
     """Rank 0 holds the run folder's lock; every rank stops if it cannot (runlock.py)."""
     with ExitStack() as stack:
         refused = None
-        if dist.is_main:
+        if world.is_main:
             try:
                 stack.enter_context(run_folder_lock(out_dir))
             except RunFolderBusy as err:
                 refused = err
-        if dist.world_size > 1:
+        if world.world_size > 1:
             message = [str(refused) if refused else None]
             torch.distributed.broadcast_object_list(message, src=0)
             if message[0] is not None and refused is None:
@@ -154,219 +149,206 @@ def _run_folder_lock(out_dir: Path, dist: World):
         yield
 
 
-def _train(config: RunConfig, dist: World, resume: str | Path | None, progress: bool,
+def _train(config: RunConfig, world: World, resume: str | Path | None, progress: bool,
            init_from: str | Path | None, restart: bool, validator: ValidatorFactory | None, stop: StopSignals,
            png_writer: ThreadPoolExecutor) -> RunSummary:
-    out_dir = Path(config.train.out_dir)
-    device = dist.device
-    accum = accumulation_steps(config, dist.world_size)
+    """Choose the start, build, restore, then step until `total_steps` or a stop signal."""
+    accum = accumulation_steps(config, world.world_size)
+    checkpoints = CheckpointManager(config, world)
+    checkpoints.choose_start(resume, restart, init_from)
 
-    candidates = _resume_candidates(out_dir, resume, restart, dist)
-    resume_path = candidates[0] if candidates else None
-    released = _released_start_point(init_from, resume, resume_path, out_dir) if init_from is not None else None
-    if resume_path is not None:
-        loaded = ckpt.load_checkpoint(resume_path, rank=dist.rank)
-        _check_same_run(config, loaded.config, resume_path)
-
-    dataset = build_dataset(config, out_dir, dist)
-    if config.align.target_cache is not None and config.align.mode != "none":
-        eager = dataclasses.replace(config.kernels, compile="none")  # one pass: not worth compiling
-        dataset = with_target_cache(config, dataset, _build_encoder(config, eager, dist), dist, progress)
+    dataset = _dataset(config, world, progress)
     loader = make_loader(dataset, config.train.per_device_batch, num_workers=config.data.num_workers,
-                         seed=config.train.seed, rank=dist.rank, world_size=dist.world_size)
+                         seed=config.train.seed, rank=world.rank, world_size=world.world_size)
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} images give no full step of {config.optim.global_batch} images")
     total_steps = config.train.steps or config.optim.epochs * steps_per_epoch
 
-    torch.manual_seed(config.train.seed)
-    # Under FSDP2 the other ranks build on the meta device; a released start loads into real weights.
-    module = build_training_module(config, dist) if released is None else TrainingModule(config)
-    start = load_released_weights(released, module) if released is not None else None
-    kernels = kernels_for_run(config.kernels, device, total_steps)
-    encoder = None if isinstance(dataset, PackWithTargets) else _build_encoder(config, kernels, dist)
-    if dist.is_main and device.type == "cpu" and kernels.compile == "model":
-        compiled = "the model" if encoder is None else "the model and the target encoder"
-        logger.warning("compiling %s for the CPU (%d steps, kernels.compile=%s): about a minute before the first "
-                       "step; kernels.compile=none skips it", compiled, total_steps, config.kernels.compile)
-    model = wrap_for_training(module, config.train.parallel, dist, config.train.activation_checkpointing, kernels,
-                              fsdp_mixed_precision(config, device))
+    model, encoder = _build_model(config, world, checkpoints, dataset, total_steps)
     optimizer = make_optimizer(model, config)
     ema = BackboneEMA(unwrap(model).net, config.ema)
-    start_step, skipped_steps = 0, 0
-    if resume_path is not None:
-        loaded = _resume_first_loadable(candidates, loaded, model, optimizer, ema, config, dist,
-                                        explicit=resume is not None)
-        resume_path = loaded.path
-        start_step = loaded.train_state["step"]
-        skipped_steps = loaded.train_state.get("skipped_steps", 0)
-    elif start is not None:
-        for k, state in enumerate(start.ema):
-            ema.load_state_dict(k, state)
-        optimizer_state, line = released_optimizer_state(released, unwrap(model), optimizer)
-        if optimizer_state is not None:
-            load_full_optimizer_state_dict(model, optimizer, optimizer_state if dist.is_main else None)
-        if dist.is_main:
-            _report_start(out_dir, released, [*start.report, line])
+    step, skipped_steps = checkpoints.restore(model, optimizer, ema)
 
-    evaluator = _validator(config, validator, dist)
-    eval_net = _sampler_backbone(config, device) if evaluator is not None else None
-    writer = _Logger(out_dir, dist, start_step, config) if dist.is_main else None
-    if writer is not None and evaluator is not None:
-        for note in evaluator.notes:
-            logger.warning("eval.every: %s", note)
-    bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and dist.is_main), unit="step",
-               dynamic_ncols=True)
-    last_checkpoint = resume_path
-    window: list[dict[str, torch.Tensor]] = []
-    last_metrics: dict[str, float] = {}
-    timer = time.perf_counter()
-    data_iter, data_epoch = None, -1
-    step = start_step
-    # Skipping a non-finite step exactly needs the answer before the update (a host sync per
-    # step); otherwise the first non-finite step is recorded on the device and checked later.
-    exact_skips = config.train.max_nonfinite_skips > 0
-    first_bad = torch.tensor(-1, device=device)
+    evaluator = _validator(config, validator, world)
+    eval_net = _sampler_backbone(config, world.device) if evaluator is not None else None
+    metrics = MetricsLogger(config, world, step, total_steps, progress)
+    guard = _NonFiniteGuard(config, world, skipped_steps)
+    grids = _SampleGrids(config, world, png_writer)
+    batches = _micro_batches(loader, step, steps_per_epoch, accum)
     grad_norm = None
-    pending_grid = None
-    postfix: dict[str, str] = {}
-    eval_postfix: dict[str, str] = {}  # the last evaluation's numbers, kept on the progress line
     while step < total_steps:
-        epoch, position = divmod(step, steps_per_epoch)
-        if epoch != data_epoch:
-            loader.set_epoch(epoch, start_batch=position * accum)
-            data_iter, data_epoch = iter(loader), epoch
+        epoch = step // steps_per_epoch
         lr = learning_rate(step, config.optim, steps_per_epoch, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        try:
-            losses = _accumulate(model, encoder, data_iter, config, dist, step, accum)
-        except torch.OutOfMemoryError as err:
-            raise RuntimeError(
-                f"out of memory at step {step} with per_device_batch {config.train.per_device_batch}: lower it "
-                f"(accumulation keeps the global batch {config.optim.global_batch}) or set "
-                "train.activation_checkpointing=true") from err
-        logs_next = (step + 1) % config.train.log_every == 0 or step + 1 == total_steps
-        if not exact_skips or _all_finite(losses["total"], dist):
-            if config.optim.grad_clip is not None or logs_next:  # a collective under FSDP2: only when needed
-                grad_norm = _clip(model, config.optim.grad_clip)
+        losses = _accumulate(model, encoder, batches, config, world, step, accum)
+        if guard.allows(losses):
+            if config.optim.grad_clip is not None or _due(step + 1, config.train.log_every, total_steps):
+                grad_norm = _clip(model, config.optim.grad_clip)  # a collective under FSDP2: only when needed
             optimizer.step()
             ema.update(unwrap(model).net)
-            window.append(losses)
-            if not exact_skips:  # checked at the next logging or checkpoint step, without a host sync here
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses["total"]), step, first_bad)
+            metrics.add(losses)
+            guard.watch(step, losses)
         else:
-            skipped_steps += 1
-            values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            if skipped_steps > config.train.max_nonfinite_skips:
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step} ({values}); the last good checkpoint is "
-                    f"{last_checkpoint or 'none (no checkpoint written yet)'}; "
-                    f"{skipped_steps - 1} earlier steps were skipped (train.max_nonfinite_skips="
-                    f"{config.train.max_nonfinite_skips})")
-            logger.warning("skipping step %d: non-finite loss (%s)", step, values)
+            guard.skip(step, losses, checkpoints.last)
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        bar.update(1)
+        metrics.advance()
 
         signal_name = stop.requested()  # a stop signal: this step is logged and checkpointed, then the run ends
-        logs = window and (step % config.train.log_every == 0 or step == total_steps or signal_name)
-        saves = step % config.train.ckpt_every == 0 or step == total_steps or signal_name
-        if (logs or saves) and not exact_skips:
-            _raise_if_nonfinite(first_bad, step, last_checkpoint, dist)
+        logs = metrics.pending and (_due(step, config.train.log_every, total_steps) or signal_name)
+        saves = _due(step, config.train.ckpt_every, total_steps) or signal_name
+        if logs or saves:
+            guard.check(step, checkpoints.last)
         if logs:
-            elapsed = time.perf_counter() - timer
-            metrics = reduce_mean({k: torch.stack([w[k] for w in window]).mean() for k in window[0]}, dist)
-            metrics.update(lr=lr, img_per_s=len(window) * config.optim.global_batch / elapsed,
-                           skipped_steps=skipped_steps)
-            if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)  # of the logging step
-            if device.type == "cuda":
-                metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if writer is not None:
-                writer.log(step, epoch, metrics)
-            postfix = ({k: f"{metrics[k]:.4f}" for k in ("total", "denoise", "align") if k in metrics}
-                       | {"img/s": f"{metrics['img_per_s']:.0f}"})
-            bar.set_postfix(postfix | eval_postfix)
-            window, timer, last_metrics = [], time.perf_counter(), metrics
+            metrics.log(step, epoch, lr, guard.skipped, grad_norm)
         if saves:
-            last_checkpoint = _save(out_dir, step, config, model, optimizer, ema, dist, skipped_steps, steps_per_epoch)
-        if config.train.sample_every and (step % config.train.sample_every == 0 or step == total_steps):
-            if pending_grid is not None:
-                pending_grid.result()  # raises what writing the previous grid raised
-            pending_grid = _sample_grid(out_dir / "samples" / f"step-{step:08d}.png", config, ema,
-                                        unwrap(model).net, dist, png_writer)
+            checkpoints.save(step, model, optimizer, ema, guard.skipped, steps_per_epoch)
+        if _due(step, config.train.sample_every, total_steps):
+            grids.draw(step, ema)
         if evaluator is not None and step % config.eval.every == 0 and not signal_name:
-            record = evaluator(_load_ema1(eval_net, ema), step)  # collective: every rank samples its share
-            if writer is not None:
-                writer.log_eval(step, record)
-                evaluator.plot(writer.path)
-                line = _eval_line(record)
-                logger.info(line)
-                if not bar.disable:
-                    bar.write(line)
-                eval_postfix = {k: f"{record[k]:.4g}" for k in ("fid", "kid_mean", "fd_encoder") if k in record}
-                bar.set_postfix(postfix | eval_postfix)
+            _evaluate(evaluator, eval_net, ema, step, metrics, world)
         if signal_name:
-            bar.close()
-            if writer is not None:
-                writer.close()
-            logger.warning("%s: stopping after step %d with checkpoint %s", signal_name, step, last_checkpoint)
-            raise Preempted(signal_name, step, last_checkpoint)
-    bar.close()
-    if writer is not None:
-        writer.close()
-    if pending_grid is not None:
-        pending_grid.result()
-    return RunSummary(out_dir, step, resume_path, last_checkpoint, last_metrics, dist.rank)
+            metrics.close()
+            logger.warning("%s: stopping after step %d with checkpoint %s", signal_name, step, checkpoints.last)
+            raise Preempted(signal_name, step, checkpoints.last)
+    metrics.close()
+    grids.wait()
+    return RunSummary(Path(config.train.out_dir), step, checkpoints.resumed_from, checkpoints.last, metrics.last,
+                      world.rank)
 
 
-def _accumulate(model, encoder, data_iter, config: RunConfig, dist: World, step: int,
+def _due(step: int, every: int | None, total_steps: int) -> bool:
+    """Whether something done every `every` steps (and after the last; never where unset) is due at `step`."""
+    return bool(every) and (step % every == 0 or step == total_steps)
+
+
+def _dataset(config: RunConfig, world: World, progress: bool):
+    """The training data, with the encoder's targets where `align.target_cache` is set."""
+    dataset = build_dataset(config, Path(config.train.out_dir), world)
+    if config.align.target_cache is not None and config.align.mode != "none":
+        eager = dataclasses.replace(config.kernels, compile="none")  # one pass: not worth compiling
+        dataset = with_target_cache(config, dataset, _build_encoder(config, eager, world), world, progress)
+    return dataset
+
+
+def _micro_batches(loader, start_step: int, steps_per_epoch: int, accum: int):
+    """The loader's micro-batches from `start_step` on, epoch after epoch (`accum` per step)."""
+    epoch, position = divmod(start_step, steps_per_epoch)
+    while True:
+        loader.set_epoch(epoch, start_batch=position * accum)
+        batches = iter(loader)
+        for _ in range((steps_per_epoch - position) * accum):
+            yield next(batches)
+        epoch, position = epoch + 1, 0
+
+
+def _build_model(config: RunConfig, world: World, checkpoints: CheckpointManager, dataset,
+                 total_steps: int) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The wrapped model to train (seeded by `train.seed`) and the target encoder (None where the
+    data holds the targets or nothing is aligned)."""
+    torch.manual_seed(config.train.seed)
+    # Under FSDP2 the other ranks build on the meta device; a released start loads into real weights.
+    if checkpoints.released is None:
+        module = build_training_module(config, world)
+    else:
+        module = TrainingModule(config)
+        checkpoints.load_released_weights(module)
+    kernels = kernels_for_run(config.kernels, world.device, total_steps)
+    encoder = None if isinstance(dataset, PackWithTargets) else _build_encoder(config, kernels, world)
+    if world.is_main and world.device.type == "cpu" and kernels.compile == "model":
+        compiled = "the model" if encoder is None else "the model and the target encoder"
+        logger.warning("compiling %s for the CPU (%d steps, kernels.compile=%s): about a minute before the first "
+                       "step; kernels.compile=none skips it", compiled, total_steps, config.kernels.compile)
+    model = wrap_for_training(module, config.train.parallel, world, config.train.activation_checkpointing, kernels,
+                              fsdp_mixed_precision(config, world.device))
+    return model, encoder
+
+
+def _accumulate(model, encoder, data_iter, config: RunConfig, world: World, step: int,
                 accum: int) -> dict[str, torch.Tensor]:
     """Forward/backward over `accum` micro-batches; returns the mean of each loss term."""
     totals: dict[str, torch.Tensor] = {}
     grid = (config.model.grid_size, config.model.grid_size)
-    for micro in range(accum):
-        images, labels, *cached = next(data_iter)
-        x = to_model_range(images.to(dist.device, non_blocking=True))
-        y = labels.to(dist.device, non_blocking=True)
-        if cached:
-            target = cached[0].to(dist.device, non_blocking=True)
-        else:
-            with autocast_for(dist.device):
-                target = encoder(x, grid) if encoder is not None else None
-        generator = step_generator(config.train.seed, step, micro * dist.world_size + dist.rank, dist.device)
-        draws = draw_randomness(x, y, config.model.num_classes, config.model.num_patches, config.objective,
-                                config.align, generator)
-        with no_sync_context(model, enabled=micro < accum - 1):
-            with autocast_for(dist.device):
-                losses = model(x, draws, target)
-            (losses["total"] / accum).backward()  # outside autocast, as released (SPEC 7b)
-        for k, v in losses.items():
-            totals[k] = totals.get(k, 0) + v.detach().float() / accum
+    try:
+        for micro in range(accum):
+            images, labels, *cached = next(data_iter)
+            x = to_model_range(images.to(world.device, non_blocking=True))
+            y = labels.to(world.device, non_blocking=True)
+            if cached:
+                target = cached[0].to(world.device, non_blocking=True)
+            else:
+                with autocast_for(world.device):
+                    target = encoder(x, grid) if encoder is not None else None
+            generator = step_generator(config.train.seed, step, micro * world.world_size + world.rank, world.device)
+            draws = draw_randomness(x, y, config.model.num_classes, config.model.num_patches, config.objective,
+                                    config.align, generator)
+            with no_sync_context(model, enabled=micro < accum - 1):
+                with autocast_for(world.device):
+                    losses = model(x, draws, target)
+                (losses["total"] / accum).backward()  # outside autocast, as released (SPEC 7b)
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0) + v.detach().float() / accum
+    except torch.OutOfMemoryError as err:
+        raise RuntimeError(
+            f"out of memory at step {step} with per_device_batch {config.train.per_device_batch}: lower it "
+            f"(accumulation keeps the global batch {config.optim.global_batch}) or set "
+            "train.activation_checkpointing=true") from err
     return totals
 
 
-def _raise_if_nonfinite(first_bad: torch.Tensor, step: int, last_checkpoint: Path | None, dist: World) -> None:
-    """NonFiniteLossError if any rank saw a non-finite loss since the run (re)started: before a
-    log line or a checkpoint is written, so no checkpoint holds weights updated by one."""
-    earliest = torch.where(first_bad < 0, torch.iinfo(torch.int64).max, first_bad).to(torch.int64)
-    if dist.world_size > 1:
-        torch.distributed.all_reduce(earliest, op=torch.distributed.ReduceOp.MIN)
-    bad = earliest.item()
-    if bad != torch.iinfo(torch.int64).max:
-        raise NonFiniteLossError(
-            f"non-finite loss at step {bad} (found at step {step}, when logging or checkpointing; steps {bad}-"
-            f"{step - 1} are not saved); the last good checkpoint is "
-            f"{last_checkpoint or 'none (no checkpoint written yet)'}; train.max_nonfinite_skips=N skips up to "
-            "N such steps instead (checking every step)")
+class _NonFiniteGuard:
+    """Steps with a non-finite loss. With `train.max_nonfinite_skips` > 0 every step is checked
+    before its update (a host sync per step) and up to that many are skipped; otherwise the first
+    one is recorded on the device and raised before the next log line or checkpoint, so no
+    checkpoint holds weights updated by one."""
 
+    def __init__(self, config: RunConfig, world: World, skipped: int):
+        self.world, self.max_skips, self.skipped = world, config.train.max_nonfinite_skips, skipped
+        self.exact = self.max_skips > 0
+        self._first_bad = torch.tensor(-1, device=world.device)
 
-def _all_finite(total: torch.Tensor, dist: World) -> bool:
-    flag = torch.isfinite(total).float()
-    if dist.world_size > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
+    def allows(self, losses: dict[str, torch.Tensor]) -> bool:
+        """Whether the step is applied: without exact skips always, else where every rank's loss is finite."""
+        if not self.exact:
+            return True
+        flag = torch.isfinite(losses["total"]).float()
+        if self.world.world_size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def watch(self, step: int, losses: dict[str, torch.Tensor]) -> None:
+        """Without exact skips: remember `step` on the device if it is the first non-finite one."""
+        if not self.exact:
+            self._first_bad = torch.where((self._first_bad < 0) & ~torch.isfinite(losses["total"]), step,
+                                          self._first_bad)
+
+    def skip(self, step: int, losses: dict[str, torch.Tensor], last_checkpoint: Path | None) -> None:
+        """A step not applied: a warning, or NonFiniteLossError past `train.max_nonfinite_skips`."""
+        self.skipped += 1
+        values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        if self.skipped > self.max_skips:
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} ({values}); the last good checkpoint is "
+                f"{last_checkpoint or 'none (no checkpoint written yet)'}; "
+                f"{self.skipped - 1} earlier steps were skipped (train.max_nonfinite_skips={self.max_skips})")
+        logger.warning("skipping step %d: non-finite loss (%s)", step, values)
+
+    def check(self, step: int, last_checkpoint: Path | None) -> None:
+        """Without exact skips: NonFiniteLossError if any rank saw a non-finite loss since the run (re)started."""
+        if self.exact:
+            return
+        earliest = torch.where(self._first_bad < 0, torch.iinfo(torch.int64).max, self._first_bad).to(torch.int64)
+        if self.world.world_size > 1:
+            torch.distributed.all_reduce(earliest, op=torch.distributed.ReduceOp.MIN)
+        bad = earliest.item()
+        if bad != torch.iinfo(torch.int64).max:
+            raise NonFiniteLossError(
+                f"non-finite loss at step {bad} (found at step {step}, when logging or checkpointing; steps {bad}-"
+                f"{step - 1} are not saved); the last good checkpoint is "
+                f"{last_checkpoint or 'none (no checkpoint written yet)'}; train.max_nonfinite_skips=N skips up to "
+                "N such steps instead (checking every step)")
 
 
 def _clip(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
@@ -375,158 +357,48 @@ def _clip(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def _build_encoder(config: RunConfig, kernels: KernelConfig, dist: World):
+def _build_encoder(config: RunConfig, kernels: KernelConfig, world: World):
     """The frozen target encoder; under torchrun rank 0 builds it first (a hub download lands
     in the shared cache once) while the other ranks wait, then they load the cached weights."""
     if config.align.mode == "none":
         return None
     from pixelrepa.align.encoders import build_encoder
 
-    if dist.world_size > 1 and not dist.is_main:
+    if world.world_size > 1 and not world.is_main:
         torch.distributed.barrier()
-    encoder = prepare_encoder(build_encoder(config.align.encoder).to(dist.device), kernels, dist.device)
-    if dist.world_size > 1 and dist.is_main:
+    encoder = prepare_encoder(build_encoder(config.align.encoder).to(world.device), kernels, world.device)
+    if world.world_size > 1 and world.is_main:
         torch.distributed.barrier()
     return encoder
 
 
-def _resume_candidates(out_dir: Path, resume: str | Path | None, restart: bool, dist: World) -> list[Path]:
-    """The checkpoints to resume from, best first; the first has passed `ckpt.check_checkpoint`
-    (the others are checked if it fails to load). Rank 0 decides; every rank gets its answer."""
-    answer: tuple[list[Path], BaseException | None] = ([], None)
-    if dist.is_main:
-        try:
-            answer = (_choose_checkpoints(out_dir, resume, restart), None)
-        except (FileNotFoundError, ValueError) as err:
-            answer = ([], err)
-    candidates, error = broadcast_object(answer, dist)
-    if error is not None:
-        raise error
-    return candidates
+class _SampleGrids:
+    """Grids from EMA 1 with fixed noise and labels, OUT/samples/step-N.png (rank 0, on a full
+    copy of the backbone); each PNG is written by `png_writer`'s thread while training goes on."""
 
+    def __init__(self, config: RunConfig, world: World, png_writer: ThreadPoolExecutor):
+        self.config, self.world, self.png_writer = config, world, png_writer
+        self._pending: Future | None = None
 
-def _choose_checkpoints(out_dir: Path, resume: str | Path | None, restart: bool) -> list[Path]:
-    if resume is not None:
-        if restart:
-            raise ValueError("--restart starts the run over and --resume continues it: pass only one of them")
-        return [ckpt.check_checkpoint(resume)]
-    if restart:
-        _move_run_aside(out_dir)
-        return []
-    folders = ckpt.resume_order(out_dir / ckpt.CHECKPOINTS)
-    damaged: list[tuple[Path, str]] = []
-    for k, folder in enumerate(folders):
-        try:
-            ckpt.check_checkpoint(folder)
-        except (FileNotFoundError, ValueError) as err:
-            damaged.append((folder, str(err)))
-            continue
-        for bad, reason in damaged:
-            _set_damaged_aside(bad, reason, folder.name)
-        return folders[k:]
-    if damaged:
-        lines = "".join(f"\n  {folder.name}: {reason}" for folder, reason in damaged)
-        raise ValueError(f"{out_dir} has checkpoints but none can be resumed from:{lines}\nrerun with --restart to "
-                         "start the run over at step 0 (checkpoints/, log.jsonl and tensorboard/ are moved aside, "
-                         "not deleted), or choose another out_dir")
-    return []
+    def draw(self, step: int, ema: BackboneEMA) -> None:
+        """The grid of `step` (a collective under FSDP2: every rank calls it)."""
+        from pixelrepa.sampling import sample_classes
 
+        self.wait()  # raises what writing the previous grid raised
+        weights = _ema_groups(ema)["ema1"]
+        if not self.world.is_main:
+            return
+        config, device = self.config, self.world.device
+        net = _load_weights(_sampler_backbone(config, device), weights)
+        classes = list(range(min(10, config.model.num_classes)))
+        images = sample_classes(net, config, classes, 4, config.train.seed, device)
+        path = Path(config.train.out_dir) / "samples" / f"step-{step:08d}.png"
+        self._pending = self.png_writer.submit(save_labelled_grid, images.cpu(), [str(c) for c in classes], path)
 
-def _move_run_aside(out_dir: Path) -> None:
-    """--restart: the run folder's checkpoints, log, TensorBoard files and sample grids become
-    `NAME.aside-TIME`, nothing is deleted."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for name in (ckpt.CHECKPOINTS, "log.jsonl", "tensorboard", "samples"):
-        if (out_dir / name).exists():
-            aside = out_dir / f"{name}.aside-{stamp}"
-            (out_dir / name).rename(aside)
-            logger.warning("--restart: moved %s aside to %s", out_dir / name, aside)
-
-
-def _set_damaged_aside(folder: Path, reason: str, instead: str) -> None:
-    """A damaged checkpoint is renamed `step-N.damaged` (kept for inspection, out of the way of
-    pruning and of the run's later saves)."""
-    aside = folder.with_name(f"{folder.name}.damaged")
-    if aside.exists():
-        aside = folder.with_name(f"{folder.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-    folder.rename(aside)
-    logger.warning("checkpoint %s is damaged (%s): moved to %s; resuming from %s", folder, reason, aside.name,
-                   instead)
-
-
-def _resume_first_loadable(candidates: list[Path], loaded: ckpt.LoadedCheckpoint, model, optimizer,
-                           ema: BackboneEMA, config: RunConfig, dist: World,
-                           explicit: bool) -> ckpt.LoadedCheckpoint:
-    """`_resume` from `loaded` (candidates[0]); where its state fails to load, from the next
-    candidate that passes rank 0's checks (not for an explicit --resume)."""
-    for k, path in enumerate(candidates):
-        if k > 0:
-            problem = None
-            if dist.is_main:
-                try:
-                    ckpt.check_checkpoint(path)
-                except (FileNotFoundError, ValueError) as err:
-                    problem = str(err)
-            problem = broadcast_object(problem, dist)
-            if problem is not None:
-                if dist.is_main:
-                    _set_damaged_aside(path, problem, "an earlier checkpoint")
-                continue
-            loaded = ckpt.load_checkpoint(path, rank=dist.rank)
-            _check_same_run(config, loaded.config, path)
-        try:
-            _resume(loaded, model, optimizer, ema, config, dist)
-            return loaded
-        except ValueError as err:
-            if explicit or k == len(candidates) - 1:
-                raise
-            if dist.is_main:
-                _set_damaged_aside(path, str(err), "an earlier checkpoint")
-    raise ValueError(f"no checkpoint among {', '.join(p.name for p in candidates)} loads")
-
-
-def _released_start_point(init_from: str | Path, resume: str | Path | None, resume_path: Path | None,
-                          out_dir: Path) -> ReleasedCheckpoint | None:
-    """The released checkpoint a new run starts from, or None where the run folder already has
-    checkpoints of a run started from that same file (re-running the command resumes it); a
-    folder with checkpoints of another run is refused, untouched."""
-    if resume is not None:
-        raise ValueError("--init-from starts a new run and --resume continues one: pass only one of them")
-    if resume_path is None:
-        return read_released_checkpoint(init_from)
-    record = out_dir / "init-from.json"
-    started_from = json.loads(record.read_text())["source"] if record.is_file() else None
-    if started_from is not None and Path(started_from).resolve() == Path(init_from).resolve():
-        logger.warning("init-from: the run started from %s has checkpoints; resuming from %s", init_from,
-                       resume_path)
-        return None
-    raise ValueError(f"the run folder already has checkpoints ({resume_path}) of a run not started from {init_from}; "
-                     "--init-from only starts new runs: choose a new out_dir (--out), or re-run without --init-from "
-                     "to continue that run")
-
-
-def _report_start(out_dir: Path, released: ReleasedCheckpoint, report: list[str]) -> None:
-    """Log what a run started from a released checkpoint took, and keep it as OUT/init-from.json."""
-    for line in report:
-        logger.warning("init-from: %s", line)
-    record = {"source": str(released.path), "epoch": released.epoch, "report": report}
-    (out_dir / "init-from.json").write_text(json.dumps(record, indent=1))
-
-
-def _check_same_run(config: RunConfig, saved: RunConfig, path: Path) -> None:
-    """Resuming with another model or objective would silently mix two runs (the kernels, how
-    many loader workers read the data and whether encoder targets come from a cache may change)."""
-    config = config.replace(**{"data.num_workers": saved.data.num_workers,
-                               "align.target_cache": saved.align.target_cache,
-                               "align.target_cache_dtype": saved.align.target_cache_dtype})
-    for part in ("model", "align", "objective", "ema", "optim", "data"):
-        if getattr(config, part) != getattr(saved, part):
-            raise ValueError(f"the configuration's '{part}' differs from the checkpoint's at {path}; "
-                             "resume with the saved configuration or start a new out_dir")
-
-
-def _join_groups(groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {f"{g}.{k}": v for g in ("net", "head") if g in groups for k, v in groups[g].items()}
+    def wait(self) -> None:
+        """Until the last grid is written."""
+        if self._pending is not None:
+            self._pending.result()
 
 
 def _ema_groups(ema: BackboneEMA) -> dict[str, dict[str, torch.Tensor]]:
@@ -534,62 +406,6 @@ def _ema_groups(ema: BackboneEMA) -> dict[str, dict[str, torch.Tensor]]:
     return {f"ema{k + 1}": {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
                             for n, t in ema.state_dict(k).items()}
             for k in range(len(ema.shadows))}
-
-
-def _training_state(model, optimizer, ema: BackboneEMA) -> dict[str, Any]:
-    """What a checkpoint's `state/` holds, as this rank has it (sharded under FSDP2)."""
-    return {**sharded_state(model, optimizer),
-            **{f"ema{k + 1}": ema.state_dict(k) for k in range(len(ema.shadows))}}
-
-
-def _save(out_dir: Path, step: int, config: RunConfig, model, optimizer, ema: BackboneEMA, dist: World,
-          skipped_steps: int, steps_per_epoch: int) -> Path:
-    epoch, position = divmod(step, steps_per_epoch)
-    train_state = {"step": step, "epoch": epoch, "data_position": {"epoch": epoch, "step_in_epoch": position},
-                   "ema_step": ema.step, "skipped_steps": skipped_steps}
-    return ckpt.save_checkpoint(out_dir, step, config=config, state=_training_state(model, optimizer, ema),
-                                train_state=train_state, keep_last=config.train.keep_last,
-                                keep_every=config.train.keep_every)
-
-
-def _resume(loaded: ckpt.LoadedCheckpoint, model, optimizer, ema: BackboneEMA, config: RunConfig,
-            dist: World) -> None:
-    """Model, optimizer, EMAs and RNG from a checkpoint saved by any number of processes."""
-    if loaded.legacy:  # format 1: rank 0 reads the full state and broadcasts it (sharded under FSDP2)
-        groups, optimizer_state = ckpt.read_legacy(loaded.path) if dist.is_main else ({}, None)
-        load_full_state_dict(model, _join_groups(groups) if dist.is_main else None)
-        load_full_optimizer_state_dict(model, optimizer, optimizer_state)
-        for k in range(len(config.ema.decays)):
-            ema.load_state_dict(k, broadcast_object(groups.get(f"ema{k + 1}"), dist))
-    else:
-        state = _training_state(model, optimizer, ema)
-        ckpt.load_state(loaded.path, state)  # the EMA shadows are filled in place
-        load_sharded_state(model, optimizer, state)
-    ema.step = loaded.train_state["ema_step"]
-    if loaded.world_size == dist.world_size:
-        restore_rng_state(loaded.rng_state)
-    else:
-        # Step draws depend on (seed, step, slot) only; the global RNG (dropout) is re-seeded.
-        reseed_global(config.train.seed, loaded.step, dist.rank)
-        if dist.is_main:
-            logger.warning("resuming %s, saved by %d processes, on %d: the data order and the noise draws continue "
-                           "as saved; the global RNG (dropout) is re-seeded", loaded.path, loaded.world_size,
-                           dist.world_size)
-
-
-def _sample_grid(path: Path, config: RunConfig, ema: BackboneEMA, net: JiT, dist: World,
-                 png_writer: ThreadPoolExecutor) -> Future | None:
-    """A grid from EMA 1 with fixed noise and labels (rank 0, on a full copy of the backbone);
-    the PNG is written by `png_writer`'s thread while training goes on (its future is returned)."""
-    from pixelrepa.sampling import sample_classes
-
-    weights = _ema_groups(ema)["ema1"]
-    if not dist.is_main:
-        return None
-    sampler_net = _load_weights(_sampler_backbone(config, dist.device), weights)
-    classes = list(range(min(10, config.model.num_classes)))
-    images = sample_classes(sampler_net, config, classes, 4, config.train.seed, dist.device)
-    return png_writer.submit(save_labelled_grid, images.cpu(), [str(c) for c in classes], path)
 
 
 def _sampler_backbone(config: RunConfig, device: torch.device) -> JiT:
@@ -608,70 +424,23 @@ def _load_weights(net: JiT, weights: dict[str, torch.Tensor]) -> JiT:
     return net
 
 
-def _load_ema1(net: JiT, ema: BackboneEMA) -> JiT:
-    """`net` holding EMA 1 (a collective under FSDP2: every rank calls it)."""
-    return _load_weights(net, _ema_groups(ema)["ema1"])
-
-
-def _validator(config: RunConfig, factory: ValidatorFactory, dist: World) -> Validator | None:
-    """The validator for `eval.every` (None when it is unset), its set-up logged."""
+def _validator(config: RunConfig, factory: ValidatorFactory, world: World) -> Validator | None:
+    """The validator for `eval.every` (None when it is unset), its set-up and warnings logged."""
     if not config.eval.every:
         return None
-    evaluator = factory(dist)
-    if dist.is_main:
+    evaluator = factory(world)
+    if world.is_main:
         logger.info("eval.every=%d: %s", config.eval.every, json.dumps(evaluator.describe()))
+        for note in evaluator.notes:
+            logger.warning("eval.every: %s", note)
     return evaluator
 
 
-def _eval_line(record: dict) -> str:
-    """One line for the console: the numbers and what the evaluation cost."""
-    names = {"fid": "FID", "kid_mean": "KID", "fd_encoder": "FD_encoder"}
-    values = [f"{names[k]} {record[k]:.4g}" + (f" +- {record['kid_std']:.2g}" if k == "kid_mean" else "")
-              for k in names if k in record]
-    values += [f"{k[len('align_'):]} {v:.3f}" for k, v in record.items()
-               if k.startswith("align_") and k != "align_seconds"]
-    return (f"eval step {record['step']}: {', '.join(values) or 'no metrics'} ({record['images']} images, "
-            f"{record['seconds']:.1f} s)")
-
-
-class _Logger:
-    """Rank 0's JSON-lines log and TensorBoard scalars; entries past the resume step are dropped."""
-
-    def __init__(self, out_dir: Path, dist: World, start_step: int, config: RunConfig):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-        self.path = out_dir / "log.jsonl"
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self.file = self.path.open("a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
-        except ImportError:
-            logger.warning("tensorboard is not installed: logging to %s only", self.path)
-            self.tensorboard = None
-
-    def log(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, "epoch": epoch, **metrics}) + "\n")
-        self.file.flush()
-        if self.tensorboard is not None:
-            for key, value in metrics.items():
-                group = "loss" if key in ("total", "denoise", "align") else "train"
-                self.tensorboard.add_scalar(f"{group}/{key}", value, step)
-
-    def log_eval(self, step: int, record: dict[str, float]) -> None:
-        """An evaluation (`eval.every`): {"step", "eval": {...}} in the log, eval/* scalars."""
-        values = {k: v for k, v in record.items() if k != "step"}
-        self.file.write(json.dumps({"step": step, "eval": values}) + "\n")
-        self.file.flush()
-        if self.tensorboard is not None:
-            for key, value in values.items():
-                self.tensorboard.add_scalar(f"eval/{key}", value, step)
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+def _evaluate(evaluator: Validator, net: JiT, ema: BackboneEMA, step: int, metrics: MetricsLogger,
+              world: World) -> None:
+    """Score EMA 1 (a collective: every rank samples its share); rank 0 logs the record and
+    redraws the evaluation curves."""
+    record = evaluator(_load_weights(net, _ema_groups(ema)["ema1"]), step)
+    if world.is_main:
+        metrics.log_eval(step, record)
+        evaluator.plot(metrics.log_path)

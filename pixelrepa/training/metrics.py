@@ -1,0 +1,132 @@
+"""What a training run reports: the JSON-lines log, TensorBoard scalars and the progress bar.
+
+Losses are kept on the device between logging steps (no host sync per step) and averaged
+over the steps since the last log line and over the ranks when one is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pixelrepa.config import RunConfig
+from pixelrepa.distributed import World, reduce_mean
+
+logger = logging.getLogger("pixelrepa.train")
+
+_EVAL_NAMES = {"fid": "FID", "kid_mean": "KID", "fd_encoder": "FD_encoder"}
+
+
+class MetricsLogger:
+    """Rank 0 writes OUT/log.jsonl (entries past `start_step` are dropped), TensorBoard scalars
+    and OUT/config.json, and draws the progress bar; every rank averages (a collective in `log`)."""
+
+    def __init__(self, config: RunConfig, world: World, start_step: int, total_steps: int, progress: bool):
+        self.world, self.global_batch = world, config.optim.global_batch
+        out_dir = Path(config.train.out_dir)
+        self.log_path = out_dir / "log.jsonl"
+        self.last: dict[str, float] = {}
+        """The last logged (rank-averaged) metrics."""
+        self._window: list[dict[str, torch.Tensor]] = []
+        self._timer = time.perf_counter()
+        self._file, self._tensorboard = (_open_log(out_dir, self.log_path, start_step, config) if world.is_main
+                                         else (None, None))
+        self._bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and world.is_main),
+                         unit="step", dynamic_ncols=True)
+        self._postfix: dict[str, str] = {}
+        self._eval_postfix: dict[str, str] = {}  # the last evaluation's numbers, kept on the progress line
+
+    @property
+    def pending(self) -> bool:
+        """Whether steps were added since the last log line."""
+        return bool(self._window)
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        """An applied step's loss terms (device tensors)."""
+        self._window.append(losses)
+
+    def advance(self) -> None:
+        """A step is done (applied or skipped)."""
+        self._bar.update(1)
+
+    def log(self, step: int, epoch: int, lr: float, skipped_steps: int,
+            grad_norm: torch.Tensor | None) -> None:
+        """Average the steps since the last line over them and the ranks, and write the line."""
+        elapsed = time.perf_counter() - self._timer
+        window = self._window
+        metrics = reduce_mean({k: torch.stack([w[k] for w in window]).mean() for k in window[0]}, self.world)
+        metrics.update(lr=lr, img_per_s=len(window) * self.global_batch / elapsed, skipped_steps=skipped_steps)
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)  # of the logging step
+        device = self.world.device
+        if device.type == "cuda":
+            metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if self._file is not None:
+            self._write({"step": step, "epoch": epoch, **metrics},
+                        {f"{'loss' if k in ('total', 'denoise', 'align') else 'train'}/{k}": v
+                         for k, v in metrics.items()}, step)
+        self._postfix = ({k: f"{metrics[k]:.4f}" for k in ("total", "denoise", "align") if k in metrics}
+                         | {"img/s": f"{metrics['img_per_s']:.0f}"})
+        self._bar.set_postfix(self._postfix | self._eval_postfix)
+        self._window, self._timer, self.last = [], time.perf_counter(), metrics
+
+    def log_eval(self, step: int, record: dict[str, float]) -> None:
+        """An evaluation (`eval.every`, rank 0): {"step", "eval": {...}} in the log, eval/* scalars,
+        one line on the console and its numbers on the progress line."""
+        values = {k: v for k, v in record.items() if k != "step"}
+        self._write({"step": step, "eval": values}, {f"eval/{k}": v for k, v in values.items()}, step)
+        line = _eval_line(record)
+        logger.info(line)
+        if not self._bar.disable:
+            self._bar.write(line)
+        self._eval_postfix = {k: f"{record[k]:.4g}" for k in _EVAL_NAMES if k in record}
+        self._bar.set_postfix(self._postfix | self._eval_postfix)
+
+    def close(self) -> None:
+        self._bar.close()
+        if self._file is not None:
+            self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+    def _write(self, entry: dict, scalars: dict[str, float], step: int) -> None:
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()
+        if self._tensorboard is not None:
+            for tag, value in scalars.items():
+                self._tensorboard.add_scalar(tag, value, step)
+
+
+def _open_log(out_dir: Path, path: Path, start_step: int, config: RunConfig):
+    """(The log opened for appending, a TensorBoard writer or None), both cut back to `start_step`;
+    OUT/config.json written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= start_step]
+        path.write_text("".join(line + "\n" for line in kept))
+    file = path.open("a")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tensorboard = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
+    except ImportError:
+        logger.warning("tensorboard is not installed: logging to %s only", path)
+        tensorboard = None
+    return file, tensorboard
+
+
+def _eval_line(record: dict) -> str:
+    """One line for the console: the numbers and what the evaluation cost."""
+    values = [f"{_EVAL_NAMES[k]} {record[k]:.4g}" + (f" +- {record['kid_std']:.2g}" if k == "kid_mean" else "")
+              for k in _EVAL_NAMES if k in record]
+    values += [f"{k[len('align_'):]} {v:.3f}" for k, v in record.items()
+               if k.startswith("align_") and k != "align_seconds"]
+    return (f"eval step {record['step']}: {', '.join(values) or 'no metrics'} ({record['images']} images, "
+            f"{record['seconds']:.1f} s)")
