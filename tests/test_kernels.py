@@ -17,7 +17,7 @@ from pixelrepa.models.jit import JiT
 from pixelrepa.models.onednn import onednn_available, onednn_linear, use_onednn_linears
 from pixelrepa.objective import draw_randomness
 from pixelrepa.sampling import sample
-from pixelrepa.training import device as device_module
+from pixelrepa import device as device_module
 from pixelrepa.device import (
     apply_kernels,
     kernels_for_run,
