@@ -22,6 +22,8 @@ from pixelrepa.evaluation.sample_folder import MANIFEST_FORMAT, MANIFEST_NAME
 from pixelrepa.models.jit import JiT
 from pixelrepa.weights import save_model_file
 
+pytestmark = pytest.mark.slow  # end-to-end: `bash scripts/test-slow.sh`
+
 
 @pytest.fixture(autouse=True)
 def no_classifier(tmp_path, monkeypatch):

@@ -53,6 +53,7 @@ def test_bad_input_is_a_clear_error(capsys):
     assert "unknown config field 'model.nope'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_python_m_pixelrepa_runs_the_command_line():
     done = subprocess.run([sys.executable, "-m", "pixelrepa", "info", "--preset", "JiT-Micro/8", "--json"],
                           capture_output=True, text=True, timeout=120)
@@ -90,6 +91,7 @@ def test_import_then_sample(tmp_path, capsys):
     assert image.size[1] > 2 * config.model.input_size
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
     pytest.importorskip("timm")
     from pixelrepa.data.idx import find_idx_dir

@@ -77,6 +77,7 @@ def test_arms_start_equal_and_see_the_same_batches_and_draws(tmp_path, monkeypat
     assert not torch.equal(seen["other"][0][0], seen["none"][0][0])
 
 
+@pytest.mark.slow
 def test_benchmark_runs_end_to_end_and_resumes(tmp_path, capsys):
     out, cache = tmp_path / "out", tmp_path / "cache"
     args = ["--dataset", "mnist", "--backbone", "Micro/8", "--out", str(out), "--cache", str(cache),

@@ -115,6 +115,7 @@ def test_source_slices_read_the_images_of_their_range(tmp_path):
             np.testing.assert_array_equal(got, images[start:stop], err_msg=f"{path} [{start}, {stop})")
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_ranks_give_the_features_and_metrics_of_one_process(tmp_path):
     rng = np.random.default_rng(2)

@@ -210,6 +210,7 @@ def test_clear_errors(tiny, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_write_the_same_images(tiny, tmp_path):
     _, _, path = tiny

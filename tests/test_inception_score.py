@@ -89,6 +89,7 @@ def test_classifier_file_is_torch_fidelitys_download():
     assert inception.PUBLISHED_SHA256_PREFIX in inception.CLASSIFIER_FILE
 
 
+@pytest.mark.slow
 def test_eval_reports_inception_score_from_given_weights(env, weights, data, tmp_path, capsys):
     samples, images, ref = data
     out = tmp_path / "result.json"
@@ -179,6 +180,7 @@ def test_bad_weights_are_refused_before_any_network(env, weights, data, tmp_path
     assert "not for ref-stats" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sweep_reports_inception_score(env, weights, tmp_path, capsys):
     config = get_preset("JiT-Micro/8")
     model = save_model_file(tmp_path / "model.safetensors", config,

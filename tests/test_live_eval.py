@@ -23,6 +23,8 @@ from pixelrepa.training.trainer import train
 
 from helpers import randomize_
 
+pytestmark = pytest.mark.slow  # end-to-end: `bash scripts/test-slow.sh`
+
 LITE0 = "encoder:efficientnet-lite0"
 TIMING = ("seconds", "sample_seconds", "align_seconds")
 

@@ -230,6 +230,7 @@ def results(request):
     return request.getfixturevalue(f"{request.param}_results")
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("run", list(RUNS))
 def test_two_processes_match_one_process_on_the_whole_batch(results, reference, run):

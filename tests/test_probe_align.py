@@ -293,6 +293,7 @@ def test_probe_align_run(trained_run, tmp_path, capsys):
     assert raw["head"]["mean_cosine"] != head["mean_cosine"]  # same head, the trained backbone under it
 
 
+@pytest.mark.slow
 def test_probe_align_under_torchrun_equals_one_process(trained_run, tmp_path):
     probe_run(trained_run, tmp_path / "one", blocks=(2, 4), t=(0.5,), images=30, k=5, batch_size=8)
     args = ["probe", "align", str(trained_run / "run"), "--data", str(trained_run / "pack"), "--blocks", "2", "4",

@@ -26,7 +26,7 @@ from pixelrepa.device import cpp_compiler_found
 REPO = Path(__file__).resolve().parents[1]
 STEPS, HALF = 6, 3
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # `bash scripts/test-slow.sh`
 
 
 @pytest.fixture(scope="module")

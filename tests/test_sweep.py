@@ -44,6 +44,7 @@ def sweep_args(model, ref, out, *extra):
             "--num-images", NUM, "--batch-size", "6", "--out", str(out), "--device", "cpu", *extra]
 
 
+@pytest.mark.slow
 def test_sweep_writes_tables_plot_and_best(setup, tmp_path, capsys):
     model, ref = setup
     out = tmp_path / "out"

@@ -42,6 +42,7 @@ def logged(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"total"' in line]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["pixelrepa", "repa"])
 def test_training_with_the_cache_equals_training_without(tmp_path, mode):
     pack = make_pack(tmp_path / "pack")

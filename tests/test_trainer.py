@@ -95,6 +95,7 @@ def test_a_format_1_checkpoint_resumes_bit_identical(pack, tmp_path):
     assert losses(old) == losses(tmp_path / "reference")
 
 
+@pytest.mark.slow
 def test_compiled_cpu_run_resumes_bit_identical(pack, tmp_path, caplog):
     """compile='auto' compiles a long CPU run (here: from 0 steps on); resuming recompiles the
     same code, so the losses still match the uninterrupted run exactly."""
@@ -114,6 +115,7 @@ def test_resume_accepts_another_attention_kernel(pack, tmp_path):
     assert summary.resumed_from is not None and summary.steps == 6
 
 
+@pytest.mark.slow
 def test_sample_grids_are_written_off_the_training_thread(pack, tmp_path, monkeypatch):
     import threading
 
@@ -154,6 +156,7 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(REPO)}
 
 
+@pytest.mark.slow
 def test_kill_9_at_a_random_step_then_resume(pack, tmp_path):
     steps = 12
     reference = tiny_config(pack, tmp_path / "reference", **{"train.steps": steps, "train.ckpt_every": 3})
@@ -205,6 +208,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", ["shards", "rename"])
 def test_kill_9_while_writing_a_checkpoint_keeps_the_previous_one(pack, tmp_path, moment):
     reference = tiny_config(pack, tmp_path / "reference")
@@ -304,6 +308,7 @@ def test_export_then_sample(pack, tmp_path):
         assert np.array_equal(a["arr_0"], b["arr_0"])
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 def test_torchrun_two_processes(pack, tmp_path, parallel):
