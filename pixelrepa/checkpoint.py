@@ -66,6 +66,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint._traverse import set_element
 
 from pixelrepa.config import RunConfig
+from pixelrepa.files import fsync_path
 from pixelrepa.rng import capture_rng_state
 from pixelrepa.weights import load_model_file, save_model_file
 
@@ -281,7 +282,7 @@ def finalize_checkpoint(tmp_dir: str | Path, *, keep_last: int, keep_every: int 
     if missing:
         raise FileNotFoundError(f"cannot finalize {tmp}: missing {', '.join(missing)}")
     for entry in [*tmp.rglob("*"), tmp]:  # DCP fsyncs its data files; this covers metadata and folders
-        _fsync(entry)
+        fsync_path(entry)
     root = tmp.parent
     final = root / _folder_name(state["step"])
     if final.exists():
@@ -295,11 +296,11 @@ def finalize_checkpoint(tmp_dir: str | Path, *, keep_last: int, keep_every: int 
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-    _fsync(root)
+    fsync_path(root)
     pointer = root / f".{LATEST}.tmp-{os.getpid()}"
     _write_file(pointer, lambda f: f.write(f"{final.name}\n".encode()))
     os.replace(pointer, root / LATEST)
-    _fsync(root)
+    fsync_path(root)
     _prune(root, final, keep_last, keep_every)
     return final
 
@@ -322,15 +323,6 @@ def _write_file(path: Path, write: Callable[[Any], Any]) -> Path:
         f.flush()
         os.fsync(f.fileno())
     return path
-
-
-def _fsync(path: Path) -> None:
-    """fsync a file or (for its entries) a directory."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_stale(root: Path) -> None:

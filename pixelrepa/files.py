@@ -20,10 +20,10 @@ def atomic_write(path: Path, write: Callable[[Path], object], durable: bool = Fa
     try:
         write(tmp)
         if durable:
-            _fsync(tmp)
+            fsync_path(tmp)
         os.replace(tmp, path)
         if durable:
-            _fsync(path.parent)
+            fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -32,7 +32,8 @@ def write_text_atomic(path: Path, text: str, durable: bool = False) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text), durable)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or (for its entries) a directory."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
