@@ -66,7 +66,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint._traverse import set_element
 
 from pixelrepa.config import RunConfig
-from pixelrepa.files import fsync_path
+from pixelrepa.files import file_digest, fsync_path
 from pixelrepa.rng import capture_rng_state
 from pixelrepa.weights import load_model_file, save_model_file
 
@@ -263,8 +263,7 @@ def merge_checksums(tmp_dir: str | Path) -> Path:
 
 def _file_checksum(path: Path) -> list:
     """[size, hex digest] of a file."""
-    with open(path, "rb") as f:
-        return [os.fstat(f.fileno()).st_size, hashlib.file_digest(f, CHECKSUM_ALGORITHM).hexdigest()]
+    return [path.stat().st_size, file_digest(path, CHECKSUM_ALGORITHM)]
 
 
 def finalize_checkpoint(tmp_dir: str | Path, *, keep_last: int, keep_every: int | None) -> Path:
@@ -552,10 +551,9 @@ def verify_checksums(folder: str | Path) -> None:
         if path.stat().st_size != size:
             raise ValueError(f"{path} has {path.stat().st_size} bytes, {size} when saved (truncated or overwritten)")
     for name, (_, digest) in files.items():
-        with open(folder / name, "rb") as f:
-            if hashlib.file_digest(f, algorithm).hexdigest() != digest:
-                raise ValueError(f"{folder / name} does not match its {algorithm} in {listing}: the file changed "
-                                 "after it was saved (a damaged disk or copy)")
+        if file_digest(folder / name, algorithm) != digest:
+            raise ValueError(f"{folder / name} does not match its {algorithm} in {listing}: the file changed "
+                             "after it was saved (a damaged disk or copy)")
 
 
 @contextlib.contextmanager
