@@ -61,10 +61,13 @@ class ScoreSettings:
     """KID and Inception Score settings; the defaults are torch-fidelity's, used by every evaluation."""
 
     kid_subsets: int = 100
+    """KID is the mean (and std) over this many random subsets."""
     kid_subset_size: int = 1000
-    """Capped at the smaller set."""
+    """Images per KID subset, capped at the smaller set."""
     kid_seed: int = 2020
+    """Seed of the KID subset draws."""
     is_splits: int = 10
+    """The Inception Score is the mean (and std) over this many splits."""
     is_seed: int = 2020
     """The Inception Score's split shuffle."""
 
