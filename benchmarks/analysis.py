@@ -121,7 +121,7 @@ def main() -> None:
             pixelrepa("probe", "diversity", str(folder), "--data", str(args.data), "--spaces", "encoder", "inception",
                       "--encoder", ENCODER, "--per-class", str(args.per_class),
                       "--real-per-class", str(args.per_class), "--out", str(target))
-    report = [f"# Alignment and diversity of the convergence benchmark's final checkpoints", "",
+    report = ["# Alignment and diversity of the convergence benchmark's final checkpoints", "",
               f"Machine: {cpu_model()}. Encoder: {ENCODER} (ImageNet weights), for every arm.", ""]
     report += align_table(args.out, found)
     if not args.skip_diversity:

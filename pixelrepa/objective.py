@@ -17,6 +17,7 @@ from pixelrepa.align.heads import (
     apply_token_mask,
     cosine_alignment_loss,
     draw_keep_mask,
+    normalize_targets,
 )
 from pixelrepa.config import AlignConfig, ObjectiveConfig
 from pixelrepa.models.jit import JiT
@@ -61,7 +62,8 @@ def training_loss(net: JiT, head: nn.Module | None, x: Tensor, draws: Draws, obj
                   align: AlignConfig, tap_block: int, target: Tensor | None = None) -> dict[str, Tensor]:
     """Named loss terms: 'denoise', 'align' (if a head), and 'total' = denoise + weight * align.
 
-    x: clean images in [-1, 1]; target: (N, T, C) encoder features of x (SPEC 5).
+    x: clean images in [-1, 1]; target: (N, T, C) raw encoder features of x (SPEC 5), normalised
+    here as `align.target_norm` asks.
     """
     t = draws.t.view(-1, 1, 1, 1)
     z = t * x + (1 - t) * draws.noise
@@ -78,7 +80,7 @@ def training_loss(net: JiT, head: nn.Module | None, x: Tensor, draws: Draws, obj
         if target is None:
             raise ValueError(f"alignment mode '{align.mode}' needs encoder targets")
         pred = head_prediction(net, head, tapped, draws.keep, draws.t, draws.labels)
-        losses["align"] = cosine_alignment_loss(pred, target)
+        losses["align"] = cosine_alignment_loss(pred, normalize_targets(target, align))
         losses["total"] = denoise + align.weight * losses["align"]
     else:
         losses["total"] = denoise

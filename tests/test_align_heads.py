@@ -9,12 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from pixelrepa.align.heads import (
+    ConvProjector,
     MaskedTransformerAdapter,
     MLPProjector,
     apply_token_mask,
     build_align_head,
     cosine_alignment_loss,
     draw_keep_mask,
+    normalize_targets,
+    spatial_zscore,
 )
 from pixelrepa.config import AlignConfig, EncoderConfig, JiTConfig, RunConfig
 from helpers import randomize_
@@ -98,6 +101,11 @@ def test_build_align_head_by_mode():
     assert isinstance(build_align_head(cfg.model, cfg.align), MLPProjector)
     cfg = tiny(mode="pixelrepa")
     assert isinstance(build_align_head(cfg.model, cfg.align), MaskedTransformerAdapter)
+    cfg = tiny(mode="irepa")
+    assert isinstance(build_align_head(cfg.model, cfg.align), ConvProjector)
+    # The projector is a setting: REPA with a conv projector, iREPA with REPA's MLP.
+    assert isinstance(build_align_head(cfg.model, tiny(mode="repa", projector="conv").align), ConvProjector)
+    assert isinstance(build_align_head(cfg.model, tiny(mode="irepa", projector="mlp").align), MLPProjector)
 
 
 @pytest.mark.parametrize("feature_dim,skip,uses_head", [(64, True, False), (64, False, True), (48, True, True),
@@ -208,6 +216,72 @@ def test_repa_default_projector_width():
 
 
 # ---------------------------------------------------------------------------
+# iREPA: conv projector and spatial z-score
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kernel", [3, 1, 5])
+def test_conv_projector_equals_conv2d_on_the_token_grid(kernel):
+    cfg = tiny(mode="irepa", feature_dim=40, projector_kernel=kernel)
+    proj = ConvProjector(cfg.model, cfg.align)
+    g, D, E = cfg.model.grid_size, cfg.model.hidden_size, cfg.align.encoder.feature_dim
+    tokens = torch.randn(3, g * g, D)
+    out = proj(tokens)
+    assert out.shape == (3, g * g, E)
+    # Token i sits at row i // g, column i % g of the grid.
+    grid = torch.stack([tokens[:, r * g:(r + 1) * g] for r in range(g)], dim=1).permute(0, 3, 1, 2)  # (N, D, g, g)
+    expected = F.conv2d(grid, proj.conv.weight, proj.conv.bias, padding=kernel // 2)  # (N, E, g, g)
+    for i in range(g * g):
+        torch.testing.assert_close(out[:, i], expected[:, :, i // g, i % g])
+
+
+def test_conv_projector_mixes_neighbouring_tokens_only():
+    cfg = tiny(mode="irepa", feature_dim=8)
+    proj = ConvProjector(cfg.model, cfg.align)
+    g = cfg.model.grid_size
+    tokens = torch.randn(1, g * g, cfg.model.hidden_size)
+    changed = tokens.clone()
+    changed[0, 0] += 1.0  # the top-left token
+    moved = (proj(changed) - proj(tokens)).abs().amax(dim=-1)[0].view(g, g) > 0
+    assert moved[:2, :2].all() and moved.sum() == 4  # a 3 x 3 kernel reaches the 2 x 2 corner only
+
+
+def test_spatial_zscore_equals_a_direct_computation():
+    feats = torch.randn(2, 6, 5, dtype=torch.float64) * 3 + 1
+    out = spatial_zscore(feats, alpha=0.8, eps=1e-6)
+    for n in range(2):
+        for c in range(5):
+            column = feats[n, :, c].tolist()
+            mean = sum(column) / 6
+            std = (sum((v - mean) ** 2 for v in column) / 5) ** 0.5  # Bessel's correction, as torch.std
+            expected = [(v - 0.8 * mean) / (std + 1e-6) for v in column]
+            assert out[n, :, c].tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_normalize_targets_follows_the_mode_and_the_setting():
+    feats = torch.randn(2, 9, 4, dtype=torch.bfloat16)
+    plain = normalize_targets(feats, tiny(mode="repa").align)
+    assert plain.dtype == torch.float32 and torch.equal(plain, feats.float())
+    scored = normalize_targets(feats, tiny(mode="irepa").align)
+    torch.testing.assert_close(scored, spatial_zscore(feats.float(), 0.8, 1e-6))
+    torch.testing.assert_close(normalize_targets(feats, tiny(mode="irepa", target_norm="none").align), feats.float())
+    torch.testing.assert_close(normalize_targets(feats, tiny(mode="repa", target_norm="spatial_zscore",
+                                                           zscore_alpha=1.0).align),
+                               spatial_zscore(feats.float(), 1.0, 1e-6))
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(mode="pixelrepa", projector="conv"), "has no projector"),
+    (dict(mode="irepa", projector="linear"), "cannot use 'linear' for config field 'align.projector'"),
+    (dict(mode="irepa", projector_kernel=2), "must be odd"),
+    (dict(mode="irepa", target_norm="zscore"), "cannot use 'zscore'"),
+    (dict(mode="irepa", zscore_eps=0.0), "zscore_eps must be positive"),
+])
+def test_irepa_settings_refuse_bad_values(changes, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**changes)
+
+
+# ---------------------------------------------------------------------------
 # Cosine loss
 # ---------------------------------------------------------------------------
 
@@ -255,3 +329,10 @@ def test_cosine_loss_shape_mismatch_raises():
         cosine_alignment_loss(torch.randn(2, 16, 8), torch.randn(2, 9, 8))
     with pytest.raises(ValueError):
         cosine_alignment_loss(torch.randn(2, 16, 8), torch.randn(2, 16, 4))
+
+
+def test_align_config_refuses_unknown_projector_and_norm_when_built_directly():
+    with pytest.raises(ValueError, match="unknown align.projector 'linear'"):
+        AlignConfig(mode="irepa", projector="linear")
+    with pytest.raises(ValueError, match="unknown align.target_norm 'zscore'"):
+        AlignConfig(mode="irepa", target_norm="zscore")

@@ -28,6 +28,17 @@ def test_info_reports_parameter_counts(capsys):
     assert "MaskedTransformerAdapter 24.03M" in out
 
 
+def test_info_reports_irepa_presets_built_on_the_meta_device(capsys):
+    assert main(["info", "--preset", "iREPA-B/16"]) == 0
+    out = capsys.readouterr().out
+    # Backbone as JiT-B/16; the head one 3x3 conv 768 -> 768 (DINOv2-B): 768 * 768 * 9 + 768.
+    assert "131.12M learnable" in out and "irepa, tap after block 4, weight 0.5" in out
+    assert "head ConvProjector 5.31M" in out and "spatially z-scored (alpha 0.8)" in out
+    assert main(["info", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"iREPA-{size}" in listed for size in ("B/16", "L/16", "H/16", "B/32", "Tiny/4", "Micro/8"))
+
+
 def test_info_marks_presets_nobody_published(capsys):
     assert main(["info", "--list"]) == 0
     listed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}

@@ -100,7 +100,7 @@ def test_preset_lookup():
 def test_list_presets_lists_exactly_the_names_get_preset_takes():
     """Every family x size x patch (the released MTA adapter names too) and the demo: those that
     `get_preset` takes are the listed ones, and each listed one builds."""
-    families = ("JiT", "PixelREPA", "REPA", "MTA")
+    families = ("JiT", "PixelREPA", "REPA", "iREPA", "MTA")
     sizes = ("B", "L", "H", "G", "S", "Tiny", "Micro", "Demo")
     candidates = {f"{family}-{size}{patch}" for family in families for size in sizes
                   for patch in ("", "/4", "/8", "/16", "/32")}
@@ -113,7 +113,7 @@ def test_list_presets_lists_exactly_the_names_get_preset_takes():
         accepted.add(name)
     listed = list_presets()
     assert set(listed) <= candidates and accepted == set(listed)
-    assert {"MTA-B/16", "MTA-H/32", "PixelREPA-Demo"} <= accepted
+    assert {"MTA-B/16", "MTA-H/32", "PixelREPA-Demo", "iREPA-B/16", "iREPA-Tiny/4"} <= accepted
     assert get_preset("MTA-L/32") == get_preset("PixelREPA-L/32")
 
 def test_configs_are_frozen():

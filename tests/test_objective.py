@@ -224,3 +224,28 @@ def test_draws_follow_config():
     assert torch.all(d.labels == 0)
     assert d.keep is None  # only PixelREPA masks tokens
     assert d.noise.std().item() == pytest.approx(1.0, rel=0.05)
+
+
+def test_irepa_step_loss_equals_a_direct_computation():
+    """iREPA (SPEC-free, from its JiT code): conv projector on the tap-block tokens, targets
+    z-scored over the tokens with alpha 0.8, 1 - cos averaged, weight 0.5."""
+    cfg, net, head, x, y, draws, target = setup("irepa", **{"align.weight": 0.5})
+    target = target + 3.0  # a mean over the tokens, which the z-score mostly removes
+    assert draws.keep is None  # no token mask outside PixelREPA
+    losses = loss(cfg, net, head, x, draws, target)
+    t = draws.t.view(-1, 1, 1, 1)
+    z = t * x + (1 - t) * draws.noise
+    x_pred, tapped = net(z, draws.t, draws.labels, tap=cfg.tap_block)
+    g = cfg.model.grid_size
+    grid = tapped.transpose(1, 2).reshape(len(x), -1, g, g)
+    pred = F.conv2d(grid, head.conv.weight, head.conv.bias, padding=1).flatten(2).transpose(1, 2)
+    mean, std = target.mean(dim=1, keepdim=True), target.std(dim=1, keepdim=True)
+    normed = (target - 0.8 * mean) / (std + 1e-6)
+    align = (1 - F.cosine_similarity(pred, normed, dim=-1)).mean()
+    v, v_pred = velocity(x, z, draws.t, 0.05), velocity(x_pred, z, draws.t, 0.05)
+    denoise = (v - v_pred).pow(2).mean()
+    torch.testing.assert_close(losses["align"], align)
+    torch.testing.assert_close(losses["total"], denoise + 0.5 * align)
+    # The z-score is what makes it iREPA: the raw targets give another loss.
+    raw = loss(cfg.replace(**{"align.target_norm": "none"}), net, head, x, draws, target)
+    assert not torch.allclose(raw["align"], losses["align"])

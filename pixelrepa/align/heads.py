@@ -4,6 +4,10 @@
   mask token go through `depth` JiT blocks with their own conditioning and in-context
   tokens, then a projection head to the encoder's width.
 - `MLPProjector` (REPA): Linear-SiLU-Linear-SiLU-Linear on the unmasked tokens.
+- `ConvProjector` (iREPA): one k x k convolution over the token grid.
+
+`normalize_targets` applies `align.target_norm` to the encoder's features at loss time (iREPA's
+spatial z-score), so one target cache of raw features serves every mode.
 """
 
 from __future__ import annotations
@@ -92,13 +96,49 @@ class MLPProjector(nn.Module):
         return self.net(tokens)
 
 
+class ConvProjector(nn.Module):
+    """iREPA's projector: a k x k convolution (stride 1, padding k // 2) over the tokens laid out
+    on their (grid, grid) raster, from the backbone width to the encoder width. It keeps torch's
+    default Conv2d initialisation, as the released iREPA code does."""
+
+    def __init__(self, backbone: JiTConfig, align: AlignConfig):
+        super().__init__()
+        self.grid = backbone.grid_size
+        kernel = align.projector_kernel
+        self.conv = nn.Conv2d(backbone.hidden_size, align.encoder.feature_dim, kernel, padding=kernel // 2)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        n, num_tokens, dim = tokens.shape
+        grid = tokens.transpose(1, 2).reshape(n, dim, self.grid, self.grid)  # (N, D, g, g), row-major
+        return self.conv(grid).flatten(2).transpose(1, 2)                    # (N, T, C)
+
+
 def build_align_head(backbone: JiTConfig, align: AlignConfig) -> nn.Module | None:
-    """The head for `align.mode`: adapter, projector, or None for plain JiT."""
+    """The head for `align.mode`: adapter, projector (`align.resolved_projector`), or None for
+    plain JiT."""
     if align.mode == "pixelrepa":
         return MaskedTransformerAdapter(backbone, align)
-    if align.mode == "repa":
-        return MLPProjector(backbone, align)
+    if align.mode in ("repa", "irepa"):
+        return ConvProjector(backbone, align) if align.resolved_projector == "conv" else MLPProjector(backbone, align)
     return None
+
+
+def spatial_zscore(features: Tensor, alpha: float, eps: float) -> Tensor:
+    """iREPA's target normalisation over the token (spatial) axis of (N, T, C) features, per image
+    and channel: (f - alpha * mean_T f) / (std_T f + eps), std with Bessel's correction (as
+    torch.std and the released code)."""
+    mean = features.mean(dim=1, keepdim=True)
+    std = features.std(dim=1, keepdim=True)
+    return (features - alpha * mean) / (std + eps)
+
+
+def normalize_targets(target: Tensor, align: AlignConfig) -> Tensor:
+    """The encoder features as the alignment loss compares them: float32, then
+    `align.resolved_target_norm` (none, or iREPA's spatial z-score)."""
+    target = target.float()
+    if align.resolved_target_norm == "spatial_zscore":
+        return spatial_zscore(target, align.zscore_alpha, align.zscore_eps)
+    return target
 
 
 def cosine_alignment_loss(pred: Tensor, target: Tensor) -> Tensor:

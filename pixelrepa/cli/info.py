@@ -43,8 +43,11 @@ def run(args: argparse.Namespace) -> int:
     if head is None:
         print()
     else:
-        print(f", tap after block {config.tap_block}, weight {config.align.weight}, "
-              f"head {type(head).__name__} {count_parameters(head) / 1e6:.2f}M (training only)")
+        a = config.align
+        norm = (f", targets spatially z-scored (alpha {a.zscore_alpha:g})"
+                if a.resolved_target_norm == "spatial_zscore" else "")
+        print(f", tap after block {config.tap_block}, weight {a.weight}, "
+              f"head {type(head).__name__} {count_parameters(head) / 1e6:.2f}M (training only){norm}")
     s = config.sampler
     print(f"sampler       {s.method} {s.steps} steps, CFG {s.cfg_scale} on ({s.interval_min}, {s.interval_max})")
     if getattr(args, "preset", None):

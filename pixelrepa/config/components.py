@@ -15,7 +15,9 @@ from typing import Any, Literal
 
 from pixelrepa.config.overrides import apply_overrides, from_dict, moved_fields
 
-AlignMode = Literal["none", "repa", "pixelrepa"]
+AlignMode = Literal["none", "repa", "irepa", "pixelrepa"]
+ProjectorKind = Literal["mlp", "conv"]
+TargetNorm = Literal["none", "spatial_zscore"]
 AttentionImpl = Literal["auto", "sdpa", "reference"]
 TargetDtype = Literal["float32", "bfloat16"]
 SamplerMethod = Literal["heun", "euler"]
@@ -130,9 +132,10 @@ class AlignConfig:
     """Representation alignment: the switch and both heads (SPEC 5)."""
 
     mode: AlignMode = "pixelrepa"
-    """'none' (plain JiT), 'repa' (MLP projector) or 'pixelrepa' (Masked Transformer Adapter)."""
+    """'none' (plain JiT), 'repa' (MLP projector), 'irepa' (conv projector, spatially z-scored
+    targets) or 'pixelrepa' (Masked Transformer Adapter)."""
     weight: float = 0.1
-    """lambda in total = denoise + lambda * align (PixelREPA 0.1; REPA uses 0.5)."""
+    """lambda in total = denoise + lambda * align (PixelREPA 0.1; REPA and iREPA use 0.5)."""
     tap_block: int | None = None
     """Tokens are read after this many blocks; None = in_context_start (SPEC 5)."""
     mask_ratio: float = 0.2
@@ -146,6 +149,18 @@ class AlignConfig:
     width equals the encoder width."""
     projector_hidden: int = 2048
     """REPA's MLP projector width."""
+    projector: ProjectorKind | None = None
+    """Projector of repa/irepa: 'mlp' or 'conv' (a k x k convolution over the token grid);
+    None = the mode's (repa: mlp, irepa: conv)."""
+    projector_kernel: int = 3
+    """Kernel size of the conv projector (iREPA: 3; odd, so the grid keeps its size)."""
+    target_norm: TargetNorm | None = None
+    """Normalisation of the encoder features before the loss: 'none' or 'spatial_zscore' (per
+    image and channel over the tokens); None = the mode's (irepa: spatial_zscore, else none)."""
+    zscore_alpha: float = 0.8
+    """Coefficient of the token mean subtracted by the spatial z-score (iREPA's JiT code: 0.8)."""
+    zscore_eps: float = 1e-6
+    """Added to the token standard deviation by the spatial z-score (iREPA: 1e-6)."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """The frozen encoder whose features are the alignment targets."""
     target_cache: str | None = None
@@ -161,11 +176,32 @@ class AlignConfig:
                "align.target_cache is empty: None (off), 'auto' or a folder")
         _check(self.weight >= 0, f"align.weight {self.weight} is negative; the alignment loss is added "
                "with weight >= 0 (0.1 for PixelREPA, 0.5 for REPA)")
-        _check(self.mode in ("none", "repa", "pixelrepa"),
-               f"unknown alignment mode '{self.mode}' (none | repa | pixelrepa)")
+        _check(self.mode in ("none", "repa", "irepa", "pixelrepa"),
+               f"unknown alignment mode '{self.mode}' (none | repa | irepa | pixelrepa)")
+        _check(self.projector in (None, "mlp", "conv"),
+               f"unknown align.projector '{self.projector}' (mlp | conv, or None for the mode's)")
+        _check(self.projector is None or self.mode in ("repa", "irepa"),
+               f"align.projector is set to '{self.projector}' but align.mode '{self.mode}' has no "
+               "projector: use it with repa or irepa, or leave it unset")
+        _check(self.target_norm in (None, "none", "spatial_zscore"),
+               f"unknown align.target_norm '{self.target_norm}' (none | spatial_zscore, or None for the mode's)")
+        _check(self.projector_kernel >= 1 and self.projector_kernel % 2 == 1,
+               f"align.projector_kernel must be odd and >= 1 (padding k // 2 keeps the grid), "
+               f"got {self.projector_kernel}")
+        _check(self.zscore_eps > 0, f"align.zscore_eps must be positive, got {self.zscore_eps}")
         _check(0.0 <= self.mask_ratio < 1.0, f"align.mask_ratio must be in [0, 1), got {self.mask_ratio}")
         _check_at_least(self, "align", 1, "adapter_depth projector_hidden")
         _check_at_least(self, "align", 0, "adapter_in_context_len")
+
+    @property
+    def resolved_projector(self) -> ProjectorKind:
+        """The projector repa/irepa build: `projector`, or the mode's (irepa: conv, repa: mlp)."""
+        return self.projector or ("conv" if self.mode == "irepa" else "mlp")
+
+    @property
+    def resolved_target_norm(self) -> TargetNorm:
+        """The target normalisation applied: `target_norm`, or the mode's (irepa: spatial_zscore)."""
+        return self.target_norm or ("spatial_zscore" if self.mode == "irepa" else "none")
 
 
 @dataclass(frozen=True)

@@ -150,6 +150,9 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
     component config (or a dict of its fields), or None where the field allows it."""
     options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
         else (annotation,)
+    if isinstance(value, str) and any(typing.get_origin(o) is Literal and value.strip() in typing.get_args(o)
+                                      for o in options):
+        return value.strip()  # a choice named like None ('none' of align.target_norm) is that choice
     is_none = value is None or (isinstance(value, str) and value.strip().lower() == "none")
     if is_none and type(None) in options:
         return None

@@ -86,7 +86,7 @@ def _preset(name: str, backbone: str, mode: AlignMode, cfg_scale: float,
     def build() -> RunConfig:
         model = _BACKBONES[backbone]
         noise_scale = 2.0 if model.input_size >= 512 else 1.0
-        weight = {"pixelrepa": 0.1, "repa": 0.5, "none": 0.0}[mode]
+        weight = {"pixelrepa": 0.1, "repa": 0.5, "irepa": 0.5, "none": 0.0}[mode]
         align = {"encoder": EncoderConfig(img_size=model.input_size), **align_kw}
         return RunConfig(
             model=model,
@@ -106,6 +106,7 @@ for _backbone in list(_BACKBONES):
         _preset(_backbone, _backbone, "none", _jit_cfg)
         _preset(f"PixelREPA-{_suffix}", _backbone, "pixelrepa", _PIXELREPA_CFG[_size])
         _preset(f"REPA-{_suffix}", _backbone, "repa", _jit_cfg)
+        _preset(f"iREPA-{_suffix}", _backbone, "irepa", _jit_cfg)
 
 # 32-px presets aligned to the offline EfficientNet-Lite0 (CPU demo, tests, the convergence benchmark).
 for _small, _projector in (("Tiny/4", 256), ("Micro/8", 256), ("S/4", 1024)):
@@ -114,6 +115,7 @@ for _small, _projector in (("Tiny/4", 256), ("Micro/8", 256), ("S/4", 1024)):
     _preset(f"JiT-{_small}", f"JiT-{_small}", "none", 3.0, adapter_in_context_len=_context, **_enc)
     _preset(f"PixelREPA-{_small}", f"JiT-{_small}", "pixelrepa", 3.0, adapter_in_context_len=_context, **_enc)
     _preset(f"REPA-{_small}", f"JiT-{_small}", "repa", 3.0, projector_hidden=_projector, **_enc)
+    _preset(f"iREPA-{_small}", f"JiT-{_small}", "irepa", 3.0, **_enc)
 
 # The Masked Transformer Adapter sizes (SPEC 5): depth 2 at the backbone's width. The released
 # code's adapter names, registered as other names of the PixelREPA presets.
@@ -155,6 +157,9 @@ def preset_note(name: str) -> str | None:
         return "the CFG scale is not published at 512 px: the /16 scale is reused"
     if family == "REPA":
         return "REPA on JiT as the paper's baseline; its CFG scale is not published: JiT's is used"
+    if family == "iREPA":
+        return ("iREPA on JiT as its authors' JiT code runs it (conv projector, spatial z-score with alpha 0.8, "
+                "weight 0.5, tap at the in-context start); its CFG scale is not published: JiT's is used")
     return None
 
 

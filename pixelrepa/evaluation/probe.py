@@ -17,7 +17,7 @@ metrics compare images, not tokens. Both matrices are L2-normalised per row, as 
 (2024) normalise before every metric, and each (block, t) gets CKNNA, linear CKA and mutual kNN
 (`pixelrepa.evaluation.alignment`) of the n x D backbone matrix against the n x C encoder one.
 
-With a head (REPA's projector, PixelREPA's adapter) `probe_features` also measures what the
+With a head (REPA's and iREPA's projectors, PixelREPA's adapter) `probe_features` also measures what the
 alignment loss sees: per image, the mean per-token cosine between the head's prediction from the
 tap block's tokens and the encoder's features, per t, in the same pass.
 
@@ -36,6 +36,7 @@ import dataclasses
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from pixelrepa.align.heads import MaskedTransformerAdapter, build_align_head, draw_keep_mask
+from pixelrepa.align.heads import MaskedTransformerAdapter, build_align_head, draw_keep_mask, normalize_targets
 from pixelrepa.config import EncoderConfig, RunConfig, get_encoder_preset
 from pixelrepa.data.transforms import to_model_range
 from pixelrepa.distributed import World
@@ -135,7 +136,8 @@ class ProbeFeatures:
 def probe_features(net: JiT, encoder: Callable[[Tensor, tuple[int, int]], Tensor], batches: Iterable[Batch],
                    blocks: Sequence[int], ts: Sequence[float], seed: int = 0, noise_scale: float = 1.0,
                    start: int = 0, head: nn.Module | None = None, tap_block: int | None = None,
-                   mask_ratio: float = 0.0, progress: Callable[[int], object] | None = None) -> ProbeFeatures:
+                   mask_ratio: float = 0.0, progress: Callable[[int], object] | None = None,
+                   head_target: Callable[[Tensor], Tensor] | None = None) -> ProbeFeatures:
     """The block tokens, encoder features and (with `head`) head cosines of the images of `batches`,
     the first being image `start` of the probe (its noise and mask: `probe_draws`).
 
@@ -144,7 +146,9 @@ def probe_features(net: JiT, encoder: Callable[[Tensor, tuple[int, int]], Tensor
     `TargetEncoder` does. With `head`, the head predicts the encoder's features from the tokens after
     `tap_block` blocks, read in the same pass: the adapter (PixelREPA) sees each image's tokens masked
     with `mask_ratio`, as in training; the projector (REPA) sees them all; the per-token cosines'
-    mean is 1 minus the alignment loss (SPEC 5) at a fixed t, without label dropping. Runs on `net`'s
+    mean is 1 minus the alignment loss (SPEC 5) at a fixed t, without label dropping; `head_target`
+    maps the encoder's features to what that loss compares (iREPA's spatial z-score:
+    `normalize_targets`), None compares them as they are. Runs on `net`'s
     device (bf16 autocast on a GPU, as in training); `progress(B)` after each batch."""
     modules = [m for m in (net, head) if m is not None]
     was_training = [m.training for m in modules]
@@ -180,7 +184,7 @@ def probe_features(net: JiT, encoder: Callable[[Tensor, tuple[int, int]], Tensor
                         pooled[(b, t)].append(tokens[b].float().mean(dim=1).cpu())
                     if head is not None:
                         pred = head_prediction(net, head, tokens[tap_block], keep, level, y).float()
-                        cos = F.cosine_similarity(pred, target, dim=-1)
+                        cos = F.cosine_similarity(pred, target if head_target is None else head_target(target), dim=-1)
                         cosines[t].append(cos.mean(dim=1).double().cpu())
             count += n
             if progress is not None:
@@ -450,7 +454,8 @@ def run_align(settings: ProbeAlignSettings, world: World, device: torch.device |
                   disable=None if rank == 0 else True) as bar:
             batches = pack_batches(pack, indices[start:stop], settings.batch_size, settings.labels == "data")
             part = probe_features(net, encoder, batches, blocks, ts, settings.seed, config.objective.noise_scale,
-                                  start, head, config.tap_block, config.align.mask_ratio, bar.update)
+                                  start, head, config.tap_block, config.align.mask_ratio, bar.update,
+                                  partial(normalize_targets, align=config.align))
     except Exception as err:
         if world_size == 1:
             raise
