@@ -1,4 +1,4 @@
-"""The three-way convergence benchmark: plain JiT vs REPA vs PixelREPA, trained identically and scored.
+"""The four-arm convergence benchmark: plain JiT vs REPA vs iREPA vs PixelREPA, trained identically and scored.
 
     python benchmarks/convergence.py --out DIR [--scale cpu|gpu] [--arms none repa pixelrepa]
                                      [--train-seeds 0 1] [--final-only-seeds 1] [--report]
@@ -74,8 +74,8 @@ from pixelrepa.evaluation.live import live_validator
 from pixelrepa.training.trainer import train
 from pixelrepa.loading import load_model
 
-ARMS = ("none", "repa", "pixelrepa")
-ARM_PRESET_PREFIX = {"none": "JiT", "repa": "REPA", "pixelrepa": "PixelREPA"}
+ARMS = ("none", "repa", "irepa", "pixelrepa")
+ARM_PRESET_PREFIX = {"none": "JiT", "repa": "REPA", "irepa": "iREPA", "pixelrepa": "PixelREPA"}
 FORMAT = "pixelrepa-convergence/1"
 
 
@@ -85,7 +85,7 @@ class ConvergenceConfig:
 
     dataset: Literal["fashion-mnist", "mnist"] = "fashion-mnist"
     backbone: str = "Tiny/4"
-    """A 32-px preset family: JiT-, REPA- and PixelREPA-<backbone> must exist."""
+    """A 32-px preset family: JiT-, REPA-, iREPA- and PixelREPA-<backbone> must exist."""
     train_images: int = 20_000
     """A fixed random subset of the train split (its encoder targets are cached)."""
     steps: int = 3000
@@ -99,8 +99,8 @@ class ConvergenceConfig:
     final_samples: int = 2500
     """Samples per sampling seed at the last step."""
     sample_seeds: tuple[int, ...] = (0, 1)
-    train_seeds: tuple[int, ...] = (0, 1)
-    final_only_seeds: tuple[int, ...] = (1,)
+    train_seeds: tuple[int, ...] = (0, 1, 2)
+    final_only_seeds: tuple[int, ...] = (1, 2)
     """Training seeds scored at the last step only (the others at every step of eval_steps)."""
     reference_images: int = 5000
     """Real train-split images whose Inception features are the reference."""
@@ -143,8 +143,8 @@ class ConvergenceConfig:
 
 
 SCALES: dict[str, ConvergenceConfig] = {
-    # Training seed 0 scored at every evaluation step, seed 1 at the last one (docs/results has
-    # the measured wall time).
+    # Training seed 0 scored at every evaluation step, seeds 1 and 2 at the last one (docs/results
+    # has the measured wall time).
     "cpu": ConvergenceConfig(),
     # The larger setting for one GPU: a 32-M backbone, longer, more samples, two training seeds.
     "gpu": ConvergenceConfig(backbone="S/4", train_images=60_000, steps=20_000, batch_size=256, lr=5e-4,
@@ -256,6 +256,17 @@ def report(out: Path) -> dict:
                          saved.get("feature_network", {}))
 
 
+def only_adds_training_seeds(saved: dict, new: dict) -> bool:
+    """True when `new` differs from `saved` only by training seeds added, each earlier seed keeping
+    its role (scored along the way or at the end only): the measured rows stay valid."""
+    if {k: v for k, v in saved.items() if k not in ("train_seeds", "final_only_seeds")} != \
+            {k: v for k, v in new.items() if k not in ("train_seeds", "final_only_seeds")}:
+        return False
+    old_seeds = set(saved["train_seeds"])
+    return old_seeds <= set(new["train_seeds"]) and \
+        set(saved["final_only_seeds"]) == set(new["final_only_seeds"]) & old_seeds
+
+
 def pending_evaluations(settings: ConvergenceConfig, rows: list[dict], arms: tuple[str, ...]) -> list[tuple]:
     """(train seed, arm, step) still to score, in run order."""
     done = {(r["train_seed"], r["arm"], r["step"]) for r in rows
@@ -277,11 +288,11 @@ def run(settings: ConvergenceConfig, out: Path, cache: Path, device: torch.devic
     settings_dict = json.loads(json.dumps(dataclasses.asdict(settings)))
     if settings_path.is_file():
         saved = json.loads(settings_path.read_text())
-        if saved != settings_dict:
-            changed = sorted(k for k in settings_dict if saved.get(k) != settings_dict[k])
+        changed = sorted(k for k in settings_dict if saved.get(k) != settings_dict[k])
+        if changed and not only_adds_training_seeds(saved, settings_dict):
             raise ValueError(f"{out} holds results of other settings ({', '.join(changed)} differ): "
                              "use another --out, or delete the folder to start over")
-    else:
+    if settings_dict != (json.loads(settings_path.read_text()) if settings_path.is_file() else None):
         write_text_atomic(settings_path, json.dumps(settings_dict, indent=2) + "\n")
     rows = _read_rows(results_path)
     pending = pending_evaluations(settings, rows, arms)

@@ -1,8 +1,9 @@
-"""The three-way convergence benchmark: identical arms, end to end, resume, reading of the results."""
+"""The four-arm convergence benchmark: identical arms, end to end, resume, reading of the results."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from pixelrepa.training import parallel, trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import convergence  # noqa: E402
-from convergence import ARMS, ConvergenceConfig, arm_config, main, reading  # noqa: E402
+from convergence import ARMS, ConvergenceConfig, arm_config, main, only_adds_training_seeds, reading  # noqa: E402
 
 LITE0 = "encoder:efficientnet-lite0"
 
@@ -88,11 +89,11 @@ def test_benchmark_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert main(args) == 0
     rows = list(csv.DictReader((out / "convergence.csv").open()))
     # per arm: seed 0 at step 2 (one sampling seed) and 4 (two and pooled); seed 1 at step 4 only
-    assert len(rows) == 3 * (1 + 3 + 3)
+    assert len(rows) == len(ARMS) * (1 + 3 + 3)
     assert {r["arm"] for r in rows} == set(ARMS)
     assert {(r["train_seed"], r["step"]) for r in rows} == {("0", "2"), ("0", "4"), ("1", "4")}
     pooled = [r for r in rows if r["sample_seed"] == "pooled"]
-    assert len(pooled) == 6 and all(int(r["num_images"]) == 20 and r["step"] == "4" for r in pooled)
+    assert len(pooled) == 2 * len(ARMS) and all(int(r["num_images"]) == 20 and r["step"] == "4" for r in pooled)
     assert all(float(r["fid"]) > 0 and float(r["train_seconds"]) > 0 for r in rows)
     record = json.loads((out / "convergence.json").read_text())
     assert record["settings"]["features"] == LITE0 and record["arms"]["repa"]["align"]["weight"] == 0.5
@@ -177,3 +178,14 @@ def test_curve_uses_the_pooled_set_at_the_last_step():
     (picked,) = convergence.curve_rows(rows)
     assert picked["sample_seed"] == "pooled" and picked["kid_mean"] == 3e-3
 
+
+
+def test_adding_training_seeds_keeps_the_measured_rows():
+    saved = dataclasses.asdict(ConvergenceConfig(train_seeds=(0, 1), final_only_seeds=(1,)))
+    grown = dataclasses.asdict(ConvergenceConfig(train_seeds=(0, 1, 2), final_only_seeds=(1, 2)))
+    assert only_adds_training_seeds(saved, grown)
+    assert only_adds_training_seeds(saved, saved)
+    # seed 1 changing role (now scored along the way) or a seed dropped invalidates rows
+    assert not only_adds_training_seeds(saved, {**grown, "final_only_seeds": (2,)})
+    assert not only_adds_training_seeds(saved, {**grown, "train_seeds": (0, 2), "final_only_seeds": (2,)})
+    assert not only_adds_training_seeds(saved, {**grown, "steps": 4000})

@@ -27,7 +27,7 @@ def make_pack(path: Path, seed: int = 0, count: int = 48) -> Path:
 
 
 def config_for(pack: Path, out: Path, mode: str = "pixelrepa", **overrides):
-    preset = {"pixelrepa": "PixelREPA-Micro/8", "repa": "REPA-Micro/8"}[mode]
+    preset = {"pixelrepa": "PixelREPA-Micro/8", "repa": "REPA-Micro/8", "irepa": "iREPA-Micro/8"}[mode]
     changes = {
         "data.source": str(pack), "data.num_workers": 0, "data.hflip": True,
         "train.out_dir": str(out), "train.steps": 6, "train.per_device_batch": 8, "train.log_every": 1,
@@ -59,6 +59,25 @@ def test_training_with_the_cache_equals_training_without(tmp_path, mode):
     assert record["complete"] and record["orientations"] == 2 and record["count"] == 48
     assert record["grid"] == [4, 4] and record["channels"] == 112 and record["dtype"] == "float32"
     assert not (folder / target_cache.DONE).exists()
+
+
+@pytest.mark.slow
+def test_one_cache_of_raw_features_serves_repa_and_irepa(tmp_path):
+    """The cache holds the encoder's raw features; iREPA's spatial z-score is applied at loss time,
+    so an iREPA run reads the cache a REPA run built and trains as it does without a cache."""
+    pack = make_pack(tmp_path / "pack")
+    train(config_for(pack, tmp_path / "repa", "repa", **{"align.target_cache": "auto"}), progress=False)
+    built = sorted((pack / "targets").iterdir())
+    stamp = [(f, f.stat().st_mtime_ns) for f in sorted(built[0].iterdir())]
+    train(config_for(pack, tmp_path / "plain", "irepa"), progress=False)
+    train(config_for(pack, tmp_path / "cached", "irepa", **{"align.target_cache": "auto"}), progress=False)
+    assert sorted((pack / "targets").iterdir()) == built and len(built) == 1
+    assert [(f, f.stat().st_mtime_ns) for f in sorted(built[0].iterdir())] == stamp  # read, not rebuilt
+    plain, cached = logged(tmp_path / "plain"), logged(tmp_path / "cached")
+    assert len(plain) == len(cached) == 6
+    for a, b in zip(plain, cached):
+        for key in ("denoise", "align", "total"):
+            assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a["step"], key, a[key], b[key])
 
 
 def test_cached_targets_are_the_encoders_features_of_each_orientation(tmp_path):
