@@ -395,7 +395,8 @@ def curve_rows(rows: list[dict]) -> list[dict]:
 
 def reading(rows: list[dict], settings: ConvergenceConfig) -> list[str]:
     """Plain statements computed from the curves: the lowest arm per step, when each arm reaches
-    plain JiT's final KID, and whether REPA's KID rises after its best point."""
+    plain JiT's final KID, whether REPA's KID rises after its best point, and which paired
+    comparisons of the last step the training seeds resolve."""
     lines = []
     curves = curve_rows(rows)
     for seed in settings.train_seeds:
@@ -427,6 +428,96 @@ def reading(rows: list[dict], settings: ConvergenceConfig) -> list[str]:
             lines.append(f"train seed {seed}: REPA's KID {'rises' if rises else 'does not rise (beyond one std)'} "
                          f"after its best point (best {best['kid_mean'] * 1e3:.3f}e-3 at step {best['step']}, "
                          f"final {last['kid_mean'] * 1e3:.3f}e-3 ± {last['kid_std'] * 1e3:.3f}e-3)")
+    for c in paired_comparisons(rows, settings):
+        if len(c["seeds"]) < 2:
+            continue
+        lower = sum(d < 0 for d in c["differences"])
+        verdict = ("resolved at 5 % by the paired t-test" if c["p_t"] is not None and c["p_t"] < 0.05
+                   else "not resolved at 5 % by the paired t-test")
+        lines.append(f"{c['a']} vs {c['b']}, {c['metric']}: {c['a']} lower in {lower} of {len(c['seeds'])} "
+                     f"training seeds, mean difference {c['mean']:+.3f}; {verdict} (p = "
+                     f"{'n/a' if c['p_t'] is None else format(c['p_t'], '.3f')}; sign flip p = {c['p_sign_flip']:.3f})")
+    return lines
+
+
+# Each aligned arm against plain JiT, and PixelREPA against the other two aligned arms.
+PAIRS = (("repa", "none"), ("irepa", "none"), ("pixelrepa", "none"), ("pixelrepa", "repa"), ("pixelrepa", "irepa"))
+METRICS = (("kid_mean", "KID x 1e3", 1e3), ("fid", "FID", 1.0))
+
+
+def final_rows(rows: list[dict], settings: ConvergenceConfig) -> dict[tuple[int, str], dict]:
+    """{(train seed, arm): the pooled row of the last step}."""
+    return {(r["train_seed"], r["arm"]): r for r in rows
+            if r["step"] == settings.steps and r["sample_seed"] == "pooled"}
+
+
+def arm_summary(rows: list[dict], settings: ConvergenceConfig) -> list[dict]:
+    """Per arm, the last step's pooled KID and FID over the training seeds: mean, sample std, n."""
+    finals, out = final_rows(rows, settings), []
+    for arm in ARMS:
+        mine = [finals[(seed, arm)] for seed in settings.train_seeds if (seed, arm) in finals]
+        entry = {"arm": arm, "seeds": [r["train_seed"] for r in mine]}
+        for key, _, _ in METRICS:
+            values = np.array([r[key] for r in mine], dtype=np.float64)
+            entry[key] = {"mean": float(values.mean()) if len(values) else None,
+                          "std": float(values.std(ddof=1)) if len(values) > 1 else None}
+        out.append(entry)
+    return out
+
+
+def paired_comparisons(rows: list[dict], settings: ConvergenceConfig) -> list[dict]:
+    """For each pair of `PAIRS` and metric, the per-seed differences (a - b) of the last step's
+    pooled values over the training seeds both arms finished, and two tests of 'no difference':
+
+    - the paired t-test (the mean difference over its standard error, n - 1 degrees of freedom):
+      pairing by seed removes what the arms share (data order, initial weights, draws), and it
+      assumes normal differences, which three seeds cannot check;
+    - the exact sign-flip test (every assignment of signs to the differences equally likely under
+      no difference, p = the share of assignments whose |mean| reaches the observed one): it
+      assumes only symmetry, but with n seeds its smallest p is 2 / 2^n (0.25 at n = 3), so it
+      cannot reject at 5 % with fewer than 6 seeds.
+    """
+    from scipy import stats
+
+    finals, out = final_rows(rows, settings), []
+    for a, b in PAIRS:
+        seeds = [seed for seed in settings.train_seeds if (seed, a) in finals and (seed, b) in finals]
+        for key, label, scale in METRICS:
+            diffs = np.array([(finals[(seed, a)][key] - finals[(seed, b)][key]) * scale for seed in seeds])
+            entry = {"a": a, "b": b, "metric": label, "seeds": seeds, "differences": diffs.tolist(),
+                     "mean": float(diffs.mean()) if len(diffs) else None, "t": None, "p_t": None, "p_sign_flip": None}
+            if len(diffs) >= 2:
+                sd = diffs.std(ddof=1)
+                if sd > 0:
+                    entry["t"] = float(diffs.mean() / (sd / math.sqrt(len(diffs))))
+                    entry["p_t"] = float(2 * stats.t.sf(abs(entry["t"]), len(diffs) - 1))
+                signs = np.array(np.meshgrid(*[[-1.0, 1.0]] * len(diffs))).reshape(len(diffs), -1).T
+                flipped = np.abs((signs * diffs).mean(axis=1))
+                entry["p_sign_flip"] = float((flipped >= abs(diffs.mean()) - 1e-12).mean())
+            out.append(entry)
+    return out
+
+
+def format_comparisons(rows: list[dict], settings: ConvergenceConfig) -> list[str]:
+    """The per-arm summary and the paired comparisons as Markdown lines (lower is better for both)."""
+    summary = arm_summary(rows, settings)
+    lines = [f"Last step ({settings.steps}), pooled samples, over training seeds (mean ± sample std):", "",
+             "| arm | seeds | KID x 1e3 | FID |", "|---|---|---|---|"]
+    for entry in summary:
+        cells = []
+        for key, _, scale in METRICS:
+            m, sd = entry[key]["mean"], entry[key]["std"]
+            cells.append("" if m is None else f"{m * scale:.3f}" + ("" if sd is None else f" ± {sd * scale:.3f}"))
+        lines.append(f"| {entry['arm']} | {', '.join(map(str, entry['seeds'])) or '-'} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired by training seed (same data order, initial backbone and draws): differences a - b of "
+              "the last step's pooled values (negative: a is better), the paired t-test and the exact "
+              "sign-flip test of no difference (two-sided; see `paired_comparisons` for what each assumes).", "",
+              "| a - b | metric | per seed | mean | t | p (t-test) | p (sign flip) |", "|---|---|---|---|---|---|---|"]
+    for c in paired_comparisons(rows, settings):
+        per_seed = ", ".join(f"{d:+.3f} (seed {s})" for s, d in zip(c["seeds"], c["differences"])) or "-"
+        fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
+        lines.append(f"| {c['a']} - {c['b']} | {c['metric']} | {per_seed} | {fmt(c['mean'], '+.3f')} | "
+                     f"{fmt(c['t'], '.2f')} | {fmt(c['p_t'], '.3f')} | {fmt(c['p_sign_flip'], '.3f')} |")
     return lines
 
 
@@ -456,6 +547,8 @@ def format_markdown(rows: list[dict], settings: ConvergenceConfig) -> str:
             lines.append(f"| {r['train_seed']} | {r['arm']} | {r['sample_seed']} | {r['num_images']:,} | "
                          f"{r['kid_mean'] * 1e3:.3f} ± {r['kid_std'] * 1e3:.3f} | {r['fid']:.2f} | "
                          f"{r['train_seconds']:.0f} |")
+    if finals:
+        lines += [""] + format_comparisons(rows, settings)
     lines += ["", "Reading (computed from the table):", ""] + [f"- {line}" for line in reading(rows, settings)]
     return "\n".join(lines) + "\n"
 
@@ -492,6 +585,8 @@ def write_outputs(out: Path, settings: ConvergenceConfig, rows: list[dict], scal
         "machine": f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "reading": reading(rows, settings),
+        "summary": arm_summary(rows, settings),
+        "paired": paired_comparisons(rows, settings),
         "rows": rows,
     }
     ordered = sorted(rows, key=lambda r: (r["train_seed"], ARMS.index(r["arm"]), r["step"], str(r["sample_seed"])))
