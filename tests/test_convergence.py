@@ -189,3 +189,36 @@ def test_adding_training_seeds_keeps_the_measured_rows():
     assert not only_adds_training_seeds(saved, {**grown, "final_only_seeds": (2,)})
     assert not only_adds_training_seeds(saved, {**grown, "train_seeds": (0, 2), "final_only_seeds": (2,)})
     assert not only_adds_training_seeds(saved, {**grown, "steps": 4000})
+
+
+def test_paired_comparisons_are_the_paired_t_test_and_the_exact_sign_flip_test():
+    from scipy import stats
+
+    settings = ConvergenceConfig(train_seeds=(0, 1, 2), final_only_seeds=(1, 2))
+    fids = {"none": [60.0, 58.0, 59.0], "repa": [57.0, 56.5, 58.2], "irepa": [55.0, 57.0, 56.0],
+            "pixelrepa": [54.0, 55.0, 53.5]}
+    rows = [{"train_seed": seed, "arm": arm, "step": settings.steps, "sample_seed": "pooled",
+             "kid_mean": fid / 1e3 / 2, "kid_std": 1e-3, "fid": fid}
+            for arm, values in fids.items() for seed, fid in enumerate(values)]
+    rows.append({**rows[0], "step": 500})  # other steps do not enter
+    found = {(c["a"], c["b"], c["metric"]): c for c in convergence.paired_comparisons(rows, settings)}
+    assert len(found) == len(convergence.PAIRS) * 2
+    c = found[("pixelrepa", "none", "FID")]
+    diffs = [a - b for a, b in zip(fids["pixelrepa"], fids["none"])]
+    assert c["differences"] == pytest.approx(diffs) and c["seeds"] == [0, 1, 2]
+    expected = stats.ttest_rel(fids["pixelrepa"], fids["none"])
+    assert c["t"] == pytest.approx(expected.statistic) and c["p_t"] == pytest.approx(expected.pvalue)
+    assert c["p_sign_flip"] == pytest.approx(0.25)  # all three lower: 2 of the 8 sign patterns reach it
+    mixed = found[("irepa", "none", "FID")]  # -5, -1, -3: all lower as well
+    assert mixed["p_sign_flip"] == pytest.approx(0.25)
+    assert found[("pixelrepa", "irepa", "KID x 1e3")]["differences"] == pytest.approx(
+        [(a - b) / 2 for a, b in zip(fids["pixelrepa"], fids["irepa"])])
+    summary = {e["arm"]: e for e in convergence.arm_summary(rows, settings)}
+    assert summary["repa"]["fid"]["mean"] == pytest.approx(np.mean(fids["repa"]))
+    assert summary["repa"]["fid"]["std"] == pytest.approx(np.std(fids["repa"], ddof=1))
+    # A seed one arm has not finished is left out of that arm's pairs.
+    partial = [r for r in rows if not (r["arm"] == "irepa" and r["train_seed"] == 2)]
+    assert {(c["a"], c["b"]): c["seeds"] for c in convergence.paired_comparisons(partial, settings)}[
+        ("irepa", "none")] == [0, 1]
+    lines = reading(rows, settings)
+    assert any(line.startswith("pixelrepa vs none, FID: pixelrepa lower in 3 of 3") for line in lines)
