@@ -3,7 +3,7 @@
     python benchmarks/analysis.py --runs DIR/runs --data PACK --out OUT [--images 1000] [--per-class 100]
 
 For every run folder `ARM-seedS` under `--runs` (what `benchmarks/convergence.py` writes:
-none / repa / pixelrepa x training seeds), on EMA 1 of its last checkpoint:
+none / repa / irepa / pixelrepa x training seeds), on EMA 1 of its last checkpoint:
 - `pixelrepa probe align`: CKNNA (k = 10), linear CKA and mutual kNN between each block's
   mean-pooled tokens and the alignment encoder's features of the clean images, at t = 0.25, 0.5,
   0.75, 1 (every arm against the same encoder, the one the aligned arms were trained on), on
@@ -11,7 +11,8 @@ none / repa / pixelrepa x training seeds), on EMA 1 of its last checkpoint:
 - `pixelrepa probe diversity`: `--per-class` samples per class drawn with the run's sampler,
   against as many real images per class, in encoder and Inception space -> OUT/diversity-ARM-seedS/.
 Then OUT/analysis.md: one table per analysis, all arms side by side. Each step is skipped when its
-output folder already holds its JSON, so an interrupted run continues.
+output folder already holds its JSON, so an interrupted run continues; runs measured earlier whose
+folders are gone (another machine) stay in the tables from their JSON in OUT.
 """
 
 from __future__ import annotations
@@ -24,20 +25,26 @@ from pathlib import Path
 
 from common import cpu_model  # benchmarks/ is on sys.path when run as a script
 
-ARMS = ("none", "repa", "pixelrepa")
+ARMS = ("none", "repa", "irepa", "pixelrepa")
 ENCODER = "efficientnet-lite0"
 
 
-def run_folders(runs: Path) -> list[tuple[str, int, Path]]:
-    """(arm, seed, folder) for every ARM-seedS folder, by arm then seed."""
-    found = []
-    for folder in sorted(runs.iterdir()):
+def run_folders(runs: Path, out: Path) -> list[tuple[str, int, Path | None]]:
+    """(arm, seed, folder) for every ARM-seedS folder under `runs`, and (arm, seed, None) for each
+    run measured before whose align-ARM-seedS/alignment.json is in `out`; by arm then seed."""
+    found: dict[tuple[str, int], Path | None] = {}
+    for folder in sorted(out.glob("align-*-seed*")):
+        arm, _, seed = folder.name.removeprefix("align-").rpartition("-seed")
+        if arm in ARMS and seed.isdigit() and (folder / "alignment.json").is_file():
+            found[(arm, int(seed))] = None
+    for folder in sorted(runs.iterdir()) if runs.is_dir() else []:
         arm, _, seed = folder.name.rpartition("-seed")
         if arm in ARMS and seed.isdigit() and (folder / "checkpoints").is_dir():
-            found.append((arm, int(seed), folder))
+            found[(arm, int(seed))] = folder
     if not found:
-        raise SystemExit(f"no ARM-seedS run folders with checkpoints under {runs}")
-    return sorted(found, key=lambda item: (ARMS.index(item[0]), item[1]))
+        raise SystemExit(f"no ARM-seedS run folders with checkpoints under {runs}, and no results in {out}")
+    return sorted(((arm, seed, folder) for (arm, seed), folder in found.items()),
+                  key=lambda item: (ARMS.index(item[0]), item[1]))
 
 
 def pixelrepa(*args: str) -> None:
@@ -109,9 +116,11 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=100, help="samples (and real images) per class")
     parser.add_argument("--skip-diversity", action="store_true")
     args = parser.parse_args()
-    found = run_folders(args.runs)
     args.out.mkdir(parents=True, exist_ok=True)
+    found = run_folders(args.runs, args.out)
     for arm, seed, folder in found:
+        if folder is None:
+            continue
         target = args.out / f"align-{arm}-seed{seed}"
         if not (target / "alignment.json").is_file():
             pixelrepa("probe", "align", str(folder), "--data", str(args.data), "--encoder", ENCODER,
