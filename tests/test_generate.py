@@ -226,3 +226,32 @@ def test_two_processes_write_the_same_images(tiny, tmp_path):
     with np.load(tmp_path / "one" / "samples.npz") as a, np.load(tmp_path / "two" / "samples.npz") as b:
         assert_same_images(a["arr_0"], b["arr_0"])
         assert np.array_equal(a["labels"], b["labels"])
+
+
+def test_sample_with_a_guide_model(tiny, tmp_path, capsys):
+    """`pixelrepa sample --guide-model`: the guide replaces the unconditional pass (and is part of the
+    folder's settings); a guide of other images is refused, naming the mismatch."""
+    config, net, path = tiny
+    weaker = config.replace(**{"model.depth": 2})
+    guide_net = randomize_(JiT(weaker.model), seed=3).eval()
+    guide = save_model_file(tmp_path / "guide.safetensors", weaker, {"net": guide_net.state_dict()})
+    args = ["sample", str(path), str(tmp_path / "out"), "--classes", "2", "--per-class", "2", "--format", "png",
+            "--method", "dpm2m", "--schedule", "shifted", "--shift", "2", *STEPS, "--cfg", "2.5", "--interval", "0", "1"]
+    assert main(args + ["--guide-model", str(guide)]) == 0
+    guided = pngs(tmp_path / "out", 2)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())["settings"]
+    assert len(manifest["guide_sha256"]) == 64 and manifest["sampler"]["method"] == "dpm2m"
+    assert manifest["sampler"]["schedule"] == "shifted" and manifest["sampler"]["shift"] == 2.0
+    assert main(args[:2] + [str(tmp_path / "plain")] + args[3:]) == 0
+    assert np.abs(guided.astype(int) - pngs(tmp_path / "plain", 2)).max() > 0
+    # The same images through the library, with the guide as the second network.
+    sampler = config.replace(**{"sampler.method": "dpm2m", "sampler.schedule": "shifted", "sampler.shift": 2.0,
+                                "sampler.cfg_scale": 2.5, "sampler.interval_min": 0.0})
+    apply_kernels(guide_net, guide_net.blocks, weaker.kernels, CPU, sampling=True)
+    direct = sample_classes(net, sampler, [2], 2, seed=0, device=CPU, guide=guide_net).permute(0, 2, 3, 1).numpy()
+    assert_same_images(direct, guided)
+
+    wrong = config.replace(**{"model.num_classes": 7})
+    bad = save_model_file(tmp_path / "bad.safetensors", wrong, {"net": JiT(wrong.model).state_dict()})
+    assert main(args[:2] + [str(tmp_path / "grid.png")] + args[3:] + ["--guide-model", str(bad)]) == 2
+    assert "classes 10 vs the guide's 7" in capsys.readouterr().err

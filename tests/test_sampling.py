@@ -1,15 +1,19 @@
-"""Euler / Heun sampling with classifier-free guidance on an interval (SPEC 7)."""
+"""Sampling with classifier-free guidance on an interval (SPEC 7): Euler / Heun as released, the multistep
+solvers, the time grids, autoguidance."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import numpy as np
 import pytest
 import torch
 
 from pixelrepa.config import SamplerConfig, get_preset
 from pixelrepa.models.jit import JiT
-from pixelrepa.sampling import GuidedVelocity, guidance_scale, sample
+from pixelrepa.sampling import GuidedVelocity, check_guide, guidance_scale, sample, time_grid
+from pixelrepa.sampling.solvers import log_snr, multistep_update
 
 NULL = 10
 
@@ -272,3 +276,262 @@ def test_solver_order_on_linear_denoiser():
     assert 1.6 < e10 / e20 < 2.5
     assert h10 / h20 > 3.0
     assert solver_error("heun", 50) < 1e-3 * SIGMA
+
+
+MEAN, STD = 0.7, 2.5
+
+
+def shifted_gaussian_denoiser(z, t, y):
+    """E[x | z] for x ~ N(MEAN, STD^2), z = t x + (1 - t) e."""
+    t = t.to(z.dtype).view(-1, *([1] * (z.dim() - 1)))
+    return MEAN + t * STD**2 * (z - t * MEAN) / (t**2 * STD**2 + (1 - t) ** 2)
+
+
+def exact_flow(xi: torch.Tensor, t: float) -> torch.Tensor:
+    """The probability-flow solution from z_0 = xi: z_t = t MEAN + sqrt(t^2 STD^2 + (1 - t)^2) xi (the
+    flow between Gaussians is the affine map that keeps the standardised value)."""
+    return t * MEAN + math.sqrt(t * t * STD**2 + (1 - t) ** 2) * xi
+
+
+def full_path_error(method: str, steps: int, multistep_in: str = "t") -> float:
+    noise = torch.linspace(-2, 2, 9, dtype=torch.float64).view(9, 1, 1, 1)
+    sampler = SamplerConfig(method=method, steps=steps, cfg_scale=1.0, multistep_in=multistep_in)
+    z = sample(shifted_gaussian_denoiser, noise, torch.zeros(9, dtype=torch.long), NULL, sampler, t_eps=1e-6)
+    return (z - exact_flow(noise, 1.0)).abs().max().item()
+
+
+def fitted_order(errors: list[float], steps: list[float]) -> float:
+    """-slope of log error against log steps."""
+    return -float(np.polyfit(np.log(steps), np.log(errors), 1)[0])
+
+
+@pytest.mark.parametrize("method,multistep_in,low,high", [
+    ("euler", "t", 0.9, 1.1),
+    ("heun", "t", 1.9, 2.15),
+    ("dpm2m", "t", 1.8, 2.1),
+    # The third-order update (test below) is capped at 2 over the whole path by its lower-order first
+    # steps and its final step onto t = 1.
+    ("dpm3m", "t", 1.9, 2.15),
+    # Second order up to a log factor: on the uniform grid in t the log-SNR steps next to t = 0 and
+    # t = 1 do not shrink (lambda_k ~ log k), which costs O(log N / N^2); 1.75 measured on 16..256.
+    ("dpm2m", "log_snr", 1.65, 2.1),
+    ("dpm3m", "log_snr", 1.9, 2.15),
+])
+def test_global_order_on_gaussian_data(method, multistep_in, low, high):
+    steps = [16, 32, 64, 128, 256]
+    errors = [full_path_error(method, n, multistep_in) for n in steps]
+    assert all(a > b for a, b in zip(errors, errors[1:]))
+    assert low < fitted_order(errors, steps) < high
+
+
+def test_dpm2m_beats_euler_and_heun_per_evaluation():
+    """At 32 network evaluations per image: Euler 32 steps, Heun 16 (31 evaluations), dpm2m 32; in t
+    the released grid's ends cost dpm2m less than in the log-SNR."""
+    euler, heun = full_path_error("euler", 32), full_path_error("heun", 16)
+    dpm2m, dpm2m_log_snr = full_path_error("dpm2m", 32), full_path_error("dpm2m", 32, "log_snr")
+    assert dpm2m < heun / 3 and dpm2m < euler / 30 and dpm2m < dpm2m_log_snr / 5
+
+
+@pytest.mark.parametrize("variable", ["t", "log_snr"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_multistep_update_local_order(order, variable):
+    """One step from the exact state with an exact history at log-SNR spacing h: error O(h^(order + 1))."""
+    xi = torch.linspace(-2, 2, 9, dtype=torch.float64)
+
+    def t_of(lam):
+        return 1 / (1 + math.exp(-lam))
+
+    def predicted(t):
+        return shifted_gaussian_denoiser(exact_flow(xi, t), torch.tensor([t]), None)
+
+    errors, widths = [], [0.2, 0.1, 0.05, 0.025]
+    for h in widths:
+        history = [(t_of(lam), predicted(t_of(lam))) for lam in (-k * h for k in reversed(range(order)))]
+        z = multistep_update(exact_flow(xi, 0.5), 0.5, t_of(h), history, variable)
+        errors.append((z - exact_flow(xi, t_of(h))).abs().max().item())
+    assert order + 0.9 < -fitted_order(errors, widths) < order + 1.1
+
+
+@pytest.mark.parametrize("variable", ["t", "log_snr"])
+def test_first_order_multistep_is_the_unclamped_euler_step(variable):
+    z, x_hat = torch.randn(4), torch.randn(4)
+    for t, t_next in ((0.0, 0.25), (0.3, 0.5), (0.9, 0.97)):
+        torch.testing.assert_close(multistep_update(z, t, t_next, [(t, x_hat)], variable),
+                                   z + (t_next - t) * (x_hat - z) / (1 - t))
+
+
+# ---------------------------------------------------------------------------
+# Euler / Heun stay the released sampler, bit for bit
+# ---------------------------------------------------------------------------
+
+def released_loop(net, noise, labels, sampler, t_eps=0.05):
+    """The sampler as it was before the grids and the multistep solvers: linspace grid, Heun except
+    the last step."""
+    v = GuidedVelocity(net, labels, NULL, sampler, t_eps)
+    grid = torch.linspace(0, 1, sampler.steps + 1, dtype=torch.float32).tolist()
+    z = noise
+    for k in range(sampler.steps):
+        t, t_next = grid[k], grid[k + 1]
+        dt = t_next - t
+        v0 = v(z, t)
+        if sampler.method == "heun" and k < sampler.steps - 1:
+            z = z + dt * (0.5 * (v0 + v(z + dt * v0, t_next)))
+        else:
+            z = z + dt * v0
+    return z
+
+
+@pytest.mark.parametrize("method", ["heun", "euler"])
+@pytest.mark.parametrize("steps", [1, 3, 7])
+def test_euler_and_heun_unchanged_bit_for_bit(method, steps):
+    g = torch.Generator().manual_seed(steps)
+    weights = torch.randn(3, 3, generator=g)
+
+    def net(z, t, y):
+        return torch.tanh(torch.einsum("ij,njhw->nihw", weights, z)) * t.view(-1, 1, 1, 1) + 0.1 * y.view(-1, 1, 1, 1)
+
+    noise = torch.randn(4, 3, 2, 2, generator=g)
+    labels = torch.tensor([0, 3, 5, 9])
+    for batched in (True, False):
+        sampler = SamplerConfig(method=method, steps=steps, cfg_scale=2.5, batched_guidance=batched)
+        assert torch.equal(sample(net, noise, labels, NULL, sampler), released_loop(net, noise, labels, sampler))
+
+
+# ---------------------------------------------------------------------------
+# Time grids
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 50, 99])
+def test_uniform_grid_is_the_released_linspace(steps):
+    grid = time_grid(SamplerConfig(steps=steps))
+    assert grid == torch.linspace(0, 1, steps + 1, dtype=torch.float32).tolist()
+    evals, _ = run_recorded(SamplerConfig(method="euler", steps=steps, cfg_scale=1.0))
+    assert [t for t, _, _ in evals] == grid[:-1]
+
+
+def test_shifted_grid_direction_and_log_snr():
+    uniform = time_grid(SamplerConfig(steps=10))
+    towards_noise = time_grid(SamplerConfig(steps=10, schedule="shifted", shift=3.0))
+    towards_data = time_grid(SamplerConfig(steps=10, schedule="shifted", shift=1 / 3))
+    assert towards_noise[0] == 0.0 and towards_noise[-1] == 1.0
+    assert all(a < u < b for a, u, b in zip(towards_noise[1:-1], uniform[1:-1], towards_data[1:-1]))
+    # shift > 1: the first step is shorter than uniform's, the last longer (denser near t = 0).
+    assert towards_noise[1] < uniform[1] and 1 - towards_noise[-2] > 1 - uniform[-2]
+    for t, u in zip(towards_noise[1:-1], uniform[1:-1]):
+        assert log_snr(t) == pytest.approx(log_snr(u) - math.log(3.0), abs=1e-6)
+    assert time_grid(SamplerConfig(steps=10, schedule="shifted", shift=1.0)) == pytest.approx(uniform, abs=1e-7)
+
+
+def test_edm_grid():
+    sampler = SamplerConfig(steps=8, schedule="edm", rho=7.0, sigma_min=0.002, sigma_max=80.0)
+    grid = time_grid(sampler)
+    assert len(grid) == 9 and grid[0] == 0.0 and grid[-1] == 1.0
+    assert all(a < b for a, b in zip(grid, grid[1:]))
+    sigma = [(1 - t) / t for t in grid[1:-1]]
+    assert sigma[-1] == pytest.approx(0.002, rel=1e-4)
+    roots = [s ** (1 / 7) for s in [80.0] + sigma]  # uniform in sigma^(1 / rho) from sigma_max
+    assert np.diff(roots) == pytest.approx(np.full(7, roots[1] - roots[0]), rel=1e-4)
+    assert time_grid(dataclasses.replace(sampler, steps=1)) == [0.0, 1.0]
+    with pytest.raises(ValueError, match="repeated times"):
+        time_grid(SamplerConfig(steps=500, schedule="shifted", shift=1e-6))
+
+
+@pytest.mark.parametrize("schedule", ["uniform", "shifted", "edm"])
+@pytest.mark.parametrize("method", ["euler", "heun", "dpm2m", "dpm3m"])
+def test_evaluations_follow_the_grid_and_never_reach_t_one(method, schedule):
+    sampler = SamplerConfig(method=method, steps=6, schedule=schedule, cfg_scale=2.0)
+    evals, _ = run_recorded(sampler)
+    grid = time_grid(sampler)
+    expected = grid[:-1] if method != "heun" else [grid[0]] + [t for t in grid[1:-1] for _ in range(2)]
+    assert [t for t, _, _ in evals] == expected
+    assert all(has_null == (guidance_scale(t, sampler) != 1.0) for t, _, has_null in evals)
+
+
+def test_multistep_restarts_at_the_guidance_interval():
+    """x^ jumps where guidance starts; the step there is first order (no extrapolation across it)."""
+    sampler = SamplerConfig(method="dpm2m", steps=10, cfg_scale=3.0, interval_min=0.45, interval_max=1.0)
+    rec = Recorder(cond_one_uncond_zero)
+    noise = torch.zeros(2, 1, 2, 2)
+    _, trajectory = sample(rec, noise, torch.arange(2), NULL, sampler, return_trajectory=True)
+    # Guided x^ = 3 from t = 0.5 on, 1 before: first order from 0.5 to 0.6 moves z to 3 * 0.6 exactly
+    # when z(0.5) = 0.5 (x^ = 1 held before), while extrapolating across the jump would overshoot.
+    torch.testing.assert_close(trajectory[5], torch.full_like(noise, 0.5))
+    expected = trajectory[5] + (0.6 - 0.5) / 0.5 * (3.0 - trajectory[5])
+    torch.testing.assert_close(trajectory[6], expected)
+
+
+# ---------------------------------------------------------------------------
+# Autoguidance
+# ---------------------------------------------------------------------------
+
+def test_autoguidance_equals_the_direct_computation():
+    z = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    labels = torch.tensor([0, 4, 9])
+    main_x, weak_x = torch.randn_like(z), torch.randn_like(z)
+    seen = []
+
+    def main(zz, t, y):
+        seen.append(("main", y.clone()))
+        return main_x + 0 * zz
+
+    def weak(zz, t, y):
+        seen.append(("weak", y.clone()))
+        return weak_x + 0 * zz
+
+    w, t = 2.2, 0.4
+    sampler = SamplerConfig(cfg_scale=w, interval_min=0.1, interval_max=1.0)
+    guided = GuidedVelocity(main, labels, NULL, sampler, 0.05, guide=weak)
+    torch.testing.assert_close(guided.denoised(z, t), weak_x + w * (main_x - weak_x))
+    v_weak, v_main = ((x - z) / (1 - t) for x in (weak_x, main_x))
+    torch.testing.assert_close(guided(z, t), v_weak + w * (v_main - v_weak))
+    assert [name for name, _ in seen] == ["main", "weak"] * 2
+    assert all(torch.equal(y, labels) for _, y in seen)  # both conditional: no null label
+    seen.clear()
+    torch.testing.assert_close(guided.denoised(z, 0.05), main_x)  # outside the interval: the main model only
+    assert [name for name, _ in seen] == ["main"]
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "dpm2m"])
+def test_autoguided_sampling_equals_a_guided_denoiser(method):
+    """Sampling with a guide = sampling the single denoiser D_w + s (D_m - D_w) inside the interval."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(3, 3, generator=g, dtype=torch.float64) * 0.5 for _ in range(2))
+
+    def main(z, t, y):
+        return torch.tanh(torch.einsum("ij,njhw->nihw", a, z))
+
+    def weak(z, t, y):
+        return torch.tanh(torch.einsum("ij,njhw->nihw", b, z))
+
+    # The multistep solvers restart where the scale changes, which the single denoiser cannot show.
+    interval = (0.0, 1.0) if method == "dpm2m" else (0.3, 0.9)
+    sampler = SamplerConfig(method=method, steps=6, cfg_scale=2.0, interval_min=interval[0], interval_max=interval[1])
+
+    def combined(z, t, y):
+        s = torch.tensor([guidance_scale(ti, sampler) for ti in t.tolist()]).view(-1, 1, 1, 1)
+        return weak(z, t, y) + s * (main(z, t, y) - weak(z, t, y))
+
+    noise = torch.randn(2, 3, 2, 2, generator=g, dtype=torch.float64)
+    labels = torch.tensor([1, 2])
+    guided = sample(main, noise, labels, NULL, sampler, guide=weak)
+    direct = sample(combined, noise, labels, NULL, dataclasses.replace(sampler, cfg_scale=1.0))
+    torch.testing.assert_close(guided, direct)
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"model.input_size": 64}, "image size 32 vs the guide's 64"),
+    ({"model.patch_size": 8}, "patch grid 8x8 vs the guide's 4x4"),
+    ({"model.num_classes": 100}, "classes 10 vs the guide's 100"),
+    ({"objective.noise_scale": 2.0}, "noise scale 1.0 vs the guide's 2.0"),
+])
+def test_check_guide_refuses_a_guide_that_does_not_fit(change, named):
+    config = get_preset("PixelREPA-Tiny/4")
+    guide = config.replace(**change)
+    with pytest.raises(ValueError, match=named):
+        check_guide(config, guide)
+
+
+def test_check_guide_accepts_a_smaller_model_of_the_same_data():
+    config = get_preset("PixelREPA-Tiny/4")
+    check_guide(config, config.replace(**{"model.depth": 2, "model.hidden_size": 64}))
+    check_guide(config, get_preset("JiT-Tiny/4"))

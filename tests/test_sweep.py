@@ -16,7 +16,9 @@ from pixelrepa.cli.main import main
 from pixelrepa.config import get_preset
 from pixelrepa.data.packed import pack_arrays
 from pixelrepa.evaluation import sweep
+from pixelrepa.config import SamplerConfig
 from pixelrepa.models.jit import JiT
+from pixelrepa.sampling import guidance_scale, time_grid
 from pixelrepa.weights import save_model_file
 
 NUM = "12"
@@ -86,10 +88,10 @@ def test_sweep_same_images_for_each_setting(setup, monkeypatch, tmp_path):
     seen = []
     real = sweep.generate
 
-    def recording(net, config, indices, labels_for, batch_size, device, seed=0):
+    def recording(net, config, indices, labels_for, batch_size, device, seed=0, guide=None):
         indices = list(indices)
         seen.append((config.sampler.cfg_scale, config.sampler.steps, indices, [labels_for(k) for k in indices], seed))
-        return real(net, config, indices, labels_for, batch_size, device, seed)
+        return real(net, config, indices, labels_for, batch_size, device, seed, guide)
 
     monkeypatch.setattr(sweep, "generate", recording)
     # A training run folder: each EMA resolves to its own file (here: the same weights).
@@ -138,3 +140,45 @@ def test_sweep_errors(setup, tmp_path, capsys, monkeypatch):
 def test_best_setting():
     rows = [{"fid": None, "kid_mean": 0.2}, {"fid": None, "kid_mean": 0.1}]
     assert sweep.best_setting(rows) is rows[1]
+
+
+def expected_nfe(method: str, schedule: str, steps: int, cfg: float) -> int:
+    """Network evaluations per image, from the grid: Heun evaluates inner times twice; a guided time
+    (inside the interval) costs two images (both passes), an unguided one."""
+    sampler = SamplerConfig(method=method, schedule=schedule, steps=steps, cfg_scale=cfg)
+    grid = time_grid(sampler)
+    times = grid[:-1] + (grid[1:-1] if method == "heun" else [])
+    return sum(2 if guidance_scale(t, sampler) != 1.0 else 1 for t in times)
+
+
+def test_sweep_over_methods_schedules_and_guides_counts_evaluations(setup, tmp_path, capsys, monkeypatch):
+    model, ref = setup
+    # Pixels as features (the first 2048 values of each image): the axes and the counts are under test,
+    # not the Inception network, which would cost seconds per setting.
+    monkeypatch.setattr(sweep.inception, "load_extractor", lambda device: lambda x: (x.float().flatten(1)[:, :2048],))
+    config = get_preset("JiT-Micro/8").replace(**{"model.depth": 2})
+    guide = save_model_file(tmp_path / "weak.safetensors", config, {"net": randomize_(JiT(config.model), 5).state_dict()})
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["eval", "sweep", str(model), "--ref", str(ref), "--cfg", "2.0", "--steps", "2", "--num-images", "4",
+                     "--metrics", "kid", "--kid-subsets", "3", "--out", str(out), "--device", "cpu",
+                     "--method", "heun", "dpm2m", "--schedule", "uniform", "edm",
+                     "--guide-model", str(guide)]) == 0
+    record = json.loads((out / "sweep.json").read_text())
+    rows = record["results"]
+    assert [(r["method"], r["schedule"], r["guide"]) for r in rows] == [
+        (m, s, str(guide)) for m in ("heun", "dpm2m") for s in ("uniform", "edm-7")]
+    for r in rows:
+        assert r["nfe"] == expected_nfe(r["method"], r["schedule"].split("-")[0], 2, 2.0)
+    assert {r["nfe"] for r in rows} == {5, 3}  # Heun 2 steps: 1 + 2 + 2; dpm2m: 1 + 2
+    assert rows[0]["kid_mean"] != rows[1]["kid_mean"]
+    with open(out / "sweep.csv") as f:
+        assert list(next(csv.DictReader(f))) == list(sweep.COLUMNS)
+    assert [label for label, _ in sweep._series(rows, "kid_mean", "nfe")] == [
+        "heun, uniform", "heun, edm-7", "dpm2m, uniform", "dpm2m, edm-7"]
+    assert "evaluations per image" in capsys.readouterr().out
+    bad = save_model_file(tmp_path / "bad.safetensors", config.replace(**{"model.num_classes": 3}),
+                          {"net": JiT(config.replace(**{"model.num_classes": 3}).model).state_dict()})
+    assert main(sweep_args(model, ref, tmp_path / "o", "--guide-model", str(bad))) == 2
+    assert "classes 10 vs the guide's 3" in capsys.readouterr().err

@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import typing
 from pathlib import Path
 
-from pixelrepa.config import RunConfig, apply_overrides, get_preset, read_config_file
+from pixelrepa.config import RunConfig, SamplerMethod, SamplerSchedule, apply_overrides, get_preset, read_config_file
 from pixelrepa.config import config_from_file as run_config_from_file
 from pixelrepa.interop.released import config_from_constructor_kwargs
 
@@ -62,15 +63,21 @@ def resolve_config(args: argparse.Namespace, required: bool = True) -> RunConfig
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="sampler steps (default: the model's config)")
-    parser.add_argument("--method", choices=["heun", "euler"])
+    parser.add_argument("--method", choices=typing.get_args(SamplerMethod),
+                        help="solver: heun / euler as released, or the multistep dpm2m / dpm3m (one evaluation a step)")
+    parser.add_argument("--schedule", choices=typing.get_args(SamplerSchedule),
+                        help="time grid: uniform (as released), shifted (--shift), edm (--rho)")
+    parser.add_argument("--shift", type=float, help="shifted grid: > 1 denser near the noise, < 1 near the data")
+    parser.add_argument("--rho", type=float, help="edm grid: its rho (default 7)")
     parser.add_argument("--cfg", type=float, help="guidance scale")
     parser.add_argument("--interval", type=float, nargs=2, metavar=("MIN", "MAX"), help="guidance interval")
 
 
 def sampler_changes(args: argparse.Namespace) -> dict[str, object]:
     """The sampler flags of `add_sampler_arguments` that were given, by SamplerConfig field."""
-    changes: dict[str, object] = {field: value for field, value in (("steps", args.steps), ("method", args.method),
-                                                                    ("cfg_scale", args.cfg)) if value is not None}
+    given = (("steps", args.steps), ("method", args.method), ("schedule", args.schedule), ("shift", args.shift),
+             ("rho", args.rho), ("cfg_scale", args.cfg))
+    changes: dict[str, object] = {field: value for field, value in given if value is not None}
     if args.interval:
         changes.update({"interval_min": args.interval[0], "interval_max": args.interval[1]})
     return changes
@@ -83,7 +90,8 @@ def sampler_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def describe_sampler(config: RunConfig) -> str:
     s = config.sampler
-    return f"{s.method} {s.steps} steps, CFG {s.cfg_scale} on ({s.interval_min}, {s.interval_max})"
+    grid = {"uniform": "", "shifted": f" (shift {s.shift:g})", "edm": f" (edm rho {s.rho:g})"}[s.schedule]
+    return f"{s.method} {s.steps} steps{grid}, CFG {s.cfg_scale} on ({s.interval_min}, {s.interval_max})"
 
 
 def os_error_message(err: OSError) -> str:

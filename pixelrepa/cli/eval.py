@@ -4,7 +4,7 @@ and the Inception Score where torch-fidelity's classifier weights are present.
   pixelrepa eval SAMPLES [SAMPLES ...] --ref REF [--metrics fid kid pr is] [--inception-weights PATH] [--out result.json]
   pixelrepa eval ref-stats SRC OUT.npz [--keep-features]
   pixelrepa eval sweep MODEL --ref REF.npz --cfg 1.0 1.5 2.0 [--ema 1 2] [--steps 50 ...] [--seeds 0 1 2]
-                 --num-images N --out DIR
+                 [--method heun dpm2m] [--schedule uniform edm] [--guide-model none WEAKER] --num-images N --out DIR
 
 SAMPLES and SRC are a folder of PNGs, a `pixelrepa sample` output folder (its images/), an ADM
 .npz (`arr_0` uint8 (N, H, W, 3)) or a pack folder; REF is a statistics .npz (`mu` (2048,),
@@ -34,8 +34,9 @@ JSON to stdout as with one source. The sources must hold the same number of imag
 --max-images to cut them to one N). Sources that share a seed or a path, or whose manifests differ
 in more than the seed, are evaluated with a warning: their spread is not (only) the sampling noise.
 With one source the record is exactly the single-evaluation one above.
-`sweep` samples N images per (EMA, steps, CFG) setting in memory and writes FID / KID tables and
-a plot to DIR (see `pixelrepa.evaluation.sweep`); `--seeds 0 1 2` (instead of `--seed`) samples
+`sweep` samples N images per (EMA, steps, method, schedule, guide, CFG) setting in memory and writes
+FID / KID tables and a plot to DIR, with the network evaluations per image each setting ran, counted,
+as the plot's x-axis (see `pixelrepa.evaluation.sweep`); `--seeds 0 1 2` (instead of `--seed`) samples
 each setting once per seed and reports each metric as mean and std over the seeds.
 (A sample folder literally named `ref-stats` or `sweep` is given as ./ref-stats or ./sweep.)
 """
@@ -46,10 +47,12 @@ import argparse
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 
 import torch
 
+from pixelrepa.config import SamplerMethod, SamplerSchedule
 from pixelrepa.device import pick_device
 from pixelrepa.distributed import World, in_process_group
 from pixelrepa.evaluation import inception, pipeline, sweep
@@ -93,7 +96,13 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cfg", type=float, nargs="+", help="sweep: CFG scales (default: the model's)")
     group.add_argument("--ema", type=int, nargs="+", help="sweep: EMAs of a training run (default 1)")
     group.add_argument("--steps", type=int, nargs="+", help="sweep: sampler step counts (default: the model's)")
-    group.add_argument("--method", choices=["heun", "euler"], help="sweep: sampler (default: the model's)")
+    group.add_argument("--method", nargs="+", choices=typing.get_args(SamplerMethod),
+                       help="sweep: solvers (default: the model's)")
+    group.add_argument("--schedule", nargs="+", choices=typing.get_args(SamplerSchedule),
+                       help="sweep: time grids (default: the model's; shifted and edm take the model's shift / rho)")
+    group.add_argument("--guide-model", nargs="+", metavar="WEAKER",
+                       help="sweep: guidance, each of `none` (classifier-free) or a weaker model of the same data "
+                            "(autoguidance; --cfg is then its weight) (default: none)")
     group.add_argument("--interval", type=float, nargs=2, metavar=("MIN", "MAX"),
                        help="sweep: guidance interval (default: the model's)")
     group.add_argument("--num-images", type=int, help="sweep: images per setting")
@@ -197,7 +206,10 @@ def sweep_settings(args: argparse.Namespace) -> sweep.SweepSettings:
         raise ValueError(f"steps must be >= 1, got {list(steps)}")
     return sweep.SweepSettings(
         model=Path(args.paths[0]), out=args.out, num_images=args.num_images, ref=args.ref, metrics=metrics,
-        emas=emas, steps=steps, cfg=tuple(dict.fromkeys(args.cfg)) if args.cfg else None, method=args.method,
+        emas=emas, steps=steps, cfg=tuple(dict.fromkeys(args.cfg)) if args.cfg else None,
+        methods=tuple(dict.fromkeys(args.method)) if args.method else None,
+        schedules=tuple(dict.fromkeys(args.schedule)) if args.schedule else None,
+        guides=tuple(dict.fromkeys(None if g == "none" else Path(g) for g in args.guide_model or ["none"])),
         interval=tuple(args.interval) if args.interval else None, per_class=args.per_class,
         batch_size=args.batch_size, seed=0 if args.seed is None else args.seed,
         seeds=tuple(dict.fromkeys(args.seeds)) if args.seeds else None, kid_subsets=args.kid_subsets,

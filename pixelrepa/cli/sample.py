@@ -9,6 +9,11 @@ settings; a rerun with other settings is refused unless --overwrite.
 
 With OUT ending in .png it writes just a labelled grid (one row per class, default the
 first 10 classes x 8), the same images as 0.. of a folder run with those classes.
+
+`--guide-model WEAKER` samples with autoguidance (Karras et al. 2024): inside the guidance interval
+D = D_weak(z | c) + cfg * (D_model(z | c) - D_weak(z | c)), both conditional, with any --method and
+--schedule. The guide is loaded like the model and must denoise the same images (image size, patch
+grid, channels, classes, noise scale); its digest is part of the folder's settings.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-class", type=int, help="consecutive images per class (default 50; grid: 8)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward batch, per process")
     add_sampler_arguments(parser)
+    parser.add_argument("--guide-model", type=Path, metavar="WEAKER",
+                        help="autoguidance: guide with this weaker model of the same data (an earlier checkpoint, "
+                             "a smaller preset) instead of the unconditional pass; --cfg is its weight")
+    parser.add_argument("--guide-ema", type=int, default=1, help="with a training run as guide: its EMA (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--format", choices=["png", "npz", "both"], default="both",
                         help="keep the PNGs, the npz or both (npz: the PNGs are removed once it is written)")
@@ -46,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, out=args.output, ema=args.ema, num_images=args.num_images,
         classes=None if args.classes is None else tuple(args.classes), per_class=args.per_class,
         batch_size=args.batch_size, seed=args.seed, format=args.format, grid=args.grid, overwrite=args.overwrite,
-        sampler=sampler_changes(args))
+        sampler=sampler_changes(args), guide=args.guide_model, guide_ema=args.guide_ema)
     if settings.out.suffix.lower() == ".png":
         result = sample_grid(settings, pick_device())
         print(f"wrote {result.path}: {len(result.classes)} classes x {result.per_class}, "

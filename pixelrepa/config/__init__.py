@@ -24,6 +24,7 @@ from pixelrepa.config.components import (
     RunConfig,
     SamplerConfig,
     SamplerMethod,
+    SamplerSchedule,
     TargetDtype,
     TrainConfig,
     default_num_workers,
@@ -41,7 +42,7 @@ from pixelrepa.config.presets import (
 __all__ = [
     "ENCODER_PRESETS", "MTA_PRESETS", "REFERENCE_PATH", "AlignConfig", "AlignMode", "AttentionImpl", "CompileMode",
     "DataConfig", "EMAConfig", "EncoderConfig", "EvalConfig", "JiTConfig", "KernelConfig", "LinearKernel", "ObjectiveConfig",
-    "OptimConfig", "RunConfig", "SamplerConfig", "SamplerMethod", "TargetDtype", "TrainConfig", "apply_overrides",
+    "OptimConfig", "RunConfig", "SamplerConfig", "SamplerMethod", "SamplerSchedule", "TargetDtype", "TrainConfig", "apply_overrides",
     "config_from_file", "default_num_workers", "flatten", "get_encoder_preset", "get_preset", "list_presets",
     "preset_note", "read_config_file",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,7 +21,8 @@ ProjectorKind = Literal["mlp", "conv"]
 TargetNorm = Literal["none", "spatial_zscore"]
 AttentionImpl = Literal["auto", "sdpa", "reference"]
 TargetDtype = Literal["float32", "bfloat16"]
-SamplerMethod = Literal["heun", "euler"]
+SamplerMethod = Literal["heun", "euler", "dpm2m", "dpm3m"]
+SamplerSchedule = Literal["uniform", "shifted", "edm"]
 CompileMode = Literal["auto", "none", "blocks", "model"]
 LinearKernel = Literal["auto", "onednn", "aten"]
 
@@ -242,14 +244,27 @@ class EMAConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """Euler / Heun sampling with guidance on an interval (SPEC 7)."""
+    """Solving the flow from noise (t = 0) to image (t = 1) with guidance on an interval (SPEC 7)."""
 
     method: SamplerMethod = "heun"
-    """'heun' (Heun steps, a final Euler step onto t = 1) or 'euler'."""
+    """'heun' (Heun steps, a final Euler step onto t = 1), 'euler', or the multistep 'dpm2m' / 'dpm3m'
+    (DPM-Solver++(2M) / its third-order variant in log-SNR, one evaluation per step)."""
     steps: int = 50
-    """Steps on linspace(0, 1, steps + 1); Heun makes 2 * steps - 1 velocity evaluations."""
+    """Steps of the time grid; Heun makes 2 * steps - 1 evaluations, the others steps."""
+    multistep_in: Literal["t", "log_snr"] = "t"
+    """The variable dpm2m / dpm3m extrapolate x^ in: 't', or 'log_snr' (DPM-Solver++ as published)."""
+    schedule: SamplerSchedule = "uniform"
+    """Time grid: 'uniform' (linspace(0, 1, steps + 1), as released), 'shifted' or 'edm'."""
+    shift: float = 3.0
+    """'shifted': t -> t / (t + shift (1 - t)); shift > 1 packs the steps towards the noise (t = 0), < 1 the data."""
+    rho: float = 7.0
+    """'edm': steps uniform in sigma^(1 / rho), sigma = (1 - t) / t (Karras et al. 2022: 7)."""
+    sigma_min: float = 0.002
+    """'edm': the last sigma before t = 1 (Karras et al. 2022: 0.002)."""
+    sigma_max: float = 80.0
+    """'edm': the sigma that sets the first step's spacing; sampling still starts at t = 0 (Karras: 80)."""
     cfg_scale: float = 3.1
-    """Classifier-free guidance scale inside the interval (PixelREPA-B: 3.1)."""
+    """Classifier-free guidance scale inside the interval (PixelREPA-B: 3.1); with a guide model, its weight."""
     interval_min: float = 0.1
     """Guidance applies where t > interval_min (no lower bound when 0)."""
     interval_max: float = 1.0
@@ -261,8 +276,17 @@ class SamplerConfig:
     passes at every step, as released; the velocity is the same)."""
 
     def __post_init__(self) -> None:
-        _check(self.method in ("heun", "euler"), f"unknown sampler method '{self.method}'")
+        _check(self.method in typing.get_args(SamplerMethod),
+               f"unknown sampler method '{self.method}' (choose from {', '.join(typing.get_args(SamplerMethod))})")
+        _check(self.schedule in typing.get_args(SamplerSchedule),
+               f"unknown sampler schedule '{self.schedule}' (choose from {', '.join(typing.get_args(SamplerSchedule))})")
+        _check(self.multistep_in in ("t", "log_snr"),
+               f"sampler.multistep_in must be 't' or 'log_snr', got '{self.multistep_in}'")
         _check(self.steps >= 1, f"sampler.steps must be >= 1, got {self.steps}")
+        _check(self.shift > 0, f"sampler.shift must be > 0, got {self.shift}")
+        _check(self.rho > 0, f"sampler.rho must be > 0, got {self.rho}")
+        _check(0 < self.sigma_min < self.sigma_max,
+               f"sampler.sigma_min {self.sigma_min} and sigma_max {self.sigma_max} must satisfy 0 < min < max")
         _check(0 <= self.interval_min <= self.interval_max <= 1,
                f"CFG interval ({self.interval_min}, {self.interval_max}) must satisfy 0 <= min <= max <= 1")
 

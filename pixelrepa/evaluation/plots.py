@@ -30,6 +30,8 @@ class Panel:
     xlabel: str
     ylabel: str
     series: list[Series]
+    bands: list[list[float]] | None = None
+    """Per series, a half-width per point (e.g. the std over seeds), shaded around the line."""
 
 
 @dataclass
@@ -88,10 +90,14 @@ def line_plot(panels: list[Panel], path: Path) -> None:
         return
     fig, axes = _figure(len(panels), 5.5, 4)
     for ax, panel in zip(axes, panels):
-        for label, points in panel.series:
+        for i, (label, points) in enumerate(panel.series):
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", markersize=4, label=label)
+                line, = ax.plot(xs, ys, marker="o", markersize=4, label=label)
+                if panel.bands is not None:
+                    low = [y - w for y, w in zip(ys, panel.bands[i])]
+                    high = [y + w for y, w in zip(ys, panel.bands[i])]
+                    ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
         _label(ax, panel)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -32,7 +32,7 @@ from pixelrepa.files import atomic_write, file_digest, write_text_atomic
 from pixelrepa.images import is_complete_png, read_png, save_labelled_grid, write_png
 from pixelrepa.loading import load_model, resolve_model_path
 from pixelrepa.models.jit import JiT
-from pixelrepa.sampling import ClassLayout, class_layout, generate, sample_classes
+from pixelrepa.sampling import ClassLayout, check_guide, class_layout, generate, sample_classes
 
 MANIFEST_FORMAT = "pixelrepa-samples/1"
 IMAGES_DIR = "images"
@@ -44,10 +44,12 @@ MANIFEST_NAME = "manifest.json"
 # The output folder
 # ---------------------------------------------------------------------------
 
-def run_settings(model_sha256: str, config: RunConfig, layout: ClassLayout, num_images: int, seed: int) -> dict:
+def run_settings(model_sha256: str, config: RunConfig, layout: ClassLayout, num_images: int, seed: int,
+                 guide_sha256: str | None = None) -> dict:
     """Everything that determines the images of a folder; a restart must match it exactly."""
-    return {"model_sha256": model_sha256, "sampler": dataclasses.asdict(config.sampler), "seed": seed,
-            "num_images": num_images, "classes": list(layout.classes), "per_class": layout.per_class}
+    settings = {"model_sha256": model_sha256, "sampler": dataclasses.asdict(config.sampler), "seed": seed,
+                "num_images": num_images, "classes": list(layout.classes), "per_class": layout.per_class}
+    return settings if guide_sha256 is None else settings | {"guide_sha256": guide_sha256}
 
 
 def prepare_output(out: Path, model_path: Path, settings: dict, overwrite: bool) -> None:
@@ -157,6 +159,11 @@ class SampleSettings:
     """Replace samples made with other settings."""
     sampler: dict[str, object] = field(default_factory=dict)
     """Changes to the model's SamplerConfig by field name, e.g. {"steps": 2, "cfg_scale": 2.0}."""
+    guide: Path | None = None
+    """Autoguidance: a weaker model of the same data (model file, run or checkpoint folder) guides
+    instead of the unconditional pass, with weight cfg_scale on the guidance interval."""
+    guide_ema: int = 1
+    """The guide's EMA when it is a training run (1-based)."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +189,14 @@ def load_for_sampling(path: Path, sampler: dict[str, object], device: torch.devi
     return config, net
 
 
+def load_guide(path: Path, config: RunConfig, device: torch.device, ema: int = 1) -> JiT:
+    """The guide model's backbone (through `load_model`), refused unless it fits `config` (`check_guide`)."""
+    guide_config, net, _ = load_model(resolve_model_path(path, ema), device=device)
+    check_guide(config, guide_config)
+    apply_kernels(net, net.blocks, guide_config.kernels, device, sampling=True)
+    return net
+
+
 def _check_batch_size(settings: SampleSettings) -> None:
     if settings.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {settings.batch_size}")
@@ -193,7 +208,8 @@ def sample_grid(settings: SampleSettings, device: torch.device) -> SampleResult:
     config, net = load_for_sampling(resolve_model_path(settings.model, settings.ema), settings.sampler, device)
     classes = settings.classes or tuple(range(min(10, config.model.num_classes)))
     per_class = 8 if settings.per_class is None else settings.per_class
-    images = sample_classes(net, config, list(classes), per_class, settings.seed, device, settings.batch_size)
+    guide = None if settings.guide is None else load_guide(settings.guide, config, device, settings.guide_ema)
+    images = sample_classes(net, config, list(classes), per_class, settings.seed, device, settings.batch_size, guide)
     save_labelled_grid(images, [str(c) for c in classes], settings.out)
     return SampleResult(settings.out, config, tuple(classes), per_class, len(images), len(images))
 
@@ -204,6 +220,8 @@ def sample_to_folder(settings: SampleSettings, world: World) -> SampleResult | N
     _check_batch_size(settings)
     model_path = resolve_model_path(settings.model, settings.ema)
     config, net = load_for_sampling(model_path, settings.sampler, world.device)
+    guide_path = None if settings.guide is None else resolve_model_path(settings.guide, settings.guide_ema)
+    guide = None if guide_path is None else load_guide(guide_path, config, world.device)
     layout = class_layout(config.model.num_classes, settings.classes,
                           50 if settings.per_class is None else settings.per_class)
     num_images = len(layout) if settings.num_images is None else settings.num_images
@@ -213,7 +231,8 @@ def sample_to_folder(settings: SampleSettings, world: World) -> SampleResult | N
     error = None
     if world.is_main:
         try:
-            recorded = run_settings(file_digest(model_path), config, layout, num_images, settings.seed)
+            recorded = run_settings(file_digest(model_path), config, layout, num_images, settings.seed,
+                                    None if guide_path is None else file_digest(guide_path))
             prepare_output(out, model_path, recorded, settings.overwrite)
         except (ValueError, OSError) as err:
             error = err
@@ -227,7 +246,8 @@ def sample_to_folder(settings: SampleSettings, world: World) -> SampleResult | N
     wanted = [k for row in grid_rows for k in row] if settings.format == "npz" and npz_done else range(num_images)
     todo = missing_pngs(out, wanted[world.rank::world.world_size])
     with tqdm(total=len(todo), desc="sampling", unit="img", dynamic_ncols=True, disable=not world.is_main) as bar:
-        for batch, images in generate(net, config, todo, layout, settings.batch_size, world.device, settings.seed):
+        for batch, images in generate(net, config, todo, layout, settings.batch_size, world.device, settings.seed,
+                                      guide):
             write_pngs(out, batch, images)
             bar.update(len(batch))
     # A collective: it also waits for every process to finish before rank 0 assembles.

@@ -1,4 +1,5 @@
-"""Sampler sweeps: FID / KID (and the Inception Score) of a model over EMA x steps x CFG scale, in one process.
+"""Sampler sweeps: FID / KID (and the Inception Score) of a model over EMA x steps x method x schedule x guide
+x CFG scale, in one process.
 
 `run(SweepSettings(model, out, num_images, ref=..., cfg=..., ...), device)`; `pixelrepa eval sweep`
 is its command line. The model is a training run (or checkpoint) folder, whose EMAs `emas` picks, or
@@ -9,9 +10,16 @@ only in the setting. Images are made and turned into Inception features batch by
 features stay in memory. The backbone and the feature network are built once, and each EMA's
 weights are loaded once for all its settings.
 
+Every row records `nfe`, the network evaluations per image that sampling it actually ran: the images
+passed through the model's forward (and the guide model's, for autoguidance), counted by a wrapper
+around each forward and divided by the images made; a batched guided pass counts two per image. A
+guide (`guides`, `--guide-model none PATH ...`; None / `none` is classifier-free guidance) is loaded
+once through `load_model` and checked against the model (`check_guide`).
+
 `out` gets sweep.csv, sweep.md (one row per setting), sweep.json (settings, results, the best
 setting: lowest FID, else lowest KID, else highest IS; and which weights produced each metric) and
-sweep.png (FID, KID and IS, those computed, against the CFG scale, one line per EMA and step count).
+sweep.png (FID, KID and IS, those computed, against the network evaluations per image, one line per
+EMA, method, schedule, guide and CFG scale; and, with several CFG scales, against the CFG scale).
 They are rewritten after every setting, so an interrupted sweep keeps what it finished.
 
 Reproduction bands: with several sampling seeds (`seeds`, `--seeds 0 1 2`) every setting is sampled
@@ -37,6 +45,7 @@ reference: a sweep of IS alone may leave out `ref`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import sys
 import time
@@ -56,6 +65,7 @@ from pixelrepa.evaluation.features import check_count, features_of, is_image_npz
 from pixelrepa.sampling import class_layout, generate
 from pixelrepa.loading import is_model_file, load_model, resolve_model_path
 from pixelrepa.evaluation.plots import Panel, line_plot
+from pixelrepa.evaluation.sample_folder import load_guide
 from pixelrepa.evaluation.results import cell, format_csv, write_result_set
 from pixelrepa.files import created, write_text_atomic
 from pixelrepa.evaluation.metrics import (
@@ -73,12 +83,13 @@ from pixelrepa.evaluation.metrics import (
 
 SWEEP_FORMAT = "pixelrepa-sweep/1"
 SWEEP_METRICS = ("fid", "kid", "is")
-COLUMNS = ("ema", "steps", "method", "cfg", "interval", "num_images", "fid", "kid_mean", "kid_std", "is_mean",
-           "is_std", "seconds")
-SEED_COLUMNS = COLUMNS[:6] + ("seed",) + COLUMNS[6:]
+SETTING_COLUMNS = ("ema", "steps", "method", "schedule", "cfg", "interval", "guide", "num_images")
+"""What makes a setting: the columns every kind of row starts with."""
+COLUMNS = SETTING_COLUMNS + ("nfe", "fid", "kid_mean", "kid_std", "is_mean", "is_std", "seconds")
+SEED_COLUMNS = SETTING_COLUMNS + ("seed",) + COLUMNS[len(SETTING_COLUMNS):]
 """sweep_seeds.csv of a sweep over several seeds: one row per (setting, seed)."""
-BAND_COLUMNS = ("ema", "steps", "method", "cfg", "interval", "num_images", "seeds", "n_seeds", "fid_mean", "fid_std",
-                "kid_mean", "kid_std", "is_mean", "is_std", "seconds")
+BAND_COLUMNS = SETTING_COLUMNS + ("seeds", "n_seeds", "nfe", "fid_mean", "fid_std", "kid_mean", "kid_std", "is_mean",
+                                  "is_std", "seconds")
 """sweep.csv of a sweep over several seeds: one row per setting, each `_std` over the seeds (ddof 1)."""
 BANDED = (("fid_mean", "fid_std", "fid"), ("kid_mean", "kid_std", "kid_mean"), ("is_mean", "is_std", "is_mean"))
 """(band mean column, band std column, per-seed column) of a band row."""
@@ -106,8 +117,13 @@ class SweepSettings:
     """Sampler step counts (each once); None: the model's."""
     cfg: tuple[float, ...] | None = None
     """CFG scales (each once); None: the model's."""
-    method: str | None = None
-    """Sampler, heun or euler; None: the model's."""
+    methods: tuple[str, ...] | None = None
+    """Solvers (`sampler.method`: heun, euler, dpm2m, dpm3m; each once); None: the model's."""
+    schedules: tuple[str, ...] | None = None
+    """Time grids (`sampler.schedule`: uniform, shifted, edm; each once); None: the model's."""
+    guides: tuple[Path | None, ...] = (None,)
+    """Guidance by: None (classifier-free, the unconditional pass) or a weaker model of the same data
+    (autoguidance; model file, run or checkpoint folder, its EMA 1); each once."""
     interval: tuple[float, float] | None = None
     """Guidance interval (min, max); None: the model's."""
     per_class: int | None = None
@@ -134,19 +150,39 @@ class SweepSettings:
 # The sweep
 # ---------------------------------------------------------------------------
 
-class GeneratedImages:
-    """An `ImageBatches` that samples the images on the fly (`batch_size` images per sampler pass)."""
+class CountingNetwork:
+    """net(z, t, y) that counts the images it evaluates (z's batch size, summed over its calls)."""
 
-    def __init__(self, net, config: RunConfig, num_images: int, layout, batch_size: int, device, seed: int):
-        self.net, self.config, self.num_images, self.layout = net, config, num_images, layout
-        self.batch_size, self.device, self.seed = batch_size, device, seed
+    def __init__(self, net):
+        self.net, self.images = net, 0
+
+    def __call__(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.images += z.shape[0]
+        return self.net(z, t, y)
+
+
+class GeneratedImages:
+    """An `ImageBatches` that samples the images on the fly (`batch_size` images per sampler pass);
+    `nfe` is the network evaluations per image made so far, counted."""
+
+    def __init__(self, net, config: RunConfig, num_images: int, layout, batch_size: int, device, seed: int,
+                 guide=None):
+        self.net, self.config, self.num_images, self.layout = CountingNetwork(net), config, num_images, layout
+        self.guide = None if guide is None else CountingNetwork(guide)
+        self.batch_size, self.device, self.seed, self.made = batch_size, device, seed, 0
 
     def __len__(self) -> int:
         return self.num_images
 
+    @property
+    def nfe(self) -> float | None:
+        evaluated = self.net.images + (0 if self.guide is None else self.guide.images)
+        return evaluated / self.made if self.made else None
+
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         for _, images in generate(self.net, self.config, range(self.num_images), self.layout, self.batch_size,
-                                  self.device, self.seed):
+                                  self.device, self.seed, self.guide):
+            self.made += len(images)
             yield images
 
 
@@ -174,6 +210,9 @@ def run(settings: SweepSettings, device: torch.device) -> dict:
 
     paths = {e: resolve_model_path(model, e) for e in settings.emas} if not model_file else \
         {None: resolve_model_path(model, 1)}
+    for guide in settings.guides:
+        if guide is not None and not Path(guide).exists():
+            raise FileNotFoundError(f"no guide model at {guide}")
     extractor, network = inception.load_extractor(device), inception.describe()
     classifier = None
     if found is not None:  # one pass per batch through both networks: the images are sampled once
@@ -185,22 +224,29 @@ def run(settings: SweepSettings, device: torch.device) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     record = {"format": SWEEP_FORMAT, "model": str(model.resolve()),
               "model_files": {("model" if e is None else str(e)): str(p.resolve()) for e, p in paths.items()},
+              "guide_files": {str(g): str(resolve_model_path(Path(g)).resolve()) for g in settings.guides if g},
               "reference": ref_info, "feature_network": network, "classifier": classifier,
               "weights": feature_networks.weights_by_metric(metrics, {"id": "inception", **network}, classifier),
               "settings": None, "results": [], "best": None, "warnings": [], "created": created()}
     if classifier is not None and not classifier["matches_published"]:
         record["warnings"].append(feature_networks.unpublished_note(classifier))
         print(f"warning: {record['warnings'][-1]}", file=sys.stderr)
+    guide_nets: dict = {}
     for ema, path in paths.items():
         config, net, _ = load_model(path, device=device)
         set_attention_impl(net, config.kernels.attention)
+        for guide in settings.guides:
+            if guide is not None and guide not in guide_nets:
+                guide_nets[guide] = load_guide(Path(guide), config, device)
         if record["settings"] is None:
             per_class = settings.per_class or max(1, math.ceil(settings.num_images / config.model.num_classes))
             layout = class_layout(config.model.num_classes, None, per_class)
             record["settings"] = {
                 "emas": list(paths), "steps": list(settings.steps or [config.sampler.steps]),
                 "cfg": list(settings.cfg or [config.sampler.cfg_scale]),
-                "method": settings.method or config.sampler.method,
+                "methods": list(settings.methods or [config.sampler.method]),
+                "schedules": list(settings.schedules or [config.sampler.schedule]),
+                "guides": [None if g is None else str(g) for g in settings.guides],
                 "interval": list(settings.interval or [config.sampler.interval_min, config.sampler.interval_max]),
                 "num_images": settings.num_images, "per_class": layout.per_class,
                 "seed": None if banded else seeds[0], "seeds": seeds,
@@ -211,39 +257,41 @@ def run(settings: SweepSettings, device: torch.device) -> dict:
             if banded:
                 record["settings"]["band_std"] = f"sample standard deviation over the seeds (ddof={BAND_DDOF})"
         s = record["settings"]
-        for steps in s["steps"]:
-            for cfg in s["cfg"]:
-                setting = apply_overrides(config, {"sampler.steps": steps, "sampler.cfg_scale": cfg,
-                                                   "sampler.method": s["method"],
-                                                   "sampler.interval_min": s["interval"][0],
-                                                   "sampler.interval_max": s["interval"][1]})
-                runs = []
-                for seed in seeds:
-                    row = evaluate_setting(net, setting, layout, settings, reference, extractor, device, record, seed)
-                    row["ema"], row["seed"] = ema, seed
-                    result = {k: row[k] for k in (SEED_COLUMNS if banded else COLUMNS)} | {"kid": row.get("kid"),
-                                                                                           "is": row.get("is")}
-                    if banded:  # the setting's row is its band over the seeds finished so far
-                        runs.append(result)
-                        if len(runs) > 1:
-                            record["results"].pop()
-                        result = band_row(runs)
-                    record["results"].append(result)
-                    record["best"] = best_setting([r for r in record["results"]
-                                                   if not banded or r["n_seeds"] == len(seeds)])
-                    write_outputs(out, record)
+        axes = itertools.product(s["steps"], s["methods"], s["schedules"], settings.guides, s["cfg"])
+        for steps, method, schedule, guide, cfg in axes:
+            setting = apply_overrides(config, {"sampler.steps": steps, "sampler.cfg_scale": cfg,
+                                               "sampler.method": method, "sampler.schedule": schedule,
+                                               "sampler.interval_min": s["interval"][0],
+                                               "sampler.interval_max": s["interval"][1]})
+            runs = []
+            for seed in seeds:
+                row = evaluate_setting(net, setting, layout, settings, reference, extractor, device, record, seed,
+                                       guide_nets.get(guide))
+                row["ema"], row["seed"], row["guide"] = ema, seed, None if guide is None else str(guide)
+                result = {k: row[k] for k in (SEED_COLUMNS if banded else COLUMNS)} | {"kid": row.get("kid"),
+                                                                                       "is": row.get("is")}
+                if banded:  # the setting's row is its band over the seeds finished so far
+                    runs.append(result)
+                    if len(runs) > 1:
+                        record["results"].pop()
+                    result = band_row(runs)
+                record["results"].append(result)
+                record["best"] = best_setting([r for r in record["results"]
+                                               if not banded or r["n_seeds"] == len(seeds)])
+                write_outputs(out, record)
     return record
 
 
 def evaluate_setting(net, config: RunConfig, layout, settings: SweepSettings, reference: Reference | None,
-                     extractor, device, record: dict, seed: int | None = None) -> dict:
+                     extractor, device, record: dict, seed: int | None = None, guide=None) -> dict:
     """Sample the images of one setting with `seed` (default: `settings.seed`), their features (and
     classifier logits, when `extractor` is a `WithClassifier`) batch by batch, and the metrics."""
     s = config.sampler
     seed = settings.seed if seed is None else seed
     start = time.perf_counter()
-    source = GeneratedImages(net, config, settings.num_images, layout, settings.batch_size, device, seed)
-    label = f"{s.method} {s.steps} steps, CFG {s.cfg_scale:g}" + (f", seed {seed}" if settings.seeds else "")
+    source = GeneratedImages(net, config, settings.num_images, layout, settings.batch_size, device, seed, guide)
+    label = f"{s.method} {s.steps} steps {s.schedule}, {'guide' if guide is not None else 'CFG'} {s.cfg_scale:g}" + (
+        f", seed {seed}" if settings.seeds else "")
     with tqdm(total=settings.num_images, desc=label, unit="img", dynamic_ncols=True, disable=None) as bar:
         features = extract_features(source, extractor, settings.batch_size, device, bar.update)
     logits = None
@@ -256,12 +304,18 @@ def evaluate_setting(net, config: RunConfig, layout, settings: SweepSettings, re
         if str(w.message) not in record["warnings"]:
             record["warnings"].append(str(w.message))
             print(f"warning: {w.message}", file=sys.stderr)
-    row = {"steps": s.steps, "method": s.method, "cfg": s.cfg_scale,
-           "interval": f"{s.interval_min:g}-{s.interval_max:g}", "num_images": len(features),
+    row = {"steps": s.steps, "method": s.method, "schedule": _schedule_name(s), "cfg": s.cfg_scale,
+           "interval": f"{s.interval_min:g}-{s.interval_max:g}", "guide": None, "num_images": len(features),
+           "nfe": source.nfe,
            "fid": None, "kid_mean": None, "kid_std": None, "is_mean": None, "is_std": None,
            **scalars(values), "kid": values.get("kid"), "is": values.get("is")}
     row["seconds"] = round(time.perf_counter() - start, 3)
     return row
+
+
+def _schedule_name(sampler) -> str:
+    """The schedule with its parameter: uniform, shifted-3, edm-7."""
+    return {"uniform": "uniform", "shifted": f"shifted-{sampler.shift:g}", "edm": f"edm-{sampler.rho:g}"}[sampler.schedule]
 
 
 def _reference(path: Path, needs_features: bool, batch_size: int, device) -> tuple[Reference, dict]:
@@ -307,7 +361,9 @@ def band(values) -> dict | None:
 def band_row(runs: list[dict]) -> dict:
     """The row of one setting over its seeds: the setting, the bands (BAND_COLUMNS) and the per-seed rows."""
     first = runs[0]
-    row = {k: first[k] for k in BAND_COLUMNS[:6]} | {"seeds": [r["seed"] for r in runs], "n_seeds": len(runs)}
+    row = {k: first[k] for k in SETTING_COLUMNS} | {"seeds": [r["seed"] for r in runs], "n_seeds": len(runs)}
+    counted = [r["nfe"] for r in runs if r["nfe"] is not None]
+    row["nfe"] = float(np.mean(counted)) if counted else None
     for mean_key, std_key, key in BANDED:
         values = band(r[key] for r in runs)
         row[mean_key], row[std_key] = (values["mean"], values["std"]) if values else (None, None)
@@ -351,15 +407,22 @@ def _plus_minus(name: str, mean: float | None, std: float | None) -> str:
 def describe_row(row: dict | None) -> str:
     if row is None:
         return "none"
-    ema = "model" if row["ema"] is None else f"EMA {row['ema']}"
+    setting = _describe_setting(row)
     if "runs" in row:
         values = [_plus_minus(name, row[m], row[s]) for name, (m, s, _) in zip(("FID", "KID", "IS"), BANDED)]
-        return (f"{ema}, {row['method']} {row['steps']} steps, CFG {row['cfg']:g}: "
-                + ", ".join(v for v in values if v) + f" ({row['n_seeds']} seeds, sample std)")
+        return setting + ", ".join(v for v in values if v) + f" ({row['n_seeds']} seeds, sample std)"
     values = [f"FID {row['fid']:.4g}" if row["fid"] is not None else "",
               f"KID {row['kid_mean']:.4g}" if row["kid_mean"] is not None else "",
               f"IS {row['is_mean']:.4g}" if row.get("is_mean") is not None else ""]
-    return f"{ema}, {row['method']} {row['steps']} steps, CFG {row['cfg']:g}: " + ", ".join(v for v in values if v)
+    return setting + ", ".join(v for v in values if v)
+
+
+def _describe_setting(row: dict) -> str:
+    """'EMA 1, heun 50 steps (uniform), CFG 3.1, 99 evaluations per image: '."""
+    ema = "model" if row["ema"] is None else f"EMA {row['ema']}"
+    guidance = f"CFG {row['cfg']:g}" if row.get("guide") is None else f"guide {row['guide']} weight {row['cfg']:g}"
+    nfe = "" if row.get("nfe") is None else f", {row['nfe']:g} evaluations per image"
+    return f"{ema}, {row['method']} {row['steps']} steps ({row.get('schedule')}), {guidance}{nfe}: "
 
 
 def _columns(rows: list[dict]) -> tuple[str, ...]:
@@ -369,8 +432,7 @@ def _columns(rows: list[dict]) -> tuple[str, ...]:
     return SEED_COLUMNS if rows and "seed" in rows[0] else COLUMNS
 
 
-MARKDOWN_BAND_COLUMNS = ("ema", "steps", "method", "cfg", "interval", "num_images", "seeds", "fid", "kid", "is",
-                         "seconds")
+MARKDOWN_BAND_COLUMNS = SETTING_COLUMNS + ("seeds", "nfe", "fid", "kid", "is", "seconds")
 """sweep.md's band table: each metric as `mean ± std` over the seeds."""
 
 
@@ -415,24 +477,38 @@ def write_outputs(out: Path, record: dict) -> None:
     write_result_set(out, "sweep", rows, _columns(rows), record, markdown, lambda path: plot(rows, path))
 
 
-def _series(rows: list[dict], key: str) -> list[tuple[str, list[tuple[float, float]]]]:
-    """One (label, sorted (cfg, value) points) per (ema, steps) with values of `key`."""
+def _series(rows: list[dict], key: str, x: str) -> list[tuple[str, list[tuple[float, float]]]]:
+    """One (label, sorted (x, value) points) per setting but `x` (and the steps, with x the evaluations),
+    over the rows with values of `key`."""
+    fixed = {"nfe": ("ema", "method", "schedule", "guide", "cfg"), "cfg": ("ema", "method", "schedule", "guide", "steps")}[x]
     groups: dict[tuple, list] = {}
     for r in rows:
-        if _finite(r.get(key)):
-            groups.setdefault((r["ema"], r["steps"]), []).append((float(r["cfg"]), float(r[key])))
-    return [(("model" if ema is None else f"EMA {ema}") + f", {steps} steps", sorted(points))
-            for (ema, steps), points in groups.items()]
+        if _finite(r.get(key)) and _finite(r.get(x)):
+            groups.setdefault(tuple(r.get(c) for c in fixed), []).append((float(r[x]), float(r[key])))
+    return [(", ".join(_label(c, v) for c, v in zip(fixed, group) if len({r.get(c) for r in rows}) > 1) or "all",
+             sorted(points)) for group, points in groups.items()]
+
+
+def _label(column: str, value) -> str:
+    if column == "ema":
+        return "model" if value is None else f"EMA {value}"
+    if column == "guide":
+        return "CFG" if value is None else f"guide {Path(value).name}"
+    if column == "steps":
+        return f"{value} steps"
+    return f"w {value:g}" if column == "cfg" else str(value)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """FID, KID and IS (those computed) against the CFG scale, one line per EMA and step count; for band
-    rows their means over the seeds (without error bars: the std is in the tables)."""
-    if _is_band(rows):
-        panels = [Panel(f"mean {title} over seeds against CFG scale", "CFG scale", f"mean {title}",
-                        _series(rows, key)) for key, title in (("fid_mean", "FID"), ("kid_mean", "KID"),
-                                                              ("is_mean", "IS"))]
-    else:
-        panels = [Panel(f"{title} against CFG scale", "CFG scale", title, _series(rows, key))
-                  for key, title in (("fid", "FID"), ("kid_mean", "KID"), ("is_mean", "IS"))]
+    """FID, KID and IS (those computed) against the counted network evaluations per image, one line per
+    other setting; with several CFG scales also against the CFG scale. For band rows their means over
+    the seeds (without error bars: the std is in the tables)."""
+    keys = (("fid_mean", "FID"), ("kid_mean", "KID"), ("is_mean", "IS")) if _is_band(rows) else \
+        (("fid", "FID"), ("kid_mean", "KID"), ("is_mean", "IS"))
+    mean = "mean " if _is_band(rows) else ""
+    panels = [Panel(f"{mean}{title} against evaluations", "network evaluations per image", f"{mean}{title}",
+                    _series(rows, key, "nfe")) for key, title in keys]
+    if len({r["cfg"] for r in rows}) > 1:
+        panels += [Panel(f"{mean}{title} against CFG scale", "CFG scale", f"{mean}{title}", _series(rows, key, "cfg"))
+                   for key, title in keys]
     line_plot(panels, path)

@@ -56,21 +56,25 @@ def image_noise(config: RunConfig, seed: int, index: int) -> Tensor:
 
 
 def generate(net: nn.Module, config: RunConfig, indices: Iterable[int], labels_for: Callable[[int], int],
-             batch_size: int, device: torch.device, seed: int = 0) -> Iterator[tuple[list[int], Tensor]]:
-    """Sample images `indices` in batches: yields (batch indices, uint8 (n, C, H, W) on CPU)."""
+             batch_size: int, device: torch.device, seed: int = 0,
+             guide: nn.Module | None = None) -> Iterator[tuple[list[int], Tensor]]:
+    """Sample images `indices` in batches: yields (batch indices, uint8 (n, C, H, W) on CPU); `guide`
+    (a weaker model of the same data, see `check_guide`) replaces the unconditional pass."""
     indices = list(indices)
     for start in range(0, len(indices), batch_size):
         batch = indices[start:start + batch_size]
         noise = torch.stack([image_noise(config, seed, k) for k in batch]).to(device)
         labels = torch.tensor([labels_for(k) for k in batch], device=device)
         with autocast_for(device):
-            x = sample(net, noise, labels, config.model.num_classes, config.sampler, config.objective.t_eps)
+            x = sample(net, noise, labels, config.model.num_classes, config.sampler, config.objective.t_eps,
+                       guide=guide)
         yield batch, to_uint8(x).cpu()
 
 
 def sample_classes(net: nn.Module, config: RunConfig, classes: list[int], per_class: int, seed: int,
-                   device: torch.device, batch_size: int = 64) -> Tensor:
+                   device: torch.device, batch_size: int = 64, guide: nn.Module | None = None) -> Tensor:
     """uint8 (len(classes) * per_class, C, H, W), class-major: images 0.. of a `sample` run
-    with the same classes, per-class count and seed."""
+    with the same classes, per-class count, seed (and guide)."""
     layout = class_layout(config.model.num_classes, classes, per_class)
-    return torch.cat([x for _, x in generate(net, config, range(len(layout)), layout, batch_size, device, seed)])
+    images = generate(net, config, range(len(layout)), layout, batch_size, device, seed, guide)
+    return torch.cat([x for _, x in images])

@@ -1,0 +1,413 @@
+"""Image quality against network evaluations: solvers x schedules, and CFG against autoguidance.
+
+    python benchmarks/sampling_quality.py --out DIR [--run RUN] [--small-run RUN] [--samples 2000]
+                                          [--seeds 0 1 2] [--report]
+
+On a Fashion-MNIST PixelREPA-Tiny/4 run of 3,000 steps (the convergence benchmark's recipe: `--run`
+takes one of its run folders, e.g. `DIR/runs/pixelrepa-seed0`; without it the run is trained here
+with the trainer, to step `guide_step` first and then to `steps`), the EMA backbone samples
+`samples` class-balanced images for every sampling seed at every setting, scored by KID x 1e3 and
+FID against the convergence benchmark's reference features (its `reference_features`, `score_row`):
+
+1. solvers: `methods` (euler, heun, dpm2m, dpm3m) at step counts spanning about 8 to 100 counted
+   network evaluations per image (`steps`; Heun: `heun_steps`), each on the uniform grid and on the
+   best of `other_schedules`, which a probe picks first (dpm2m at `probe_steps`, the first seed: the
+   lowest KID). Heun at its largest step count on the uniform grid is the released protocol (Heun-50).
+2. guidance at one budget (`guidance_method` at `guidance_steps`): classifier-free guidance over
+   `cfg_scales` against autoguidance over `guide_weights` with two guides: the same run's EMA at
+   step `guide_step`, and a smaller model (`small_overrides` of the plain-JiT preset, trained with
+   the same recipe, or `--small-run`).
+3. timing: the wall-clock of sampling `time_images` images at the cheapest setting whose mean KID is
+   within Heun-50's band (mean + one std over the seeds), and at Heun-50, on this machine.
+
+`nfe` is counted: every image through the backbone's forward (and the guide's) per image made
+(`pixelrepa.evaluation.sweep.GeneratedImages`), so a guided evaluation counts 2. Each measured row is
+appended to `results.jsonl` and the table (`sampling-quality.md`, `.csv`), the plot (KID and FID
+against nfe, one line per solver and schedule, shaded one std over the seeds) and the JSON are
+rewritten after it: re-running the same command skips the rows measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import cpu_model  # benchmarks/ is on sys.path when run as a script
+from convergence import SCALES, arm_config, reference_features, score_row, training_pack
+from pixelrepa.checkpoint import export_sampling_checkpoint, find_checkpoint
+from pixelrepa.config import RunConfig, apply_overrides
+from pixelrepa.device import apply_kernels, pick_device
+from pixelrepa.evaluation.features import build_feature_extractor
+from pixelrepa.evaluation.metrics import extract_features
+from pixelrepa.evaluation.plots import Panel, line_plot
+from pixelrepa.evaluation.results import write_result_set
+from pixelrepa.evaluation.sample_folder import load_guide
+from pixelrepa.evaluation.sweep import GeneratedImages
+from pixelrepa.files import cache_dir, write_text_atomic
+from pixelrepa.loading import load_model, resolve_model_path
+from pixelrepa.sampling import class_layout
+from pixelrepa.training.trainer import train
+
+FORMAT = "pixelrepa-sampling-quality/1"
+CSV_COLUMNS = ("part", "method", "schedule", "steps", "guide", "cfg", "seed", "nfe", "num_images", "kid_mean",
+               "kid_std", "fid", "seconds")
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """Every setting of a measurement; all of it is recorded with the results."""
+
+    backbone: str = "Tiny/4"
+    """The convergence recipe's backbone family (PixelREPA-<backbone> is the model trained here)."""
+    dataset: str = "fashion-mnist"
+    steps: int = 3000
+    """Training steps of the model (and of the small guide)."""
+    guide_step: int = 1000
+    """The earlier checkpoint used as a guide."""
+    train_images: int = 20_000
+    reference_images: int = 5000
+    features: str = "inception"
+    samples: int = 2000
+    """Images per sampling seed and setting."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = ("euler", "heun", "dpm2m", "dpm3m")
+    step_counts: tuple[int, ...] = (4, 6, 8, 12, 16, 25, 50)
+    """Step counts of the one-evaluation solvers (euler, dpm2m, dpm3m)."""
+    heun_steps: tuple[int, ...] = (3, 4, 5, 7, 9, 13, 25, 50)
+    """Heun's step counts; the largest on the uniform grid is the reference (the released Heun-50)."""
+    other_schedules: tuple[str, ...] = ("shifted:0.5", "shifted:2", "edm:7")
+    """Candidates for the second schedule: uniform, shifted:SHIFT or edm:RHO."""
+    probe_steps: int = 12
+    guidance_method: str = "dpm2m"
+    guidance_steps: int = 16
+    cfg_scales: tuple[float, ...] = (1.5, 2.0, 3.0, 4.0)
+    guide_weights: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0)
+    small_overrides: tuple[str, ...] = ("model.hidden_size=64", "model.num_heads=2")
+    """The smaller guide: plain JiT-<backbone> with these changes."""
+    time_images: int = 1000
+    sample_batch: int = 250
+    feature_batch: int = 50
+
+
+def schedule_overrides(spec: str) -> dict:
+    """'uniform', 'shifted:2' or 'edm:7' as sampler overrides."""
+    name, _, value = spec.partition(":")
+    if name == "uniform":
+        return {"sampler.schedule": "uniform"}
+    if name in ("shifted", "edm") and value:
+        return {"sampler.schedule": name, ("sampler.shift" if name == "shifted" else "sampler.rho"): float(value)}
+    raise ValueError(f"unknown schedule '{spec}': uniform, shifted:SHIFT or edm:RHO")
+
+
+def training_settings(q: QualityConfig):
+    """The convergence benchmark's settings for the runs trained here."""
+    return dataclasses.replace(SCALES["cpu"], dataset=q.dataset, backbone=q.backbone, steps=q.steps,
+                               eval_steps=(q.guide_step, q.steps), train_images=q.train_images,
+                               reference_images=q.reference_images, features=q.features,
+                               sample_batch=q.sample_batch, feature_batch=q.feature_batch)
+
+
+def exported(run: Path, step: int) -> Path | None:
+    """The run's EMA-1 model file at `step` (the convergence benchmark's exports/, else its checkpoint)."""
+    path = run / "exports" / f"ema1-step{step:08d}.safetensors"
+    if path.is_file():
+        return path
+    checkpoint = run / "checkpoints" / f"step-{step:08d}"
+    if not checkpoint.is_dir():
+        return None
+    export_sampling_checkpoint(find_checkpoint(checkpoint), path, ema=1)
+    return path
+
+
+def train_models(q: QualityConfig, out: Path, cache: Path, progress: bool) -> tuple[Path, Path]:
+    """(the main run, the small guide's run), trained in out/runs/ as the convergence benchmark trains."""
+    settings = training_settings(q)
+    pack = training_pack(settings, cache)
+    main_run, small_run = out / "runs" / "main", out / "runs" / "small"
+    for step in (q.guide_step, q.steps):
+        if exported(main_run, step) is None:  # trained by an earlier invocation otherwise
+            train(arm_config(settings, "pixelrepa", 0, pack, main_run).replace(**{"train.steps": step}),
+                  progress=progress)
+            exported(main_run, step)
+    if exported(small_run, q.steps) is None:
+        small = arm_config(settings, "none", 0, pack, small_run)
+        small = apply_overrides(small, dict(item.split("=", 1) for item in q.small_overrides))
+        train(small.replace(**{"train.steps": q.steps}), progress=progress)
+    return main_run, small_run
+
+
+def _read_rows(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # cut by an interruption: measured again
+            continue
+    return rows
+
+
+def _key(row: dict) -> tuple:
+    return tuple(row.get(k) for k in ("part", "method", "schedule", "steps", "guide", "cfg", "seed"))
+
+
+class Measurement:
+    """The networks, the reference and the results file of one output folder."""
+
+    def __init__(self, q: QualityConfig, out: Path, model: Path, guides: dict[str, Path], reference, extractor,
+                 device: torch.device):
+        self.q, self.out, self.reference, self.extractor, self.device = q, out, reference, extractor, device
+        self.config, self.net, _ = load_model(model, device=device)
+        apply_kernels(self.net, self.net.blocks, self.config.kernels, device, sampling=True)
+        self.guides = {name: load_guide(path, self.config, device) for name, path in guides.items()}
+        self.rows = _read_rows(out / "results.jsonl")
+
+    def setting(self, method: str, schedule: str, steps: int, cfg: float | None = None) -> RunConfig:
+        changes = {"sampler.method": method, "sampler.steps": steps, **schedule_overrides(schedule)}
+        return apply_overrides(self.config, changes | ({} if cfg is None else {"sampler.cfg_scale": cfg}))
+
+    def measure(self, part: str, method: str, schedule: str, steps: int, seed: int, guide: str | None = None,
+                cfg: float | None = None) -> dict:
+        """The row of one setting and seed: measured now unless results.jsonl holds it."""
+        config = self.setting(method, schedule, steps, cfg)
+        row = {"part": part, "method": method, "schedule": schedule, "steps": steps, "guide": guide,
+               "cfg": config.sampler.cfg_scale, "seed": seed}
+        done = [r for r in self.rows if _key(r) == _key(row)]
+        if done:
+            return done[-1]
+        layout = class_layout(config.model.num_classes, None, math.ceil(self.q.samples / config.model.num_classes))
+        tic = time.perf_counter()
+        source = GeneratedImages(self.net, config, self.q.samples, layout, self.q.sample_batch, self.device, seed,
+                                 self.guides.get(guide))
+        with torch.no_grad():
+            features = extract_features(source, self.extractor, self.q.feature_batch, self.device)
+        row |= {"nfe": source.nfe, **score_row(features, self.reference),
+                "seconds": round(time.perf_counter() - tic, 1)}
+        self.rows.append(row)
+        write_text_atomic(self.out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+        print(f"  {part:<9} {method:<6} {schedule:<12} {steps:>3} steps {guide or 'CFG':<9} w {row['cfg']:<4g} "
+              f"seed {seed}: nfe {row['nfe']:.1f}, KID x1e3 {row['kid_mean'] * 1e3:.3f}, FID {row['fid']:.2f} "
+              f"({row['seconds']:.0f} s)", flush=True)
+        return row
+
+    def time_sampling(self, method: str, schedule: str, steps: int) -> dict:
+        """Wall-clock of sampling `time_images` images (no scoring) at one setting."""
+        row = {"part": "timing", "method": method, "schedule": schedule, "steps": steps, "guide": None,
+               "cfg": self.config.sampler.cfg_scale, "seed": 0}
+        done = [r for r in self.rows if _key(r) == _key(row)]
+        if done:
+            return done[-1]
+        config = self.setting(method, schedule, steps)
+        layout = class_layout(config.model.num_classes, None, math.ceil(self.q.time_images / config.model.num_classes))
+        source = GeneratedImages(self.net, config, self.q.time_images, layout, self.q.sample_batch, self.device, 0)
+        tic = time.perf_counter()
+        for _ in source.batches(self.q.sample_batch):
+            pass
+        row |= {"nfe": source.nfe, "num_images": self.q.time_images, "seconds": round(time.perf_counter() - tic, 1)}
+        self.rows.append(row)
+        write_text_atomic(self.out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+        return row
+
+
+def bands(rows: list[dict]) -> list[dict]:
+    """One row per setting: nfe, and KID and FID as mean and sample std (ddof 1) over its seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["part"] != "timing":
+            groups.setdefault(_key(r)[:-1], []).append(r)
+    out = []
+    for runs in groups.values():
+        band = {k: runs[0][k] for k in ("part", "method", "schedule", "steps", "guide", "cfg")}
+        for metric in ("kid_mean", "fid", "nfe"):
+            values = [r[metric] for r in runs]
+            band[metric] = float(np.mean(values))
+            band[metric + "_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        out.append(band | {"n_seeds": len(runs)})
+    return out
+
+
+def reference_band(q: QualityConfig, banded: list[dict]) -> dict | None:
+    """Heun at its largest step count on the uniform grid (the released protocol)."""
+    return next((b for b in banded if b["part"] == "solvers" and b["method"] == "heun" and b["schedule"] == "uniform"
+                 and b["steps"] == max(q.heun_steps)), None)
+
+
+def cheapest_match(q: QualityConfig, banded: list[dict]) -> dict | None:
+    """The solver setting with the fewest counted evaluations whose mean KID is within the reference's
+    band (its mean + one std over the seeds)."""
+    ref = reference_band(q, banded)
+    if ref is None:
+        return None
+    matches = [b for b in banded if b["part"] == "solvers" and b["kid_mean"] <= ref["kid_mean"] + ref["kid_mean_sd"]]
+    return min(matches, key=lambda b: b["nfe"]) if matches else None
+
+
+def reading(q: QualityConfig, rows: list[dict]) -> list[str]:
+    banded = bands(rows)
+    ref = reference_band(q, banded)
+    if ref is None:
+        return ["the reference (Heun at its largest step count, uniform grid) is not measured yet"]
+    lines = [f"reference: heun {ref['steps']} steps uniform, {ref['nfe']:.1f} evaluations per image, KID x1e3 "
+             f"{ref['kid_mean'] * 1e3:.3f} ± {ref['kid_mean_sd'] * 1e3:.3f}, FID {ref['fid']:.2f} ± {ref['fid_sd']:.2f} "
+             f"({ref['n_seeds']} seeds)"]
+    for method in q.methods:
+        for schedule in sorted({b["schedule"] for b in banded if b["part"] == "solvers"}):
+            mine = [b for b in banded if b["part"] == "solvers" and b["method"] == method and b["schedule"] == schedule
+                    and b["kid_mean"] <= ref["kid_mean"] + ref["kid_mean_sd"]]
+            if mine:
+                best = min(mine, key=lambda b: b["nfe"])
+                lines.append(f"{method} {schedule}: within the reference's band from {best['steps']} steps, "
+                             f"{best['nfe']:.1f} evaluations per image ({best['nfe'] / ref['nfe']:.2f} of the reference)")
+    match = cheapest_match(q, banded)
+    if match is not None:
+        goal = "reached" if match["nfe"] <= ref["nfe"] / 3 else "not reached"
+        lines.append(f"fewest evaluations within the band: {match['method']} {match['steps']} steps {match['schedule']}, "
+                     f"{match['nfe']:.1f} per image ({match['nfe'] / ref['nfe']:.2f} of the reference; the one-third "
+                     f"goal is {goal})")
+    guided = [b for b in banded if b["part"] == "guidance"]
+    for guide in dict.fromkeys(b["guide"] for b in guided):
+        best = min((b for b in guided if b["guide"] == guide), key=lambda b: b["kid_mean"])
+        lines.append(f"{'CFG' if guide is None else 'autoguidance (' + guide + ')'}: best KID x1e3 "
+                     f"{best['kid_mean'] * 1e3:.3f} ± {best['kid_mean_sd'] * 1e3:.3f} at weight {best['cfg']:g} "
+                     f"({q.guidance_method} {q.guidance_steps} steps, {best['nfe']:.1f} evaluations per image)")
+    timed = {(r["method"], r["schedule"], r["steps"]): r for r in rows if r["part"] == "timing"}
+    for (method, schedule, steps), r in timed.items():
+        lines.append(f"sampling {r['num_images']} images with {method} {steps} steps {schedule}: {r['seconds']:.0f} s "
+                     f"({cpu_model()}, {torch.get_num_threads()} threads)")
+    return lines
+
+
+def format_markdown(q: QualityConfig, rows: list[dict]) -> str:
+    banded = sorted(bands(rows), key=lambda b: (b["part"], b["method"], b["schedule"], str(b["guide"]), b["cfg"],
+                                                b["nfe"]))
+    lines = [f"KID x 1e3 and FID of {q.samples:,} samples per seed against {q.reference_images:,} real "
+             f"{q.dataset} train images; mean ± sample std over the seeds; nfe: network evaluations per image, counted.",
+             "", "| part | method | schedule | steps | guidance | weight | nfe | KID x 1e3 | FID | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for b in banded:
+        lines.append(f"| {b['part']} | {b['method']} | {b['schedule']} | {b['steps']} | {b['guide'] or 'CFG'} | "
+                     f"{b['cfg']:g} | {b['nfe']:.1f} | {b['kid_mean'] * 1e3:.3f} ± {b['kid_mean_sd'] * 1e3:.3f} | "
+                     f"{b['fid']:.2f} ± {b['fid_sd']:.2f} | {b['n_seeds']} |")
+    lines += ["", "Reading (computed from the table):", ""] + [f"- {line}" for line in reading(q, rows)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """KID and FID against counted evaluations, one line per solver and schedule, one std shaded."""
+    banded = [b for b in bands(rows) if b["part"] == "solvers"]
+    curves = {}
+    for b in sorted(banded, key=lambda b: b["nfe"]):
+        curves.setdefault(f"{b['method']}, {b['schedule']}", []).append(b)
+    panels = []
+    for key, title, scale in (("kid_mean", "KID x 1e3", 1e3), ("fid", "FID", 1.0)):
+        series = [(label, [(b["nfe"], b[key] * scale) for b in points]) for label, points in curves.items()]
+        spread = [[b[key + "_sd"] * scale for b in points] for points in curves.values()]
+        panels.append(Panel(f"{title} against network evaluations", "network evaluations per image (counted)",
+                            title, series, spread))
+    line_plot(panels, path)
+
+
+def write_outputs(q: QualityConfig, out: Path, rows: list[dict], models: dict) -> dict:
+    record = {"format": FORMAT, "settings": dataclasses.asdict(q), "models": models,
+              "machine": f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+              "written": datetime.now(timezone.utc).isoformat(timespec="seconds"), "reading": reading(q, rows),
+              "rows": rows}
+    ordered = sorted(rows, key=lambda r: tuple(str(v) for v in _key(r)))
+    write_result_set(out, "sampling-quality", ordered, CSV_COLUMNS, record, format_markdown(q, rows),
+                     lambda path: plot(rows, path))
+    return record
+
+
+def run(q: QualityConfig, out: Path, cache: Path, device: torch.device, run_dir: Path | None = None,
+        small_run: Path | None = None, progress: bool = True) -> dict:
+    """Measure every row not yet in `out` (training the runs first when none is given)."""
+    out.mkdir(parents=True, exist_ok=True)
+    settings_path = out / "settings.json"
+    settings = json.loads(json.dumps(dataclasses.asdict(q)))
+    if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
+        raise ValueError(f"{out} holds results of other settings: use another --out, or delete it to start over")
+    write_text_atomic(settings_path, json.dumps(settings, indent=2) + "\n")
+    if run_dir is None:
+        run_dir, trained_small = train_models(q, out, cache, progress)
+        small_run = small_run or trained_small
+    model = resolve_model_path(run_dir)
+    guides = {name: path for name, path in (("step" + str(q.guide_step), exported(run_dir, q.guide_step)),
+                                           ("small", resolve_model_path(small_run) if small_run else None)) if path}
+    models = {"model": str(model), **{f"guide {k}": str(v) for k, v in guides.items()}}
+    print(f"machine       {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"model         {model}; guides: {', '.join(f'{k} {v}' for k, v in guides.items()) or 'none found'}")
+    extractor, network = build_feature_extractor(q.features, device)
+    reference = reference_features(training_settings(q), extractor, network, cache, device)
+    m = Measurement(q, out, model, guides, reference, extractor, device)
+
+    def finished_row(*args, **kwargs):
+        m.measure(*args, **kwargs)
+        write_outputs(q, out, m.rows, models)
+
+    for schedule in q.other_schedules:  # the probe: which second schedule
+        finished_row("probe", "dpm2m", schedule, q.probe_steps, q.seeds[0])
+    probes = [r for r in m.rows if r["part"] == "probe" and r["schedule"] in q.other_schedules]
+    other = min(probes, key=lambda r: r["kid_mean"])["schedule"]
+    print(f"schedule      {other} (lowest KID of the probe)")
+    for method in q.methods:
+        for schedule in ("uniform", other):
+            for steps in (q.heun_steps if method == "heun" else q.step_counts):
+                for seed in q.seeds:
+                    finished_row("solvers", method, schedule, steps, seed)
+    for guide, weights in [(None, q.cfg_scales)] + [(name, q.guide_weights) for name in guides]:
+        for weight in weights:
+            for seed in q.seeds:
+                finished_row("guidance", q.guidance_method, "uniform", q.guidance_steps, seed, guide, weight)
+    match = cheapest_match(q, bands(m.rows))
+    for method, schedule, steps in ([(match["method"], match["schedule"], match["steps"])] if match else []) + \
+            [("heun", "uniform", max(q.heun_steps))]:
+        m.time_sampling(method, schedule, steps)
+    return write_outputs(q, out, m.rows, models)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="results folder")
+    parser.add_argument("--run", type=Path, help="a trained run folder (e.g. the convergence benchmark's "
+                        "runs/pixelrepa-seed0); default: train one into OUT/runs/main")
+    parser.add_argument("--small-run", type=Path, help="the smaller guide's run (default: trained when --run is not given)")
+    parser.add_argument("--cache", type=Path, help="pack and reference features (default: the convergence benchmark's)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--report", action="store_true", help="only rewrite the tables and plot from results.jsonl")
+    group = parser.add_argument_group("settings")
+    for field in dataclasses.fields(QualityConfig):
+        default = getattr(QualityConfig(), field.name)
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(default, tuple):
+            kind = type(default[0]) if default else str
+            group.add_argument(flag, type=kind, nargs="+", metavar=kind.__name__.upper())
+        else:
+            group.add_argument(flag, type=type(default), metavar=type(default).__name__.upper())
+    args = parser.parse_args(argv)
+    if args.report:
+        q = QualityConfig(**{k: tuple(v) if isinstance(v, list) else v
+                             for k, v in json.loads((args.out / "settings.json").read_text()).items()})
+        saved = json.loads((args.out / "sampling-quality.json").read_text())
+        write_outputs(q, args.out, _read_rows(args.out / "results.jsonl"), saved["models"])
+    else:
+        changes = {f.name: tuple(v) if isinstance(v, list) else v
+                   for f in dataclasses.fields(QualityConfig) if (v := getattr(args, f.name)) is not None}
+        device = torch.device(args.device) if args.device else pick_device()
+        run(QualityConfig(**changes), args.out, args.cache or cache_dir() / "convergence", device, args.run,
+            args.small_run, progress=not args.no_progress)
+    print(f"results       {args.out}/sampling-quality.md, .csv, .json, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
