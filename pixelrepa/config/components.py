@@ -367,8 +367,8 @@ class EvalConfig:
     images: int = 1000
     """Images sampled per evaluation (fixed noise and class-major labels, split over ranks)."""
     ref: str | None = None
-    """Inception reference statistics for FID (`pixelrepa eval ref-stats SRC OUT.npz`; with
-    `--keep-features` also KID)."""
+    """Inception reference statistics for FID (`pixelrepa eval ref-stats SRC OUT.npz`, with
+    `--keep-features` also KID; or a published file: jit_in256_stats.npz, ADM's VIRTUAL_imagenet256_labeled.npz)."""
     encoder_ref: str | None = None
     """Encoder reference statistics for FD in that encoder's feature space (`pixelrepa eval
     ref-stats SRC OUT.npz --features encoder:NAME`); the encoder is the one that made it."""
