@@ -255,9 +255,10 @@ class LiveEvaluator:
                                      "seed": DEFAULTS.kid_seed},
                 "align": self.probe is not None, "notes": list(self.notes)}
 
-    def plot(self, log_path: Path) -> None:
-        """The run folder's `eval.png` from every evaluation of the log so far."""
-        plot_eval_curves(log_path, Path(self.config.train.out_dir) / CURVE_NAME)
+    def plot(self, log_path: Path) -> Path | None:
+        """The run folder's `eval.png` from every evaluation of the log so far (None: nothing to draw)."""
+        path = Path(self.config.train.out_dir) / CURVE_NAME
+        return path if plot_eval_curves(log_path, path) else None
 
 
 CURVE_NAME = "eval.png"
