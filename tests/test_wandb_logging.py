@@ -19,13 +19,13 @@ from pixelrepa.extras import MissingExtra
 from pixelrepa.training.metrics import WANDB_RUN_ID
 from pixelrepa.training.trainer import train
 
-wandb_proto = pytest.importorskip("wandb.proto.wandb_internal_pb2")
-
 BLOCK = 32768  # the .wandb file: a 7-byte header, then LevelDB-log records in 32 KiB blocks
 
 
 def wandb_records(path: Path) -> list:
     """The protobuf records of an offline run's run-ID.wandb file."""
+    from wandb.proto import wandb_internal_pb2 as wandb_proto
+
     data, position, records, pending = path.read_bytes(), 7, [], b""
     while position + 7 <= len(data):
         if BLOCK - position % BLOCK < 7:  # a block's tail too short for a header is padding
@@ -112,6 +112,7 @@ def config_for(tmp_path: Path, **overrides):
 
 @pytest.mark.slow  # two short runs, each starting and finishing a wandb run: 14 to 28 s on the 2-core CPU
 def test_wandb_gets_the_logged_numbers_config_and_images_and_a_resume_continues_its_run(tmp_path, offline_wandb):
+    pytest.importorskip("wandb")
     out = tmp_path / "run"
     stub = StubValidator(out)
     train(config_for(tmp_path, **{"train.steps": 2}), progress=False, validator=lambda world: stub)

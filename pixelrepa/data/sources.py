@@ -58,6 +58,9 @@ WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 """WebDataset member extensions holding the image, in order of preference."""
 WDS_LABEL_KEY = "cls"
 EDM2_LABELS = "dataset.json"
+KINDS = {"datasets": "a Hugging Face datasets folder", "parquet": "parquet files", "webdataset": "WebDataset shards",
+         "edm2": "an EDM2 / REPA data set", "folder": "an image folder"}
+"""The forms `recognise` tells apart."""
 
 
 def pack_source(src: str | Path, dst: str | Path, size: int, *, workers: int = 1, overwrite: bool = False,
@@ -78,20 +81,21 @@ def open_source(src: str | Path, size: int, image_column: str | None = None,
     kind, files = recognise(src)
     if kind not in ("datasets", "parquet") and (image_column is not None or label_column is not None):
         raise ValueError(f"--image-column / --label-column name the columns of a `datasets` folder or parquet "
-                         f"files; {src} is {kind}")
+                         f"files; {src} is {KINDS[kind]}")
+    name = str(Path(src).resolve())
     if kind == "datasets":
         return DatasetsFolder(files[0], size, image_column, label_column)
     if kind == "parquet":
-        return ParquetRows(files, str(src), size, image_column, label_column)
+        return ParquetRows(files, name, size, image_column, label_column)
     if kind == "webdataset":
-        return WebDatasetShards(files, str(src), size)
+        return WebDatasetShards(files, name, size)
     if kind == "edm2":
         return Edm2Images(files[0], size)
     return None
 
 
 def recognise(src: str | Path) -> tuple[str, list[Path]]:
-    """What `src` is ("datasets", "parquet", "webdataset", "edm2" or "an image folder") and its files."""
+    """What `src` is (a key of `KINDS`) and its files."""
     if glob.has_magic(str(src)):
         files = [Path(p) for p in sorted(glob.glob(str(src)))]
         suffixes = {p.suffix.lower() for p in files}
@@ -125,7 +129,7 @@ def recognise(src: str | Path) -> tuple[str, list[Path]]:
     tables = sorted(path.rglob("*.parquet"))
     if tables:
         return "parquet", tables
-    return "an image folder", [path]
+    return "folder", [path]
 
 
 class LabelledImages:
