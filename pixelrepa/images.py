@@ -15,6 +15,15 @@ from pixelrepa.files import atomic_write
 
 def save_labelled_grid(images: Tensor, row_labels: list[str], path: str | Path, scale: int = 2,
                        label_width: int = 90, pad: int = 2) -> Path:
+    """`labelled_grid` written to `path` as a PNG, atomically."""
+    canvas = labelled_grid(images, row_labels, scale, label_width, pad)
+    path = Path(path)
+    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+    return path
+
+
+def labelled_grid(images: Tensor, row_labels: list[str], scale: int = 2, label_width: int = 90,
+                  pad: int = 2) -> Image.Image:
     """images: uint8 (rows * cols, 3, H, W), row-major; one text label per row on the left.
 
     Tiles are enlarged `scale` times (nearest) and laid out `pad` white pixels apart and from the
@@ -31,9 +40,7 @@ def save_labelled_grid(images: Tensor, row_labels: list[str], path: str | Path, 
     h = tiles.shape[-2]
     for r, label in enumerate(row_labels):
         draw.text((4, pad + r * (h + pad) + h // 2 - 6), label, fill="black")
-    path = Path(path)
-    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
-    return path
+    return canvas
 
 
 def is_complete_png(path: Path) -> bool:

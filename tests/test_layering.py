@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "pixelrepa"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("version",),
+    ("version", "extras"),
     ("files", "rng"),
     ("images",),
     ("config",),

@@ -1,6 +1,8 @@
 """Make and inspect packed image sets (raw uint8 pixels, memory-mapped at training time).
 
-  pixelrepa data pack SRC DST --size 256 --workers 8     an ImageNet-layout folder
+  pixelrepa data pack SRC DST --size 256 --workers 8     an ImageNet-layout folder, a `datasets` folder
+                                                        or parquet files, WebDataset .tar shards, an
+                                                        EDM2 / REPA zip (pixelrepa.data.sources)
   pixelrepa data prepare mnist DST --size 32             MNIST / Fashion-MNIST from the IDX files
   pixelrepa data info DST [--verify]                     manifest summary and checks
 
@@ -13,7 +15,8 @@ import argparse
 from pathlib import Path
 
 from pixelrepa.data.idx import load_idx_dataset
-from pixelrepa.data.packed import PackedDataset, pack_arrays, pack_folder
+from pixelrepa.data.packed import PackedDataset, pack_arrays
+from pixelrepa.data.sources import pack_source
 
 SHOWN_SKIPPED = 10
 
@@ -22,14 +25,19 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    pack = actions.add_parser("pack", help="pack an ImageNet-layout folder (ADM center crop)")
-    pack.add_argument("src", type=Path, help="folder with one sub-folder of images per class")
+    pack = actions.add_parser("pack", help="pack labelled images (ADM center crop): an image folder, a `datasets` "
+                              "folder or parquet files, WebDataset shards, an EDM2 zip")
+    pack.add_argument("src", help="folder with one sub-folder of images per class, a `datasets` save_to_disk "
+                      "folder, .parquet file(s), .tar shard(s) (a folder, a file or a glob), or an EDM2 / REPA "
+                      ".zip or folder with dataset.json")
     pack.add_argument("dst", type=Path, help="pack folder to write")
     pack.add_argument("--size", type=int, required=True, help="side of the square images in pixels")
     pack.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
     pack.add_argument("--overwrite", action="store_true", help="replace an existing pack")
     pack.add_argument("--allow-empty-classes", action="store_true",
                       help="keep class folders without a readable image as (empty) classes")
+    pack.add_argument("--image-column", help="`datasets` / parquet: the image column (default: detected)")
+    pack.add_argument("--label-column", help="`datasets` / parquet: the label column (default: detected)")
 
     prepare = actions.add_parser("prepare", help="pack MNIST or Fashion-MNIST from the installed IDX files")
     prepare.add_argument("dataset", choices=["mnist", "fashion-mnist"])
@@ -49,9 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "pack":
         if args.size <= 0 or args.workers <= 0:
             raise ValueError("--size and --workers must be positive")
-        if not args.src.is_dir():
-            raise FileNotFoundError(f"no image folder at {args.src}")
-        report(pack_folder(args.src, args.dst, args.size, workers=args.workers, overwrite=args.overwrite,
+        report(pack_source(args.src, args.dst, args.size, workers=args.workers, overwrite=args.overwrite,
+                           image_column=args.image_column, label_column=args.label_column,
                            allow_empty_classes=args.allow_empty_classes), args.dst)
     elif args.action == "prepare":
         images, labels, classes = load_idx_dataset(args.dataset, args.split, args.size, args.data_dir)

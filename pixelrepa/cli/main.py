@@ -8,6 +8,7 @@ import sys
 from pixelrepa.cli import data, demo, export, import_checkpoint, info, probe, sample, train
 from pixelrepa.cli import eval as eval_command
 from pixelrepa.cli.common import os_error_message
+from pixelrepa.extras import MissingExtra
 from pixelrepa.training.runlock import INTERRUPTED_EXIT_CODE
 
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command].run(args) or 0
-    except (ValueError, OSError, KeyError) as err:
+    except (ValueError, OSError, KeyError, MissingExtra) as err:
         if isinstance(err, OSError):
             message = os_error_message(err)
         else:

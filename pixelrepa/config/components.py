@@ -401,6 +401,9 @@ class TrainConfig:
     """Also keep every checkpoint whose step is a multiple of this."""
     sample_every: int | None = 5000
     """Write a sample grid from EMA 1 every this many steps (None = never)."""
+    loggers: tuple[str, ...] = ("tensorboard",)
+    """Where rank 0 sends the logged numbers besides OUT/log.jsonl: 'tensorboard', 'wandb' (the
+    `pixelrepa[wandb]` extra; also the sample grids and eval.png; WANDB_PROJECT, WANDB_MODE apply)."""
     max_nonfinite_skips: int = 0
     """Steps with a non-finite loss that may be skipped before the run stops."""
     stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
@@ -411,6 +414,10 @@ class TrainConfig:
         _check(self.parallel in ("ddp", "fsdp2"), f"unknown parallel mode '{self.parallel}' (ddp | fsdp2)")
         unknown = [name for name in self.stop_signals if not isinstance(getattr(signal, name, None), signal.Signals)]
         _check(not unknown, f"train.stop_signals: unknown signal(s) {', '.join(unknown)} (e.g. SIGTERM, SIGUSR1)")
+        odd = [name for name in self.loggers if name not in ("tensorboard", "wandb")]
+        _check(not odd and len(set(self.loggers)) == len(self.loggers),
+               f"train.loggers: {', '.join(odd) or 'a repeated name'} in {','.join(self.loggers)}; "
+               "choose from tensorboard, wandb (e.g. --set train.loggers=tensorboard,wandb)")
         _check_at_least(self, "train", 1, "steps", unset="unset for optim.epochs")
         _check_at_least(self, "train", 1, "per_device_batch log_every ckpt_every keep_last")
         _check_at_least(self, "train", 1, "keep_every sample_every", unset="None: never")
@@ -427,8 +434,8 @@ class EvalConfig:
     images: int = 1000
     """Images sampled per evaluation (fixed noise and class-major labels, split over ranks)."""
     ref: str | None = None
-    """Inception reference statistics for FID (`pixelrepa eval ref-stats SRC OUT.npz`; with
-    `--keep-features` also KID)."""
+    """Inception reference statistics for FID (`pixelrepa eval ref-stats SRC OUT.npz`, with
+    `--keep-features` also KID; or a published file: jit_in256_stats.npz, ADM's VIRTUAL_imagenet256_labeled.npz)."""
     encoder_ref: str | None = None
     """Encoder reference statistics for FD in that encoder's feature space (`pixelrepa eval
     ref-stats SRC OUT.npz --features encoder:NAME`); the encoder is the one that made it."""

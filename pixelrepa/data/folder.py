@@ -53,6 +53,7 @@ import os
 import stat
 from collections import Counter
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -69,8 +70,8 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError
 """What PIL raises on bad files (UnidentifiedImageError is an OSError)."""
 
 
-def load_image(path: str | Path, size: int) -> Tensor:
-    """Decode, convert to RGB and ADM-center-crop one file: uint8 (3, size, size)."""
+def load_image(path: str | Path | BinaryIO, size: int) -> Tensor:
+    """Decode, convert to RGB and ADM-center-crop one file (a path or an open binary file): uint8 (3, size, size)."""
     with Image.open(path) as image:
         image.load()
         rgb = to_rgb(image)

@@ -337,6 +337,19 @@ def features_of(source: ImageBatches, extractor: torch.nn.Module, batch_size: in
     return features, time.perf_counter() - start
 
 
+def reference_batch(path: str | Path, reference) -> ImageSource | None:
+    """Where KID and precision / recall get their reference features: None when `reference` stores
+    them; the file's reference batch `arr_0` (ADM's reference files) as an image source, whose
+    features the caller computes with its own network; else an error saying how to get them."""
+    if reference.features is not None:
+        return None
+    if reference.batch_images is None:
+        raise ValueError(f"{path} holds only mu and sigma; KID and precision / recall need reference "
+                         "features: make it with `pixelrepa eval ref-stats SRC OUT.npz --keep-features`, "
+                         "pass the reference images, or use a file with a reference batch `arr_0` (ADM's)")
+    return ImageSource(path)
+
+
 def is_image_npz(path: Path) -> bool:
     """Images (`arr_0`) rather than statistics; a file with both (the ADM reference batches) counts as statistics."""
     try:

@@ -1,7 +1,8 @@
 """Evaluation during training (`eval.every`): EMA 1 scored every N steps, in memory.
 
 `LiveEvaluator(config, world)` is built once, when the run starts: it loads and checks the
-references (`eval.ref`: Inception statistics for FID, with stored features also KID;
+references (`eval.ref`: Inception statistics for FID, with stored features or ADM's reference
+batch `arr_0` (featurised once, here) also KID;
 `eval.encoder_ref`: statistics of an encoder's mean-pooled patch tokens, made with
 `pixelrepa eval ref-stats ... --features encoder:NAME`, for FD in that space: the encoder is the one
 named in the file) and builds the feature networks, so a wrong file stops the run before its first
@@ -45,7 +46,8 @@ from torch import nn
 from pixelrepa.config import RunConfig
 from pixelrepa.evaluation import features as feature_networks
 from pixelrepa.sampling import class_layout, generate
-from pixelrepa.evaluation.metrics import DEFAULTS, Reference, SmallSampleWarning, load_reference, scalars, score
+from pixelrepa.evaluation.metrics import (DEFAULTS, ImageSource, Reference, SmallSampleWarning, load_reference, scalars,
+                                         score)
 from pixelrepa.evaluation.plots import Panel, line_plot
 from pixelrepa.rng import preserved_rng
 
@@ -112,8 +114,15 @@ class LiveEvaluator:
             self.spaces.append(FeatureSpace("encoder", Path(ev.encoder_ref), reference))
             self.encoder_spec, self.encoder_weights = spec, weights
         inception_space = self._space("inception")
-        self.kid = inception_space is not None and inception_space.reference.features is not None \
-            and len(inception_space.reference.features) >= 2
+        batch, reference_count = None, 0
+        if inception_space is not None and inception_space.reference.features is not None:
+            reference_count = len(inception_space.reference.features)
+        elif inception_space is not None and inception_space.reference.batch_images is not None:
+            batch = ImageSource(inception_space.path)  # ADM's reference batch `arr_0`: features computed below
+            reference_count = len(batch)
+            self.notes.append(f"KID against the {len(batch)} images of the reference batch in {inception_space.path}, "
+                              "their features computed once when the run starts")
+        self.kid = reference_count >= 2
         if inception_space is not None and not self.kid:
             self.notes.append(f"{inception_space.path} holds no reference features: KID is not computed (make the "
                               "file with `pixelrepa eval ref-stats SRC OUT.npz --keep-features`)")
@@ -135,6 +144,9 @@ class LiveEvaluator:
                 from pixelrepa.align.encoders import build_encoder
 
                 self.probe["encoder"] = build_encoder(config.align.encoder).to(self.device).eval()
+        if batch is not None:  # collective; rank 0 gets the features (and alone scores)
+            inception_space.reference.features, _ = feature_networks.features_of(
+                batch, inception_space.extractor, self.batch_size, self.device, "reference batch", world)
 
     def _space(self, name: str) -> FeatureSpace | None:
         return next((s for s in self.spaces if s.name == name), None)
@@ -243,9 +255,10 @@ class LiveEvaluator:
                                      "seed": DEFAULTS.kid_seed},
                 "align": self.probe is not None, "notes": list(self.notes)}
 
-    def plot(self, log_path: Path) -> None:
-        """The run folder's `eval.png` from every evaluation of the log so far."""
-        plot_eval_curves(log_path, Path(self.config.train.out_dir) / CURVE_NAME)
+    def plot(self, log_path: Path) -> Path | None:
+        """The run folder's `eval.png` from every evaluation of the log so far (None: nothing to draw)."""
+        path = Path(self.config.train.out_dir) / CURVE_NAME
+        return path if plot_eval_curves(log_path, path) else None
 
 
 CURVE_NAME = "eval.png"

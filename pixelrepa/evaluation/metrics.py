@@ -12,7 +12,11 @@ Sample counts: the statistics need at least 2 samples. With n <= feature dimensi
 covariance is singular (rank <= n - 1); FID is still computed, through the eps fix of
 `frechet_distance`, but is strongly biased, so `feature_statistics` warns (as a
 `SmallSampleWarning`). Reference files hold `mu` (D,), `sigma` (D, D) float64 and optionally
-`features` (N, D) for KID and precision / recall against them.
+`features` (N, D) for KID and precision / recall against them. The published files load as they
+are: JiT's and PixelREPA's `jit_in256_stats.npz` (`mu`, `sigma`, what their torch-fidelity fork
+reads) and ADM's `VIRTUAL_imagenet256_labeled.npz` (`mu`, `sigma`, the spatial `mu_s`, `sigma_s`
+of sFID, and the reference batch `arr_0` uint8 (10000, 256, 256, 3), whose features, computed
+with the evaluation's own network, serve KID and precision / recall).
 """
 
 from __future__ import annotations
@@ -223,6 +227,9 @@ class Reference:
     sigma: np.ndarray
     features: np.ndarray | None = None
     meta: dict | None = None
+    batch_images: int | None = None
+    """Images in the file's reference batch `arr_0` (an ADM reference file), whose features stand
+    in for `features` when those are not stored; None without one."""
 
 
 def save_reference(path: str | Path, reference: Reference) -> Path:
@@ -247,14 +254,15 @@ def load_reference(path: str | Path, dim: int | None = None) -> Reference:
     if not path.is_file():
         raise FileNotFoundError(f"no reference statistics file at {path}")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
+        with np.load(path, allow_pickle=False) as data:  # only these members: an ADM `arr_0` is 2 GB
+            arrays = {key: data[key] for key in ("mu", "sigma", "features", "meta") if key in data.files}
+            names = data.files
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path} is not a readable .npz file: {err}") from None
     missing = [key for key in ("mu", "sigma") if key not in arrays]
     if missing:
         raise ValueError(f"{path} lacks {' and '.join(repr(k) for k in missing)} "
-                         f"(has: {', '.join(arrays) or 'nothing'}); "
+                         f"(has: {', '.join(names) or 'nothing'}); "
                          "a reference file holds 'mu' (D,) and 'sigma' (D, D)")
     mu, sigma, features = arrays["mu"], arrays["sigma"], arrays.get("features")
     expected = dim if dim is not None else mu.shape[0] if mu.ndim == 1 else "D"
@@ -267,7 +275,8 @@ def load_reference(path: str | Path, dim: int | None = None) -> Reference:
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"{path}: 'mu' or 'sigma' holds non-finite values")
     meta = json.loads(str(arrays["meta"])) if "meta" in arrays else None
-    return Reference(mu.astype(np.float64), sigma.astype(np.float64), features, meta)
+    batch_images = len(ImageSource(path)) if "arr_0" in names else None  # reads the header alone
+    return Reference(mu.astype(np.float64), sigma.astype(np.float64), features, meta, batch_images)
 
 
 # ---------------------------------------------------------------------------

@@ -123,16 +123,18 @@ def evaluate(settings: EvalSettings, device: torch.device, world=None) -> dict |
         samples_net = feature_networks.WithClassifier(extractor, classifier_net)
     timing: dict[str, float] = {}
     ref_notes: list[str] = []
-    if reference is None:
+    if ref_source is not None:
         ref_features, ref_seconds = features_of(ref_source, extractor, settings.batch_size, device, "reference",
                                                 world)
-        if ref_features is not None:
+        if ref_features is not None and reference is not None:  # a file's reference batch: features only
+            reference.features = ref_features
+        elif ref_features is not None:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 reference = Reference(*feature_statistics(ref_features), ref_features)
             report(caught)
             ref_notes = [str(w.message) for w in caught]
-            timing["reference_seconds"] = round(ref_seconds, 3)
+        timing["reference_seconds"] = round(ref_seconds, 3)
     runs = []
     for samples, seed in zip(sources, seeds):  # every rank runs every source: the extraction is collective
         features, seconds = features_of(samples, samples_net, settings.batch_size, device, "samples", world)
@@ -195,20 +197,19 @@ def evaluate(settings: EvalSettings, device: torch.device, world=None) -> dict |
 
 def _reference(settings: EvalSettings, network_id: str, feature_dim: int,
                needs_features: bool) -> tuple[Reference | None, ImageSource | None, dict]:
-    """(statistics, None, record) of a statistics file, checked; (None, source, record) of reference images."""
+    """(statistics, None, record) of a statistics file, checked; (None, source, record) of reference images;
+    (statistics, its reference batch, record) of a file whose `arr_0` gives the features KID and
+    precision / recall need (ADM's)."""
     path = settings.ref
     if not (path.is_file() and path.suffix == ".npz" and not is_image_npz(path)):
         source = ImageSource(path, settings.max_images)
         return None, source, source.describe()
     reference = load_reference(path)
     feature_networks.check_reference(path, reference, network_id, feature_dim)
-    if needs_features and reference.features is None:
-        raise ValueError(f"{path} holds only mu and sigma; KID and precision / recall need reference "
-                         "features: make it with `pixelrepa eval ref-stats SRC OUT.npz --keep-features`, "
-                         "or pass the reference images")
-    return reference, None, {"path": str(path.resolve()), "kind": "statistics",
-                             "count": None if reference.features is None else len(reference.features),
-                             "made_by": reference.meta}
+    batch = feature_networks.reference_batch(path, reference) if needs_features else None
+    count = len(reference.features) if reference.features is not None else len(batch) if batch else None
+    return reference, batch, {"path": str(path.resolve()), "kind": "statistics", "count": count,
+                              "reference_batch": batch is not None, "made_by": reference.meta}
 
 
 def report(caught: list[warnings.WarningMessage]) -> None:

@@ -325,12 +325,13 @@ def _reference(path: Path, needs_features: bool, batch_size: int, device) -> tup
         made_with = ((reference.meta or {}).get("feature_network") or {}).get("id")
         if made_with not in (None, "inception"):
             raise ValueError(f"{path} holds statistics of the {made_with} features; a sweep needs Inception ones")
-        if needs_features and reference.features is None:
-            raise ValueError(f"{path} holds only mu and sigma; KID needs reference features: make it with "
-                             "`pixelrepa eval ref-stats SRC OUT.npz --keep-features`, or pass the reference images")
+        batch = feature_networks.reference_batch(path, reference) if needs_features else None
+        if batch is not None:  # ADM's reference batch: its features, with this sweep's network
+            reference.features, _ = features_of(batch, inception.load_extractor(device), batch_size, device,
+                                                "reference batch")
         return reference, {"path": str(path.resolve()), "kind": "statistics",
                            "count": None if reference.features is None else len(reference.features),
-                           "made_by": reference.meta}
+                           "reference_batch": batch is not None, "made_by": reference.meta}
     source = ImageSource(path)
     check_count(len(source), "REF")
     features, _ = features_of(source, inception.load_extractor(device), batch_size, device, "reference")

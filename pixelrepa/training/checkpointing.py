@@ -23,6 +23,7 @@ from pixelrepa.interop.init_from import ReleasedStart, load_released_weights, re
 from pixelrepa.interop.released import ReleasedCheckpoint, read_released_checkpoint
 from pixelrepa.rng import reseed_global, restore_rng_state
 from pixelrepa.training.ema import BackboneEMA
+from pixelrepa.training.metrics import WANDB_RUN_ID
 from pixelrepa.training.module import TrainingModule
 from pixelrepa.training.parallel import (
     load_full_optimizer_state_dict,
@@ -198,10 +199,10 @@ def _choose_checkpoints(out_dir: Path, resume: str | Path | None, restart: bool)
 
 
 def _move_run_aside(out_dir: Path) -> None:
-    """--restart: the run folder's checkpoints, log, TensorBoard files and sample grids become
-    `NAME.aside-TIME`, nothing is deleted."""
+    """--restart: the run folder's checkpoints, log, TensorBoard files, sample grids and wandb run
+    id (the restarted run is a new wandb run) become `NAME.aside-TIME`, nothing is deleted."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for name in (ckpt.CHECKPOINTS, "log.jsonl", "tensorboard", "samples"):
+    for name in (ckpt.CHECKPOINTS, "log.jsonl", "tensorboard", "samples", WANDB_RUN_ID):
         if (out_dir / name).exists():
             aside = out_dir / f"{name}.aside-{stamp}"
             (out_dir / name).rename(aside)

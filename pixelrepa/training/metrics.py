@@ -1,13 +1,24 @@
-"""What a training run reports: the JSON-lines log, TensorBoard scalars and the progress bar.
+"""What a training run reports: the JSON-lines log, TensorBoard and wandb, and the progress bar.
 
 Losses are kept on the device between logging steps (no host sync per step) and averaged
 over the steps since the last log line and over the ranks when one is written.
+
+`train.loggers` picks the sinks besides OUT/log.jsonl: TensorBoard (OUT/tensorboard/, cut back to
+the resumed step) and wandb (the `pixelrepa[wandb]` extra). The same scalars go to each, under the
+same names (loss/*, train/*, eval/*). wandb also gets the run's resolved configuration as its
+config, and the sample grids and OUT/eval.png as images; its run id is kept in OUT/wandb-run-id,
+written before the run starts, so a resumed run continues the same wandb run (wandb keeps the
+first value logged at a step: the steps a resume repeats keep the values logged before it).
+wandb writes under $WANDB_DIR, else the run folder; WANDB_PROJECT, WANDB_ENTITY and WANDB_MODE
+(offline: `wandb sync` later) are wandb's own.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import time
 from pathlib import Path
 
@@ -16,15 +27,26 @@ from tqdm import tqdm
 
 from pixelrepa.config import RunConfig
 from pixelrepa.distributed import World, reduce_mean
+from pixelrepa.extras import optional_import
+from pixelrepa.files import write_text_atomic
 
 logger = logging.getLogger("pixelrepa.train")
+
+WANDB_RUN_ID = "wandb-run-id"
+"""The run folder's file with the wandb run id, which a resumed run continues."""
 
 _EVAL_NAMES = {"fid": "FID", "kid_mean": "KID", "fd_encoder": "FD_encoder"}
 
 
+def check_loggers(config: RunConfig) -> None:
+    """Refuse, before anything is built, a logger whose package is not installed."""
+    if "wandb" in config.train.loggers:
+        optional_import("wandb", "wandb", "train.loggers=wandb")
+
+
 class MetricsLogger:
-    """Rank 0 writes OUT/log.jsonl (entries past `start_step` are dropped), TensorBoard scalars
-    and OUT/config.json, and draws the progress bar; every rank averages (a collective in `log`)."""
+    """Rank 0 writes OUT/log.jsonl (entries past `start_step` are dropped), the `train.loggers`
+    sinks and OUT/config.json, and draws the progress bar; every rank averages (a collective in `log`)."""
 
     def __init__(self, config: RunConfig, world: World, start_step: int, total_steps: int, progress: bool):
         self.world, self.global_batch = world, config.optim.global_batch
@@ -34,8 +56,8 @@ class MetricsLogger:
         """The last logged (rank-averaged) metrics."""
         self._window: list[dict[str, torch.Tensor]] = []
         self._timer = time.perf_counter()
-        self._file, self._tensorboard = (_open_log(out_dir, self.log_path, start_step, config) if world.is_main
-                                         else (None, None))
+        self._file, self._tensorboard, self._wandb = (_open_log(out_dir, self.log_path, start_step, config)
+                                                      if world.is_main else (None, None, None))
         self._bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and world.is_main),
                          unit="step", dynamic_ncols=True)
         self._postfix: dict[str, str] = {}
@@ -87,12 +109,26 @@ class MetricsLogger:
         self._eval_postfix = {k: f"{record[k]:.4g}" for k in _EVAL_NAMES if k in record}
         self._bar.set_postfix(self._postfix | self._eval_postfix)
 
+    @property
+    def logs_images(self) -> bool:
+        """Whether `log_image` goes anywhere (wandb is on, on rank 0)."""
+        return self._wandb is not None
+
+    def log_image(self, tag: str, image, step: int) -> None:
+        """An image (a PIL image or a file) for wandb at `step`; nothing without it."""
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({tag: wandb.Image(str(image) if isinstance(image, Path) else image)}, step=step)
+
     def close(self) -> None:
         self._bar.close()
         if self._file is not None:
             self._file.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
     def _write(self, entry: dict, scalars: dict[str, float], step: int) -> None:
         self._file.write(json.dumps(entry) + "\n")
@@ -100,11 +136,13 @@ class MetricsLogger:
         if self._tensorboard is not None:
             for tag, value in scalars.items():
                 self._tensorboard.add_scalar(tag, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
 
 
 def _open_log(out_dir: Path, path: Path, start_step: int, config: RunConfig):
-    """(The log opened for appending, a TensorBoard writer or None), both cut back to `start_step`;
-    OUT/config.json written."""
+    """(The log opened for appending, a TensorBoard writer or None, a wandb run or None), cut back
+    to `start_step`; OUT/config.json written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     if path.exists():
@@ -112,14 +150,31 @@ def _open_log(out_dir: Path, path: Path, start_step: int, config: RunConfig):
                 if line.strip() and json.loads(line)["step"] <= start_step]
         path.write_text("".join(line + "\n" for line in kept))
     file = path.open("a")
-    try:
-        from torch.utils.tensorboard import SummaryWriter
+    tensorboard = None
+    if "tensorboard" in config.train.loggers:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
 
-        tensorboard = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
-    except ImportError:
-        logger.warning("tensorboard is not installed: logging to %s only", path)
-        tensorboard = None
-    return file, tensorboard
+            tensorboard = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
+        except ImportError:
+            logger.warning("tensorboard is not installed: logging to %s only", path)
+    run = _open_wandb(out_dir, config) if "wandb" in config.train.loggers else None
+    return file, tensorboard, run
+
+
+def _open_wandb(out_dir: Path, config: RunConfig):
+    """The run's wandb run: the id in OUT/wandb-run-id (a new one written there first), resumed."""
+    wandb = optional_import("wandb", "wandb", "train.loggers=wandb")
+    id_path = out_dir / WANDB_RUN_ID
+    if id_path.is_file():
+        run_id = id_path.read_text().strip()
+    else:
+        run_id = secrets.token_hex(6)  # wandb run ids: letters and digits
+        write_text_atomic(id_path, run_id + "\n", durable=True)
+    run = wandb.init(id=run_id, resume="allow", name=out_dir.name,
+                     dir=os.environ.get("WANDB_DIR", str(out_dir)))
+    run.config.update(config.to_dict(), allow_val_change=True)  # a resumed run may change e.g. train.steps
+    return run
 
 
 def _eval_line(record: dict) -> str:

@@ -28,7 +28,7 @@ from pixelrepa.data.loader import make_loader
 from pixelrepa.data.transforms import to_model_range
 from pixelrepa.device import autocast_for, kernels_for_run, prepare_encoder
 from pixelrepa.distributed import World, init_distributed, shutdown_distributed
-from pixelrepa.images import save_labelled_grid
+from pixelrepa.images import labelled_grid, save_labelled_grid
 from pixelrepa.models.jit import JiT
 from pixelrepa.models.layers import set_attention_impl
 from pixelrepa.objective import draw_randomness
@@ -36,7 +36,7 @@ from pixelrepa.rng import MAX_SLOTS, preserved_rng, step_generator
 from pixelrepa.training.checkpointing import CheckpointManager
 from pixelrepa.training.data import build_dataset
 from pixelrepa.training.ema import BackboneEMA
-from pixelrepa.training.metrics import MetricsLogger
+from pixelrepa.training.metrics import MetricsLogger, check_loggers
 from pixelrepa.training.module import TrainingModule
 from pixelrepa.training.optim import learning_rate, make_optimizer
 from pixelrepa.training.parallel import (
@@ -92,8 +92,9 @@ class Validator(Protocol):
     def __call__(self, net: torch.nn.Module, step: int) -> dict | None:
         """Score `net` (EMA 1, eval mode) on every rank; rank 0 gets the record, the others None."""
 
-    def plot(self, log_path: Path) -> None:
-        """Redraw the evaluation curves from the run's log (rank 0, after each record is logged)."""
+    def plot(self, log_path: Path) -> Path | None:
+        """Redraw the evaluation curves from the run's log (rank 0, after each record is logged);
+        the image written, or None."""
 
 
 ValidatorFactory = Callable[[World], Validator]
@@ -115,6 +116,7 @@ def train(config: RunConfig, resume: str | Path | None = None, progress: bool = 
         raise ValueError(f"eval.every={config.eval.every} needs a validator: call "
                          "train(config, validator=pixelrepa.evaluation.live.live_validator(config)) (the command "
                          "line does), or unset eval.every")
+    check_loggers(config)
     world = init_distributed()
     try:
         # Sample grids are written by a thread (the device does not wait on the disk); leaving
@@ -174,7 +176,7 @@ def _train(config: RunConfig, world: World, resume: str | Path | None, progress:
     eval_net = _sampler_backbone(config, world.device) if evaluator is not None else None
     metrics = MetricsLogger(config, world, step, total_steps, progress)
     guard = _NonFiniteGuard(config, world, skipped_steps)
-    grids = _SampleGrids(config, world, png_writer)
+    grids = _SampleGrids(config, world, png_writer, metrics)
     batches = _micro_batches(loader, step, steps_per_epoch, accum)
     grad_norm = None
     while step < total_steps:
@@ -374,10 +376,11 @@ def _build_encoder(config: RunConfig, kernels: KernelConfig, world: World):
 
 class _SampleGrids:
     """Grids from EMA 1 with fixed noise and labels, OUT/samples/step-N.png (rank 0, on a full
-    copy of the backbone); each PNG is written by `png_writer`'s thread while training goes on."""
+    copy of the backbone); each PNG is written by `png_writer`'s thread while training goes on,
+    and the grid goes to the image loggers (`MetricsLogger.log_image`)."""
 
-    def __init__(self, config: RunConfig, world: World, png_writer: ThreadPoolExecutor):
-        self.config, self.world, self.png_writer = config, world, png_writer
+    def __init__(self, config: RunConfig, world: World, png_writer: ThreadPoolExecutor, metrics: MetricsLogger):
+        self.config, self.world, self.png_writer, self.metrics = config, world, png_writer, metrics
         self._pending: Future | None = None
 
     def draw(self, step: int, ema: BackboneEMA) -> None:
@@ -393,7 +396,10 @@ class _SampleGrids:
         classes = list(range(min(10, config.model.num_classes)))
         images = sample_classes(net, config, classes, 4, config.train.seed, device)
         path = Path(config.train.out_dir) / "samples" / f"step-{step:08d}.png"
-        self._pending = self.png_writer.submit(save_labelled_grid, images.cpu(), [str(c) for c in classes], path)
+        labels = [str(c) for c in classes]
+        self._pending = self.png_writer.submit(save_labelled_grid, images.cpu(), labels, path)
+        if self.metrics.logs_images:
+            self.metrics.log_image("samples", labelled_grid(images.cpu(), labels), step)
 
     def wait(self) -> None:
         """Until the last grid is written."""
@@ -443,4 +449,6 @@ def _evaluate(evaluator: Validator, net: JiT, ema: BackboneEMA, step: int, metri
     record = evaluator(_load_weights(net, _ema_groups(ema)["ema1"]), step)
     if world.is_main:
         metrics.log_eval(step, record)
-        evaluator.plot(metrics.log_path)
+        curves = evaluator.plot(metrics.log_path)
+        if curves is not None:
+            metrics.log_image("eval/curves", curves, step)
