@@ -10,35 +10,14 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from helpers import FIXTURES, load_released, randomize_
+from helpers import FIXTURES, STEP, load_released, save_run
 
 from pixelrepa import checkpoint as ckpt
 from pixelrepa.cli.main import main
 from pixelrepa.config import RunConfig, get_preset
 from pixelrepa.interop.released import NET, read_released_checkpoint
 from pixelrepa.loading import load_backbone_state, load_head, load_model
-from pixelrepa.training.ema import BackboneEMA
-from pixelrepa.training.module import TrainingModule
-from pixelrepa.training.parallel import sharded_state
 from pixelrepa.weights import load_model_file
-
-STEP = 12
-
-
-def save_run(out: Path, preset: str) -> Path:
-    """A run folder with one checkpoint (step 12, 3 epochs done) whose raw weights and both EMAs differ."""
-    config = get_preset(preset).replace(**{"data.source": "mnist", "train.out_dir": str(out)})
-    module = randomize_(TrainingModule(config), seed=0)
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
-    ema = BackboneEMA(module.net, config.ema)
-    randomize_(module, seed=1)
-    ema.update(module.net)
-    state = {**sharded_state(module, optimizer), **{f"ema{k + 1}": ema.state_dict(k) for k in range(2)}}
-    train_state = {"step": STEP, "epoch": 3, "data_position": {"epoch": 3, "step_in_epoch": 0}, "ema_step": 1,
-                   "skipped_steps": 0}
-    ckpt.save_checkpoint(out, STEP, config=config, state=state, train_state=train_state, keep_last=1, keep_every=None)
-    return out
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
