@@ -41,10 +41,11 @@ def run(args: argparse.Namespace) -> int:
     if args.push is not None and not (args.hub or args.diffusers):
         raise ValueError("--push uploads a Hub or diffusers folder: add --hub or --diffusers")
     output = args.output
-    if output.exists() and not args.force and not (output.is_dir() and not any(output.iterdir())):
+    folder = args.hub or args.diffusers
+    if output.exists() and not args.force and not (folder and output.is_dir() and not any(output.iterdir())):
         raise ValueError(f"{output} exists; pass --force to overwrite it")
     ema = None if args.ema is None else EMA_CHOICES[args.ema]
-    if args.hub or args.diffusers:
+    if folder:
         from pixelrepa.interop.hub import push_to_hub, require_token
 
         if args.push is not None:

@@ -1,4 +1,5 @@
-"""Import the authors' released `checkpoint-last.pth` files (SPEC 8).
+"""Import the authors' released `checkpoint-last.pth` files (SPEC 8), and write a training run back
+in that layout (`export_released`).
 
 Two layouts: PixelREPA (`model` has `net.`, `masked_transformer_adapter.`, `repa_model.`;
 EMA dicts WITHOUT `net.`) and JiT (`model` has only `net.`; EMA dicts WITH `net.`). A JiT
