@@ -44,7 +44,10 @@ def locate_model(path: str | Path) -> Path:
     text = str(path)
     if path.exists() or not HUB_ID.fullmatch(text):
         return path
-    hub = require_huggingface_hub()
+    try:
+        hub = require_huggingface_hub()
+    except ImportError as err:
+        raise FileNotFoundError(f"no local path {text}; as a Hugging Face Hub id: {err}") from None
     repo_id, _, revision = text.partition("@")
     try:
         return Path(hub.hf_hub_download(repo_id, MODEL_FILE_NAME, revision=revision or None))

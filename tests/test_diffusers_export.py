@@ -46,7 +46,9 @@ def loaded(exported):
 def pipe(exported):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")
-        return diffusers.DiffusionPipeline.from_pretrained(exported[1], trust_remote_code=True)
+        pipeline = diffusers.DiffusionPipeline.from_pretrained(exported[1], trust_remote_code=True)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
 
 def test_the_folder_has_diffusers_names_and_code_that_needs_no_pixelrepa(exported, pipe):
@@ -103,3 +105,15 @@ def test_pil_images_are_the_sample_commands_pixels_with_the_runs_settings(loaded
     assert difference.max() <= 1 and (difference == 0).mean() > 0.99
     assert pipe.config.guidance_scale == config.sampler.cfg_scale
     assert list(pipe.config.guidance_interval) == [config.sampler.interval_min, config.sampler.interval_max]
+
+
+def test_export_without_diffusers_says_how_to_install_it(exported, tmp_path, monkeypatch, capsys):
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert main(["export", str(exported[0]), str(tmp_path / "pipeline"), "--diffusers"]) != 0
+    assert "pip install 'pixelrepa[diffusers]'" in capsys.readouterr().err
+    assert not (tmp_path / "pipeline").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import huggingface_hub
@@ -151,6 +152,9 @@ def test_a_cached_hub_id_loads_offline_in_the_library_and_the_commands(run, tmp_
 
     with pytest.raises(FileNotFoundError, match="Hugging Face Hub id"):
         load_model("someone/not-cached")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
+    with pytest.raises(FileNotFoundError, match=r"no local path someone/other; .*pip install 'pixelrepa\[hub\]'"):
+        load_model("someone/other")
 
 
 def test_push_refuses_without_a_token_before_writing(run, tmp_path, monkeypatch, capsys):
