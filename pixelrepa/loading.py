@@ -1,6 +1,10 @@
 """One way to load a trained model: `load_model(path, ema=...)` for a model file, a folder
-holding `model.safetensors`, a training checkpoint folder or a run folder (its latest
-checkpoint).
+holding `model.safetensors` (a Hub folder from `pixelrepa export --hub` is one), a training
+checkpoint folder, a run folder (its latest checkpoint) or a Hugging Face Hub id `org/name`.
+
+A local path that exists always wins; otherwise `org/name` (optionally `org/name@revision`) is the
+Hub repository whose `model.safetensors` `huggingface_hub` downloads into its cache, or finds
+there with `HF_HUB_OFFLINE=1` (`locate_model`).
 
 A model file holds one set of weights (`pixelrepa export` / `pixelrepa import`); a training
 checkpoint holds the raw weights and every EMA, picked with `ema` (1-based, or "raw"; default
@@ -9,6 +13,7 @@ EMA 1). Every reader below is weights-only: no file pixelrepa reads can run code
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,6 +24,7 @@ from pixelrepa import checkpoint as ckpt
 from pixelrepa.align.heads import build_align_head
 from pixelrepa.config import RunConfig
 from pixelrepa.models.jit import JiT
+from pixelrepa.extras import optional_import
 from pixelrepa.weights import load_model_file
 
 MODEL_FILE_NAME = "model.safetensors"
@@ -26,6 +32,37 @@ MODEL_FILE_NAME = "model.safetensors"
 
 Ema = int | str | None
 """1-based EMA index, "raw" for the trained weights, or None (EMA 1 of a checkpoint; a model file's one set)."""
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+"""A Hugging Face Hub repository id, `org/name` or `org/name@revision`."""
+
+
+def locate_model(path: str | Path) -> Path:
+    """`path` itself if it exists; for a Hub id, the cached `model.safetensors` of that repository
+    (downloaded first unless `HF_HUB_OFFLINE=1`)."""
+    path = Path(path)
+    text = str(path)
+    if path.exists() or not HUB_ID.fullmatch(text):
+        return path
+    try:
+        hub = require_huggingface_hub()
+    except ImportError as err:
+        raise FileNotFoundError(f"no local path {text}; as a Hugging Face Hub id: {err}") from None
+    repo_id, _, revision = text.partition("@")
+    try:
+        return Path(hub.hf_hub_download(repo_id, MODEL_FILE_NAME, revision=revision or None))
+    except (hub.errors.EntryNotFoundError, hub.errors.HFValidationError, OSError) as err:  # HTTP errors are OSErrors
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(f"no local path {text}, and as a Hugging Face Hub id it gives no {MODEL_FILE_NAME}: "
+                                f"{reason} (offline: only ids already in the Hub cache load)") from None
+
+
+def require_huggingface_hub():
+    """The `huggingface_hub` module (with its `errors`), or `MissingExtra` saying how to install it."""
+    hub = optional_import("huggingface_hub", "hub", "Hugging Face Hub ids and `export --hub`")
+    optional_import("huggingface_hub.errors", "hub", "Hugging Face Hub ids and `export --hub`")
+    return hub
 
 
 class LoadedModel(NamedTuple):
@@ -45,14 +82,15 @@ def load_model(path: str | Path, ema: Ema = None, device: torch.device | str = "
 
 
 def is_model_file(path: str | Path) -> bool:
-    """A model file, or a folder holding one (rather than a training run or checkpoint folder)."""
-    path = Path(path)
+    """A model file, or a folder holding one (rather than a training run or checkpoint folder); a
+    Hub id is one."""
+    path = locate_model(path)
     return not path.is_dir() or (path / MODEL_FILE_NAME).is_file()
 
 
 def load_backbone_state(path: str | Path, ema: Ema = None) -> tuple[RunConfig, dict[str, Tensor], dict]:
     """(config, full backbone state, source record) of `path`; `load_model` without building the network."""
-    path = Path(path)
+    path = locate_model(path)
     if not path.exists():
         raise FileNotFoundError(f"no model file or training run at {path}")
     if is_model_file(path):
@@ -84,7 +122,7 @@ def load_head(path: str | Path, config: RunConfig) -> tuple[nn.Module | None, st
     is always the trained (raw) one."""
     if config.align.mode == "none":
         return None, "the run trained without alignment (align.mode none): there is no head"
-    path = Path(path)
+    path = locate_model(path)
     if is_model_file(path):
         file = path / MODEL_FILE_NAME if path.is_dir() else path
         groups = load_model_file(file)[1]
@@ -104,8 +142,8 @@ def load_head(path: str | Path, config: RunConfig) -> tuple[nn.Module | None, st
 def resolve_model_path(path: Path, ema: int = 1) -> Path:
     """A model file; the model file inside a folder; or, for a training run or checkpoint
     folder, its latest checkpoint's EMA backbone, exported once next to that checkpoint (a file
-    whose digest names the weights a sample folder was made from)."""
-    path = Path(path)
+    whose digest names the weights a sample folder was made from). A Hub id: its cached model file."""
+    path = locate_model(path)
     if not path.is_dir():
         return path
     if (path / MODEL_FILE_NAME).is_file():

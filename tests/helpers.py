@@ -50,3 +50,28 @@ def write_legacy_checkpoint(source: Path, run_dir: Path) -> Path:
     (folder / ckpt.STATE).write_text(json.dumps({**info, "format": ckpt.LEGACY_FORMAT}))
     (run_dir / ckpt.CHECKPOINTS / ckpt.LATEST).write_text(f"{source.name}\n")
     return folder
+
+
+STEP = 12
+"""The step of `save_run`'s checkpoint."""
+
+
+def save_run(out: Path, preset: str) -> Path:
+    """A run folder with one checkpoint (step 12, 3 epochs done) whose raw weights and both EMAs differ."""
+    from pixelrepa import checkpoint as ckpt
+    from pixelrepa.config import get_preset
+    from pixelrepa.training.ema import BackboneEMA
+    from pixelrepa.training.module import TrainingModule
+    from pixelrepa.training.parallel import sharded_state
+
+    config = get_preset(preset).replace(**{"data.source": "mnist", "train.out_dir": str(out)})
+    module = randomize_(TrainingModule(config), seed=0)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+    ema = BackboneEMA(module.net, config.ema)
+    randomize_(module, seed=1)
+    ema.update(module.net)
+    state = {**sharded_state(module, optimizer), **{f"ema{k + 1}": ema.state_dict(k) for k in range(2)}}
+    train_state = {"step": STEP, "epoch": 3, "data_position": {"epoch": 3, "step_in_epoch": 0}, "ema_step": 1,
+                   "skipped_steps": 0}
+    ckpt.save_checkpoint(out, STEP, config=config, state=state, train_state=train_state, keep_last=1, keep_every=None)
+    return out

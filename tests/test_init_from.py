@@ -238,3 +238,86 @@ def test_optimizer_state_that_does_not_fit_is_not_loaded():
     assert state is None and "'exp_avg' of parameter 0 ('net.in_context_posemb') has shape (3,)" in line
     released.optimizer = None
     assert released_optimizer_state(released, module, optimizer)[0] is None
+
+
+# -- --continue: the released run continued where it stopped -------------------------------------
+
+def released_lr(args, epoch: float, batch: int) -> float:
+    """The released schedule (util/lr_sched.adjust_learning_rate, constant after warm-up) at the fractional
+    epoch, with the released absolute lr blr * batch / 256."""
+    lr = args.blr * batch / 256
+    return lr * epoch / args.warmup_epochs if epoch < args.warmup_epochs else lr
+
+
+def stopped_at_epoch(tmp_path: Path, epoch: int) -> Path:
+    """The fixture's PixelREPA file as a released run stopped after `epoch` would have saved it."""
+    released = load_released(PIXELREPA_FILE)
+    released["epoch"] = epoch
+    path = tmp_path / f"epoch{epoch}-checkpoint-last.pth"
+    torch.save(released, path)
+    return path
+
+
+CONTINUE = {"optim.warmup_epochs": 5, "optim.lr": None, "optim.base_lr": 5e-5}
+"""The released schedule's settings (the fixture's args): 5 warm-up epochs, lr = blr * batch / 256."""
+
+
+def test_continue_starts_at_the_next_epoch_with_the_released_schedule(pack, tmp_path, caplog):
+    """The fixture's file stopped inside the warm-up (epoch 3 of 5 next), where the learning rate tells
+    the epoch the run continues at; `test_continue_loads_the_released_moments` takes the file as it is."""
+    epoch = 2
+    source = stopped_at_epoch(tmp_path, epoch)
+    args = load_released(PIXELREPA_FILE)["args"]
+    steps_per_epoch = 2  # 8 images, batch 4
+    start = (epoch + 1) * steps_per_epoch
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="pixelrepa.train"):
+        assert main([*train_args(pack, out, source, **CONTINUE, **{"train.steps": start + 1}), "--continue"]) == 0
+    first = logged(out)
+    assert first["step"] == start + 1 and first["epoch"] == epoch + 1
+    assert first["lr"] == pytest.approx(released_lr(args, epoch + 1, batch=4), rel=1e-12)
+    assert json.loads((out / "init-from.json").read_text())["continued_at_step"] == start
+    assert f"starts at epoch {epoch + 1}, step {start}" in caplog.text
+    state = ckpt.read_state(out)["optimizer"]["state"]
+    assert all(s["step"].item() == 2 for s in state.values())  # the released AdamW step count (1), plus this one
+
+
+def test_continue_loads_the_released_moments(pack, tmp_path):
+    from pixelrepa.training.checkpointing import CheckpointManager
+    from pixelrepa.training.ema import BackboneEMA
+    from pixelrepa.training.module import TrainingModule
+    from pixelrepa.training.optim import make_optimizer
+
+    out = tmp_path / "run"
+    out.mkdir()
+    config = run_config(pack, out, **CONTINUE)
+    manager = CheckpointManager(config, World(0, 1, 0, torch.device("cpu")))
+    manager.choose_start(None, False, PIXELREPA_FILE, continue_released=True)
+    module = TrainingModule(config)
+    manager.load_released_weights(module)
+    optimizer = make_optimizer(module, config)
+    ema = BackboneEMA(module.net, config.ema)
+    assert manager.restore(module, optimizer, ema, steps_per_epoch=3, total_steps=10_000) == (1800, 0)
+    assert ema.step == 1800
+    released = load_released(PIXELREPA_FILE)
+    params = dict(module.named_parameters())
+    for index, name in enumerate(released_names(released["model"])):
+        stored, loaded = released["optimizer"]["state"][index], optimizer.state[params[name]]
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(loaded[key], stored[key]), (name, key)
+
+
+def test_continue_refusals_name_the_problem(pack, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*train_args(pack, out, PIXELREPA_FILE, **CONTINUE), "--continue"]) == 2  # train.steps 1
+    assert "continues at step 1200" in capsys.readouterr().err and not (out / "checkpoints").exists()
+    released = load_released(PIXELREPA_FILE)
+    del released["epoch"]
+    source = tmp_path / "no-epoch.pth"
+    torch.save(released, source)
+    assert main([*train_args(pack, tmp_path / "other", source, **CONTINUE), "--continue"]) == 2
+    assert "stores no 'epoch'" in capsys.readouterr().err
+    sets = [item for key, value in {**RUN, "data.source": str(pack), "train.out_dir": str(tmp_path / "third")}.items()
+            for item in ("--set", f"{key}={value}")]
+    assert main(["train", "--config", str(FIXTURES / "config.json"), "--continue", "--no-progress", *sets]) == 2
+    assert "pass its checkpoint-last.pth with --init-from" in capsys.readouterr().err

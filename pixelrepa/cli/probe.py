@@ -53,7 +53,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     align = probes.add_parser("align", help="CKNNA / CKA / mutual kNN of block tokens against an encoder, "
                               "per block and t", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     align.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
-                       help="a training run or checkpoint folder, or a model file")
+                       help="a training run or checkpoint folder, or a model file (or a Hub id ORG/NAME)")
     align.add_argument("--data", type=Path, required=True, metavar="PACK", help="a pack folder (pixelrepa data ...)")
     align.add_argument("--ema", type=ema_choice, metavar="1|2|raw",
                        help="a training run's weights: EMA 1 (default), 2, or raw (the trained parameters)")

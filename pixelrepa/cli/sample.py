@@ -30,7 +30,7 @@ from pixelrepa.loading import MODEL_FILE_NAME
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help=f"a pixelrepa model file, a folder holding {MODEL_FILE_NAME}, "
-                        "or a training run / checkpoint folder (its EMA backbone)")
+                        "a training run / checkpoint folder (its EMA backbone) or a Hugging Face Hub id ORG/NAME")
     parser.add_argument("--ema", type=int, default=1, help="with a training run: EMA 1 (default) or 2")
     parser.add_argument("output", type=Path, help="output folder (or a .png path: just a labelled grid)")
     parser.add_argument("--num-images", type=int,

@@ -6,6 +6,9 @@ refused unless --restart, which moves them aside and starts at step 0. --init-fr
 starts a new run (step 0, a run folder without checkpoints) from a released
 checkpoint-last.pth: its raw weights, both EMAs, the adapter and, where it provably fits,
 the optimizer state; the configuration is still this command's and must fit the weights.
+--init-from ... --continue continues the released run instead, as the released --resume does: at
+epoch + 1 of the stored epoch (step (epoch + 1) x steps per epoch of this data set and batch), with
+the released optimizer state and the learning-rate schedule at that step.
 One process trains a run folder at a time (OUT/train.lock). On SIGTERM or SIGUSR1 the run
 finishes its step, checkpoints and exits with status 75; --requeue then resubmits the SLURM job.
 The first Ctrl-C does the same with status 130 (never requeued); a second one aborts at once."""
@@ -34,6 +37,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                              "samples/ are moved aside (NAME.aside-TIME), not deleted")
     parser.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
                         help="start a new run from a released checkpoint-last.pth")
+    parser.add_argument("--continue", dest="continue_released", action="store_true",
+                        help="with --init-from: continue the released run where it stopped (the step after its "
+                             "stored epoch, its optimizer state, the learning-rate schedule there)")
     parser.add_argument("--encoder-weights", metavar="PATH",
                         help="align.encoder.weights: a local encoder file, e.g. from `pixelrepa import --encoder-out`")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and stop")
@@ -58,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         summary = train(config, resume=args.resume, progress=not args.no_progress, init_from=args.init_from,
-                        validator=live_validator(config), restart=args.restart)
+                        validator=live_validator(config), restart=args.restart,
+                        continue_released=args.continue_released)
     except Preempted as stopped:
         print(f"pixelrepa train: {stopped}", file=sys.stderr)
         if args.requeue and not stopped.interrupted and int(os.environ.get("RANK", "0")) == 0:

@@ -33,9 +33,11 @@ from pixelrepa.config.overrides import apply_overrides, config_from_file, flatte
 from pixelrepa.config.presets import (
     ENCODER_PRESETS,
     MTA_PRESETS,
+    backbone_name,
     get_encoder_preset,
     get_preset,
     list_presets,
+    matching_preset,
     preset_note,
 )
 
@@ -43,6 +45,6 @@ __all__ = [
     "ENCODER_PRESETS", "MTA_PRESETS", "REFERENCE_PATH", "AlignConfig", "AlignMode", "AttentionImpl", "CompileMode",
     "DataConfig", "EMAConfig", "EncoderConfig", "EvalConfig", "JiTConfig", "KernelConfig", "LinearKernel", "ObjectiveConfig",
     "OptimConfig", "RunConfig", "SamplerConfig", "SamplerMethod", "SamplerSchedule", "TargetDtype", "TrainConfig", "apply_overrides",
-    "config_from_file", "default_num_workers", "flatten", "get_encoder_preset", "get_preset", "list_presets",
-    "preset_note", "read_config_file",
+    "backbone_name", "config_from_file", "default_num_workers", "flatten", "get_encoder_preset", "get_preset", "list_presets",
+    "matching_preset", "preset_note", "read_config_file",
 ]

@@ -168,6 +168,24 @@ def list_presets() -> list[str]:
     return sorted(_PRESETS)
 
 
+def backbone_name(model: JiTConfig) -> str | None:
+    """The registered backbone (`JiT-B/16`, ...) with exactly this configuration; None if there is none."""
+    return next((name for name, config in _BACKBONES.items() if config == model), None)
+
+
+def matching_preset(config: RunConfig) -> str | None:
+    """The preset a run was most likely made from: among those with its backbone and alignment mode, the one
+    sharing the most component configs with it; None if no preset has that backbone and mode."""
+    parts = ("align", "objective", "ema", "sampler", "optim", "train", "data")
+    candidates = [name for name in list_presets() if name not in MTA_PRESETS]
+    scored = []
+    for name in candidates:
+        preset = get_preset(name)
+        if preset.model == config.model and preset.align.mode == config.align.mode:
+            scored.append((sum(getattr(preset, part) == getattr(config, part) for part in parts), name))
+    return max(scored, key=lambda item: item[0])[1] if scored else None
+
+
 def get_preset(name: str) -> RunConfig:
     """A fresh copy of the named preset (`list_presets`)."""
     if name not in _PRESETS:

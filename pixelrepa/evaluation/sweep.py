@@ -63,7 +63,7 @@ from pixelrepa.evaluation import features as feature_networks
 from pixelrepa.evaluation import inception
 from pixelrepa.evaluation.features import check_count, features_of, is_image_npz
 from pixelrepa.sampling import class_layout, generate
-from pixelrepa.loading import is_model_file, load_model, resolve_model_path
+from pixelrepa.loading import is_model_file, load_model, locate_model, resolve_model_path
 from pixelrepa.evaluation.plots import Panel, line_plot
 from pixelrepa.evaluation.sample_folder import load_guide
 from pixelrepa.evaluation.results import cell, format_csv, write_result_set
@@ -192,7 +192,7 @@ def run(settings: SweepSettings, device: torch.device) -> dict:
     network is built."""
     from pixelrepa.models.layers import set_attention_impl
 
-    model, metrics = Path(settings.model), list(settings.metrics)
+    model, metrics = locate_model(settings.model), list(settings.metrics)
     if not model.exists():
         raise FileNotFoundError(f"no model file or training run at {model}")
     model_file = is_model_file(model)

@@ -1,4 +1,5 @@
-"""Import the authors' released `checkpoint-last.pth` files (SPEC 8).
+"""Import the authors' released `checkpoint-last.pth` files (SPEC 8), and write a training run back
+in that layout (`export_released`).
 
 Two layouts: PixelREPA (`model` has `net.`, `masked_transformer_adapter.`, `repa_model.`;
 EMA dicts WITHOUT `net.`) and JiT (`model` has only `net.`; EMA dicts WITH `net.`). A JiT
@@ -19,7 +20,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from pixelrepa.config import AlignConfig, EncoderConfig, RunConfig, apply_overrides, get_preset
+from pixelrepa import checkpoint as ckpt
+from pixelrepa.config import AlignConfig, EncoderConfig, RunConfig, apply_overrides, backbone_name, get_preset
+from pixelrepa.files import atomic_write
 
 WeightChoice = Literal["raw", "ema1", "ema2"]
 
@@ -44,8 +47,29 @@ _KEY_RULES: list[tuple[str, str]] = [
 ]
 
 
+# Our key -> released key: `_KEY_RULES` backwards, for writing the released layout.
+_RELEASED_RULES: list[tuple[str, str]] = [
+    (r"^patch_embed\.", "x_embedder."),
+    (r"^t_embed\.fc1\.", "t_embedder.mlp.0."),
+    (r"^t_embed\.fc2\.", "t_embedder.mlp.2."),
+    (r"^y_embed\.table\.", "y_embedder.embedding_table."),
+    (r"^in_context\.pos$", "in_context_posemb"),
+    (r"^(blocks\.\d+|final_layer)\.ada\.", r"\1.adaLN_modulation.1."),
+    (r"^final_layer\.norm\.", "final_layer.norm_final."),
+    (r"^head\.fc1\.", "projection_layer.mlp.0."),
+    (r"^head\.norm\.", "projection_layer.mlp.1."),
+    (r"^head\.fc2\.", "projection_layer.mlp.3."),
+]
+
+
 def released_key_to_ours(key: str) -> str:
     for pattern, replacement in _KEY_RULES:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def our_key_to_released(key: str) -> str:
+    for pattern, replacement in _RELEASED_RULES:
         key = re.sub(pattern, replacement, key)
     return key
 
@@ -257,3 +281,91 @@ def config_from_constructor_kwargs(net: dict[str, Any], adapter: dict[str, Any] 
         if "align_weight" in constants:
             overrides["align.weight"] = constants["align_weight"]
     return apply_overrides(base, overrides)
+
+
+RELEASED_NORMALISERS = {"de_scale.mean": (0.5, 0.5, 0.5), "de_scale.std": (0.5, 0.5, 0.5),
+                        "scale.mean": (0.485, 0.456, 0.406), "scale.std": (0.229, 0.224, 0.225)}
+"""The released training module's fixed image-normalisation buffers ([-1, 1] -> [0, 1] -> ImageNet
+statistics for the encoder), each stored as (1, 3, 1, 1)."""
+
+
+def export_released(checkpoint: str | Path, path: str | Path) -> Path:
+    """Write a training checkpoint (a run folder: its latest) as the released `checkpoint-last.pth`
+    (SPEC 8): `model` (the raw weights), `model_ema1`, `model_ema2`, `epoch` and `args`, with the
+    released key names.
+
+    A PixelREPA run gets the PixelREPA layout that the authors' `main_pixelREPA.py --resume DIR
+    --evaluate_gen` loads strictly: `net.`, the frozen encoder under `repa_model.` (built here
+    from `align.encoder`, which must be available offline), the normalisation buffers and the adapter
+    under `masked_transformer_adapter.`, EMA dicts without `net.`. Runs without alignment or with
+    REPA get the JiT layout (`net.` only, EMA dicts with `net.`) without the mask token, which the
+    JiT authors' model lacks; the REPA projector is left out. `epoch` is the last completed epoch
+    (the released `--resume` continues at epoch + 1). No optimizer state is written."""
+    folder = ckpt.find_checkpoint(checkpoint)
+    loaded = ckpt.load_checkpoint(folder)
+    config = loaded.config
+    if len(config.ema.decays) != 2:
+        raise ValueError(f"{folder} tracks {len(config.ema.decays)} EMA(s); the released layout holds exactly two "
+                         "(model_ema1, model_ema2)")
+    state = ckpt.read_state(folder, ("model", "ema1", "ema2"))
+    raw = {k[len(NET):]: v for k, v in state["model"].items() if k.startswith(NET)}
+    head = {k[len("head."):]: v for k, v in state["model"].items() if k.startswith("head.")}
+    emas = [{**raw, **state[f"ema{k}"]} for k in (1, 2)]
+    pixelrepa_layout = config.align.mode == "pixelrepa"
+    if not pixelrepa_layout:
+        raw, *emas = [{k: v for k, v in s.items() if k != "mask_token"} for s in (raw, *emas)]
+
+    def released(state: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+        return {prefix + our_key_to_released(k): v.clone() for k, v in state.items()}
+
+    model = released(raw, NET)
+    if pixelrepa_layout:
+        model.update({ENCODER + k: v for k, v in _encoder_state(config).items()})
+        model.update({k: torch.tensor(v).view(1, 3, 1, 1) for k, v in RELEASED_NORMALISERS.items()})
+        model.update(released(head, ADAPTER))
+    ema_prefix = "" if pixelrepa_layout else NET
+    epochs_done = loaded.train_state.get("data_position", {}).get("epoch", loaded.train_state.get("epoch", 0))
+    contents = {"model": model, "model_ema1": released(emas[0], ema_prefix),
+                "model_ema2": released(emas[1], ema_prefix), "epoch": epochs_done - 1,
+                "args": released_args(config, backbone_name(config.model))}
+    atomic_write(Path(path), lambda tmp: torch.save(contents, tmp))
+    return Path(path)
+
+
+def _encoder_state(config: RunConfig) -> dict[str, Tensor]:
+    """The frozen encoder's state under its timm key names, as the released module holds it."""
+    from pixelrepa.align.encoders import build_encoder
+
+    try:
+        return build_encoder(config.align.encoder).model.state_dict()
+    except (OSError, RuntimeError, ValueError) as err:
+        raise ValueError(f"the PixelREPA layout holds the frozen encoder ('repa_model.'), which the authors' script "
+                         f"loads strictly, and {config.align.encoder.name} cannot be built here: {err}; set "
+                         "align.encoder.weights to a local file (`--encoder-weights`)") from None
+
+
+def released_args(config: RunConfig, backbone: str | None) -> argparse.Namespace:
+    """The released training flags (main_pixelREPA.py's parser) of a run: what `config_from_args`
+    reads back, with the released defaults for what a pixelrepa run has no counterpart of. `backbone`
+    is the registered backbone name (`JiT-B/16`); without one, `args.model` is 'JiT-custom' and importing
+    needs the configuration (--preset / --config)."""
+    size = backbone.split("-", 1)[1] if backbone else "custom"
+    o, s, e = config.optim, config.sampler, config.align.encoder
+    warmup = int(o.warmup_epochs) if float(o.warmup_epochs).is_integer() else o.warmup_epochs
+    args = argparse.Namespace(
+        model=f"JiT-{size}", img_size=config.model.input_size, attn_dropout=config.model.attn_drop,
+        proj_dropout=config.model.proj_drop, patch_mask_ratio=config.align.mask_ratio, epochs=o.epochs,
+        warmup_epochs=warmup, batch_size=o.global_batch, lr=o.peak_lr, blr=o.base_lr, min_lr=o.min_lr,
+        lr_schedule=o.schedule, weight_decay=o.weight_decay, ema_decay1=config.ema.decays[0],
+        ema_decay2=config.ema.decays[1], P_mean=config.objective.P_mean, P_std=config.objective.P_std,
+        noise_scale=config.objective.noise_scale, t_eps=config.objective.t_eps,
+        label_drop_prob=config.objective.label_drop_prob, seed=config.train.seed, start_epoch=0, num_workers=12,
+        pin_mem=True, repa_model=e.name, repa_image_size=e.img_size, repa_patch_size=e.patch_size,
+        sampling_method=s.method, num_sampling_steps=s.steps, cfg=s.cfg_scale, interval_min=s.interval_min,
+        interval_max=s.interval_max, num_images=50000, eval_freq=40, online_eval=False, evaluate_gen=False,
+        gen_bsz=256, data_path=config.data.source, class_num=config.model.num_classes,
+        output_dir=config.train.out_dir, resume="", save_last_freq=5, log_freq=100, device="cuda", world_size=1,
+        local_rank=-1, dist_on_itp=False, dist_url="env://")
+    if config.align.mode == "pixelrepa":
+        args.mta = f"MTA-{size}"
+    return args

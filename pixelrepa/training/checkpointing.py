@@ -2,8 +2,8 @@
 
 The file format is `pixelrepa.checkpoint`'s; this module chooses the checkpoint a run
 resumes from (the newest intact one, setting damaged ones aside; `--restart` moves the run
-aside), starts a new run from a released checkpoint (`--init-from`, SPEC 8), restores the
-model, optimizer, EMAs and RNG, and saves.
+aside), starts a new run from a released checkpoint (`--init-from`, SPEC 8) or continues the
+released run (`--init-from ... --continue`), restores the model, optimizer, EMAs and RNG, and saves.
 """
 
 from __future__ import annotations
@@ -53,15 +53,25 @@ class CheckpointManager:
         self._loaded: ckpt.LoadedCheckpoint | None = None
         self._explicit = False
         self._released_start: ReleasedStart | None = None
+        self.continue_released = False
+        """Whether a released start continues the released run (its epoch, optimizer and schedule)."""
 
-    def choose_start(self, resume: str | Path | None, restart: bool, init_from: str | Path | None) -> None:
+    def choose_start(self, resume: str | Path | None, restart: bool, init_from: str | Path | None,
+                     continue_released: bool = False) -> None:
         """Resume from `resume`, or from the run folder's newest intact checkpoint (damaged newer
-        ones are set aside), or start over (`restart`), or start from the released `init_from`."""
+        ones are set aside), or start over (`restart`), or start from the released `init_from`
+        (`continue_released`: continue the released run)."""
+        if continue_released and init_from is None:
+            raise ValueError("--continue continues a released run: pass its checkpoint-last.pth with --init-from")
         self._candidates = self._resume_candidates(resume, restart)
         self._explicit = resume is not None
         first = self._candidates[0] if self._candidates else None
         if init_from is not None:
             self.released = _released_start_point(init_from, resume, first, self.out_dir)
+            self.continue_released = continue_released and self.released is not None
+            if self.continue_released and self.released.epoch is None:
+                raise ValueError(f"--continue: {init_from} stores no 'epoch', so where the released run stopped is "
+                                 "unknown; start a new run from it without --continue")
         if first is not None:
             self._loaded = ckpt.load_checkpoint(first, rank=self.world.rank)
             _check_same_run(self.config, self._loaded.config, first)
@@ -70,16 +80,28 @@ class CheckpointManager:
         """The released backbone (and adapter) into `module`, before it is wrapped."""
         self._released_start = load_released_weights(self.released, module)
 
-    def restore(self, model, optimizer, ema: BackboneEMA) -> tuple[int, int]:
+    def restore(self, model, optimizer, ema: BackboneEMA, steps_per_epoch: int, total_steps: int) -> tuple[int, int]:
         """Load the chosen start into the wrapped model, optimizer and EMA; return the step the run
-        continues from and the steps skipped so far (non-finite losses)."""
+        continues from and the steps skipped so far (non-finite losses).
+
+        A continued released run starts where the released `--resume` does, at epoch + 1 of the stored
+        epoch (the last one it finished): step (epoch + 1) x `steps_per_epoch` of this data set and
+        batch, so the learning rate is the schedule's there (no second warm-up)."""
         if self._loaded is not None:
             loaded = self._resume_first_loadable(model, optimizer, ema)
             self.resumed_from = self.last = loaded.path
             return loaded.train_state["step"], loaded.train_state.get("skipped_steps", 0)
-        if self._released_start is not None:
-            self._finish_released_start(model, optimizer, ema)
-        return 0, 0
+        if self._released_start is None:
+            return 0, 0
+        start = (self.released.epoch + 1) * steps_per_epoch if self.continue_released else 0
+        if start >= total_steps:
+            raise ValueError(f"--continue: the released run finished epoch {self.released.epoch}, so it continues at "
+                             f"step {start} ({steps_per_epoch} steps per epoch of this data set and batch), but this "
+                             f"run ends at step {total_steps}: set train.steps above {start} (or optim.epochs above "
+                             f"{self.released.epoch + 1})")
+        self._finish_released_start(model, optimizer, ema, start, steps_per_epoch)
+        ema.step = start
+        return start, 0
 
     def save(self, step: int, model, optimizer, ema: BackboneEMA, skipped_steps: int, steps_per_epoch: int) -> Path:
         """A checkpoint of `step` (every rank writes its part); it becomes `last`."""
@@ -159,16 +181,24 @@ class CheckpointManager:
                                "continue as saved; the global RNG (dropout) is re-seeded", loaded.path,
                                loaded.world_size, world.world_size)
 
-    def _finish_released_start(self, model, optimizer, ema: BackboneEMA) -> None:
-        """The released EMAs and (where it maps onto this run) optimizer state; the start is logged
-        and recorded as OUT/init-from.json."""
+    def _finish_released_start(self, model, optimizer, ema: BackboneEMA, start: int, steps_per_epoch: int) -> None:
+        """The released EMAs and (where it maps onto this run; required to continue it) optimizer
+        state; the start is logged and recorded as OUT/init-from.json."""
+        optimizer_state, line = released_optimizer_state(self.released, unwrap(model), optimizer)
+        if optimizer_state is None and self.continue_released:
+            raise ValueError(f"--continue needs the released optimizer state, and it does not fit this run ({line}); "
+                             "start a new run from the checkpoint without --continue")
         for k, state in enumerate(self._released_start.ema):
             ema.load_state_dict(k, state)
-        optimizer_state, line = released_optimizer_state(self.released, unwrap(model), optimizer)
         if optimizer_state is not None:
             load_full_optimizer_state_dict(model, optimizer, optimizer_state if self.world.is_main else None)
+        report = [*self._released_start.report, line]
+        if self.continue_released:
+            report.append(f"continue: the released run finished epoch {self.released.epoch}; this run starts at "
+                          f"epoch {self.released.epoch + 1}, step {start} ({steps_per_epoch} steps per epoch), with the "
+                          "learning-rate schedule there (no second warm-up)")
         if self.world.is_main:
-            _report_start(self.out_dir, self.released, [*self._released_start.report, line])
+            _report_start(self.out_dir, self.released, report, start if self.continue_released else None)
 
 
 def _choose_checkpoints(out_dir: Path, resume: str | Path | None, restart: bool) -> list[Path]:
@@ -240,11 +270,13 @@ def _released_start_point(init_from: str | Path, resume: str | Path | None, resu
                      "to continue that run")
 
 
-def _report_start(out_dir: Path, released: ReleasedCheckpoint, report: list[str]) -> None:
-    """Log what a run started from a released checkpoint took, and keep it as OUT/init-from.json."""
+def _report_start(out_dir: Path, released: ReleasedCheckpoint, report: list[str], continued_at: int | None) -> None:
+    """Log what a run started from a released checkpoint took, and keep it as OUT/init-from.json
+    (`continued_at`: the step a continued released run started at)."""
     for line in report:
         logger.warning("init-from: %s", line)
-    record = {"source": str(released.path), "epoch": released.epoch, "report": report}
+    record = {"source": str(released.path), "epoch": released.epoch, "continued_at_step": continued_at,
+              "report": report}
     (out_dir / "init-from.json").write_text(json.dumps(record, indent=1))
 
 

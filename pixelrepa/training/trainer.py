@@ -103,14 +103,16 @@ ValidatorFactory = Callable[[World], Validator]
 
 def train(config: RunConfig, resume: str | Path | None = None, progress: bool = True,
           init_from: str | Path | None = None, restart: bool = False,
-          validator: ValidatorFactory | None = None) -> RunSummary:
+          validator: ValidatorFactory | None = None, continue_released: bool = False) -> RunSummary:
     """Train `config` (resuming from `resume`, or from the run folder's newest intact checkpoint).
 
     A damaged newest checkpoint is set aside (`step-N.damaged`, with a warning) for the one
     before it; a run folder whose checkpoints are all damaged is refused, unless `restart`,
     which moves its checkpoints, log and TensorBoard files aside (`NAME.aside-TIME`) and
     starts at step 0. `init_from`: a released checkpoint-last.pth to start a new run from, at
-    step 0, in a run folder without checkpoints (SPEC 8; `pixelrepa.interop.init_from`).
+    step 0, in a run folder without checkpoints (SPEC 8; `pixelrepa.interop.init_from`); with
+    `continue_released`, continuing that run where it stopped: at the step after its stored epoch, with its
+    optimizer state and the schedule there (`CheckpointManager.restore`).
     `validator`: what `eval.every` runs (`pixelrepa.evaluation.live.live_validator(config)`)."""
     if config.eval.every and validator is None:
         raise ValueError(f"eval.every={config.eval.every} needs a validator: call "
@@ -123,7 +125,8 @@ def train(config: RunConfig, resume: str | Path | None = None, progress: bool = 
         # the block waits for the last one.
         with (_run_folder_lock(Path(config.train.out_dir), world), StopSignals(config.train.stop_signals) as stop,
               ThreadPoolExecutor(1, thread_name_prefix="sample-png") as png_writer):
-            summary = _train(config, world, resume, progress, init_from, restart, validator, stop, png_writer)
+            summary = _train(config, world, resume, progress, init_from, restart, validator, stop, png_writer,
+                             continue_released)
     except BaseException:
         shutdown_distributed(barrier=False)
         raise
@@ -153,11 +156,11 @@ def _run_folder_lock(out_dir: Path, world: World):
 
 def _train(config: RunConfig, world: World, resume: str | Path | None, progress: bool,
            init_from: str | Path | None, restart: bool, validator: ValidatorFactory | None, stop: StopSignals,
-           png_writer: ThreadPoolExecutor) -> RunSummary:
+           png_writer: ThreadPoolExecutor, continue_released: bool = False) -> RunSummary:
     """Choose the start, build, restore, then step until `total_steps` or a stop signal."""
     accum = accumulation_steps(config, world.world_size)
     checkpoints = CheckpointManager(config, world)
-    checkpoints.choose_start(resume, restart, init_from)
+    checkpoints.choose_start(resume, restart, init_from, continue_released)
 
     dataset = _dataset(config, world, progress)
     loader = make_loader(dataset, config.train.per_device_batch, num_workers=config.data.num_workers,
@@ -170,7 +173,7 @@ def _train(config: RunConfig, world: World, resume: str | Path | None, progress:
     model, encoder = _build_model(config, world, checkpoints, dataset, total_steps)
     optimizer = make_optimizer(model, config)
     ema = BackboneEMA(unwrap(model).net, config.ema)
-    step, skipped_steps = checkpoints.restore(model, optimizer, ema)
+    step, skipped_steps = checkpoints.restore(model, optimizer, ema, steps_per_epoch, total_steps)
 
     evaluator = _validator(config, validator, world)
     eval_net = _sampler_backbone(config, world.device) if evaluator is not None else None

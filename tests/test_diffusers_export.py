@@ -1,0 +1,119 @@
+"""`pixelrepa export RUN OUT --diffusers`: a diffusers pipeline that loads offline with its own code and
+samples what `pixelrepa sample` samples from the same noise."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import save_run
+
+from pixelrepa.cli.main import main
+from pixelrepa.interop.diffusers_export import CODE
+from pixelrepa.loading import load_model
+from pixelrepa.rng import image_generator
+from pixelrepa.sampling import class_layout, generate, image_noise, sample
+
+diffusers = pytest.importorskip("diffusers")
+
+CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+PR_CONFIG = {"sample_size", "patch_size", "in_channels", "hidden_size", "num_layers", "num_attention_heads",
+             "mlp_ratio", "attention_dropout", "dropout", "num_classes", "bottleneck_dim", "in_context_len",
+             "in_context_start", "norm_eps"}
+"""The configuration fields of diffusers' JiTTransformer2DModel (diffusers pull request 13098)."""
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diffusers")
+    run = save_run(root / "run", "PixelREPA-Micro/8")
+    (run / "classes.json").write_text(json.dumps(CLASSES))
+    out = root / "pipeline"
+    assert main(["export", str(run), str(out), "--diffusers"]) == 0
+    return run, out
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+    return load_model(exported[0])
+
+
+@pytest.fixture(scope="module")
+def pipe(exported):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        pipeline = diffusers.DiffusionPipeline.from_pretrained(exported[1], trust_remote_code=True)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def test_the_folder_has_diffusers_names_and_code_that_needs_no_pixelrepa(exported, pipe):
+    out = exported[1]
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_jit", "JiTPipeline"]
+    assert index["id2label"] == {str(k): name for k, name in enumerate(CLASSES)}
+    assert pipe.get_label_ids(["three", "seven"]) == [3, 7]
+    config = {k for k in json.loads((out / "transformer" / "config.json").read_text()) if not k.startswith("_")}
+    assert config == PR_CONFIG
+    names = set(pipe.transformer.state_dict())
+    assert {"pos_embed", "in_context_posemb", "x_embedder.proj1.weight", "x_embedder.proj2.bias",
+            "t_embedder.mlp.0.weight", "t_embedder.mlp.2.bias", "y_embedder.embedding_table.weight",
+            "blocks.0.norm1.weight", "blocks.0.attn.to_q.weight", "blocks.0.attn.to_k.bias",
+            "blocks.0.attn.to_v.weight", "blocks.0.attn.norm_q.weight", "blocks.0.attn.norm_k.weight",
+            "blocks.0.attn.to_out.0.weight", "blocks.0.mlp.w12.weight", "blocks.0.mlp.w3.bias",
+            "blocks.0.adaLN_modulation.weight", "norm_final.weight", "linear_final.weight",
+            "adaLN_modulation_final.bias"} <= names
+    assert not any("mask_token" in name or "qkv" in name for name in names)
+    for code in sorted(CODE.glob("*.py")):
+        tree = ast.parse(code.read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert imported <= {"math", "dataclasses", "torch", "diffusers", "PIL"}, code.name
+
+
+@pytest.mark.parametrize("method, steps, cfg, interval", [
+    ("heun", 4, 1.0, (0.0, 1.0)),   # no guidance
+    ("heun", 4, 3.0, (0.3, 0.8)),   # guidance on an interval
+    ("euler", 3, 2.0, (0.0, 1.0)),  # guidance everywhere
+])
+def test_pipeline_samples_what_pixelrepa_samples_from_the_same_noise(loaded, pipe, method, steps, cfg, interval):
+    config, net, _ = loaded
+    sampler = dataclasses.replace(config.sampler, method=method, steps=steps, cfg_scale=cfg,
+                                  interval_min=interval[0], interval_max=interval[1])
+    classes, seed = [2, 7, 10 - 1], 5
+    noise = torch.stack([image_noise(config, seed, k) for k in range(len(classes))])
+    ours = sample(net, noise, torch.tensor(classes), config.model.num_classes, sampler, config.objective.t_eps)
+    theirs = pipe(class_labels=classes, num_inference_steps=steps, guidance_scale=cfg, guidance_interval=interval,
+                  method=method, generator=[image_generator(seed, k) for k in range(len(classes))],
+                  output_type="pt").images
+    torch.testing.assert_close(theirs, (ours / 2 + 0.5).clamp(0, 1), rtol=0, atol=2e-5)
+
+
+def test_pil_images_are_the_sample_commands_pixels_with_the_runs_settings(loaded, pipe):
+    config, net, _ = loaded
+    config = config.replace(**{"sampler.steps": 3})
+    layout = class_layout(config.model.num_classes, [4, 1], 1)
+    (_, ours), = generate(net, config, range(2), layout, 2, torch.device("cpu"), seed=0)
+    images = pipe(class_labels=[4, 1], num_inference_steps=3, generator=[image_generator(0, k) for k in range(2)]).images
+    theirs = np.stack([np.asarray(image) for image in images])
+    difference = np.abs(theirs.astype(int) - ours.permute(0, 2, 3, 1).numpy().astype(int))
+    assert difference.max() <= 1 and (difference == 0).mean() > 0.99
+    assert pipe.config.guidance_scale == config.sampler.cfg_scale
+    assert list(pipe.config.guidance_interval) == [config.sampler.interval_min, config.sampler.interval_max]
+
+
+def test_export_without_diffusers_says_how_to_install_it(exported, tmp_path, monkeypatch, capsys):
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert main(["export", str(exported[0]), str(tmp_path / "pipeline"), "--diffusers"]) != 0
+    assert "pip install 'pixelrepa[diffusers]'" in capsys.readouterr().err
+    assert not (tmp_path / "pipeline").exists()

@@ -1,0 +1,177 @@
+"""Sharing a trained model: the Hugging Face Hub folder (`export --hub`, Hub ids through the cache,
+`--push`) and the released checkpoint-last.pth layout (`export --released`, back with `import`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+from helpers import FIXTURES, STEP, load_released, save_run
+
+from pixelrepa import checkpoint as ckpt
+from pixelrepa.cli.main import main
+from pixelrepa.config import RunConfig, get_preset
+from pixelrepa.interop.released import NET, read_released_checkpoint
+from pixelrepa.loading import load_backbone_state, load_head, load_model
+from pixelrepa.weights import load_model_file
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    return save_run(tmp_path_factory.mktemp("pixelrepa") / "run", "PixelREPA-Micro/8")
+
+
+def outputs(net: torch.nn.Module) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 3, 32, 32, generator=g)
+    return net(z, torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0, 4, 10]))
+
+
+# -- the released layout -------------------------------------------------------------------------
+
+def test_released_export_has_the_released_keys_and_imports_back_identically(run, tmp_path):
+    out = tmp_path / "checkpoint-last.pth"
+    assert main(["export", str(run), str(out), "--released"]) == 0
+    written, fixture = load_released(out), load_released(FIXTURES / "released" / "pixelrepa_checkpoint-last.pth")
+    assert set(written) == {"model", "model_ema1", "model_ema2", "epoch", "args"}
+    assert written["epoch"] == 2  # 3 epochs done: the released --resume continues at epoch 3
+    # The fixture's small architecture is PixelREPA-Micro/8's: the same names, the encoder's aside.
+    assert sorted(k for k in written["model"] if not k.startswith("repa_model.")) == \
+        sorted(k for k in fixture["model"] if not k.startswith("repa_model."))
+    assert sorted(written["model_ema1"]) == sorted(fixture["model_ema1"])
+    assert set(vars(written["args"])) == set(vars(fixture["args"]))
+    assert (written["args"].model, written["args"].mta) == ("JiT-Micro/8", "MTA-Micro/8")
+    assert any(k.startswith("repa_model.") for k in written["model"])
+
+    folder = ckpt.find_checkpoint(run)
+    model = ckpt.read_state(folder, ("model",))["model"]
+    for ema in ("2", "raw"):
+        imported = tmp_path / f"imported-{ema}.safetensors"
+        assert main(["import", str(out), str(imported), "--ema", ema]) == 0
+        config, groups, _ = load_model_file(imported)
+        expected = load_backbone_state(run, "raw" if ema == "raw" else int(ema))[1]
+        assert groups["net"].keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(groups["net"][key], value), (ema, key)
+        head = {k[len("head."):]: v for k, v in model.items() if k.startswith("head.")}
+        assert all(torch.equal(groups["adapter"][k], v) for k, v in head.items()) and groups["adapter"].keys() == head.keys()
+        assert config.model == get_preset("PixelREPA-Micro/8").model and config.align.mode == "pixelrepa"
+
+
+def test_a_run_without_alignment_gets_the_jit_layout(tmp_path):
+    run = save_run(tmp_path / "run", "JiT-Micro/8")
+    out = tmp_path / "checkpoint-last.pth"
+    assert main(["export", str(run), str(out), "--released"]) == 0
+    written = load_released(out)
+    assert all(k.startswith(NET) for k in written["model"]) and all(k.startswith(NET) for k in written["model_ema1"])
+    assert f"{NET}mask_token" not in written["model"]  # the JiT authors' model has none
+    assert not hasattr(written["args"], "mta")
+    released = read_released_checkpoint(out)
+    assert released.layout == "jit" and released.epoch == 2
+    imported = tmp_path / "imported.safetensors"
+    assert main(["import", str(out), str(imported), "--ema", "2"]) == 0
+    state = load_model_file(imported)[1]["net"]
+    expected = load_backbone_state(run, 2)[1]
+    assert all(torch.equal(state[k], v) for k, v in expected.items() if k != "mask_token")
+
+
+# -- the Hub folder --------------------------------------------------------------------------------
+
+def test_hub_folder_loads_back_and_its_card_is_hub_metadata(run, tmp_path):
+    (run / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [
+        {"step": 4, "eval": {"images": 100, "fid": 80.5, "seconds": 3.0}},
+        {"step": 8, "eval": {"images": 100, "fid": 61.25, "kid_mean": 0.05, "kid_std": 0.01, "seconds": 3.0}},
+        {"step": 16, "eval": {"images": 100, "fid": 40.0}},  # after the exported checkpoint: not its numbers
+    ]))
+    out = tmp_path / "hub"
+    assert main(["export", str(run), str(out), "--hub"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+    reference, loaded = load_model(run), load_model(out)
+    assert loaded.config == reference.config
+    assert torch.equal(outputs(loaded.net), outputs(reference.net))
+    assert RunConfig.from_dict(json.loads((out / "config.json").read_text())["config"]) == reference.config
+
+    card = huggingface_hub.ModelCard.load(out / "README.md")
+    metadata = huggingface_hub.metadata_load(out / "README.md")
+    assert card.data.to_dict()["library_name"] == metadata["library_name"] == "pixelrepa"
+    assert (metadata["preset"], metadata["dataset"], metadata["training_steps"]) == ("PixelREPA-Micro/8", "mnist", STEP)
+    assert metadata["evaluation"]["step"] == 8 and metadata["evaluation"]["settings"]["images"] == 100
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results == {"fid": 61.25, "kid_mean": 0.05}
+    assert json.loads(card.data.eval_results[0].metric_config)["sampler"]["steps"] == reference.config.sampler.steps
+
+    ema2 = tmp_path / "hub-ema2"
+    assert main(["export", str(run), str(ema2), "--hub", "--ema", "2"]) == 0  # only EMA 1 is evaluated in training
+    assert "evaluation" not in huggingface_hub.metadata_load(ema2 / "README.md")
+
+
+def fake_hub_cache(cache: Path, repo_id: str, folder: Path, revision: str = "0123abcd") -> None:
+    """What `huggingface_hub` leaves in its cache after downloading `repo_id`: blobs, a snapshot, refs/main."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    shutil.copytree(folder, repo / "snapshots" / revision)
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch) -> Path:
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_a_cached_hub_id_loads_offline_in_the_library_and_the_commands(run, tmp_path, offline_cache, monkeypatch):
+    out = tmp_path / "hub"
+    assert main(["export", str(run), str(out), "--hub"]) == 0
+    fake_hub_cache(offline_cache, "someone/pixelrepa-micro", out)
+    assert huggingface_hub.try_to_load_from_cache("someone/pixelrepa-micro", "model.safetensors") is not None
+
+    monkeypatch.chdir(tmp_path)
+    loaded = load_model("someone/pixelrepa-micro")
+    assert loaded.source["path"].startswith(str(offline_cache))
+    assert torch.equal(outputs(loaded.net), outputs(load_model(run).net))
+    assert load_head("someone/pixelrepa-micro", loaded.config)[0] is None  # a sampling export: backbone only
+
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "someone/pixelrepa-micro", str(grid), "--classes", "1", "--per-class", "1",
+                 "--steps", "2"]) == 0
+    assert grid.is_file()
+
+    # A local path that exists wins over the Hub id of the same name.
+    local = tmp_path / "someone" / "pixelrepa-micro"
+    assert main(["export", str(run), str(local), "--hub", "--ema", "2"]) == 0
+    assert load_model("someone/pixelrepa-micro").source["path"] == str((local / "model.safetensors").resolve())
+
+    with pytest.raises(FileNotFoundError, match="Hugging Face Hub id"):
+        load_model("someone/not-cached")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
+    with pytest.raises(FileNotFoundError, match=r"no local path someone/other; .*pip install 'pixelrepa\[hub\]'"):
+        load_model("someone/other")
+
+
+def test_push_refuses_without_a_token_before_writing(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    out = tmp_path / "hub"
+    assert main(["export", str(run), str(out), "--hub", "--push", "someone/model"]) != 0
+    assert "no Hugging Face token is configured" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_push_uploads_the_folder_through_huggingface_hub(run, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, **kw: calls.append(("upload", kw["repo_id"], sorted(p.name for p in Path(kw["folder_path"]).iterdir()))))
+    out = tmp_path / "hub"
+    assert main(["export", str(run), str(out), "--hub", "--push", "someone/model", "--private"]) == 0
+    assert calls == [("create", "someone/model", {"private": True, "exist_ok": True}),
+                     ("upload", "someone/model", ["README.md", "config.json", "model.safetensors"])]
