@@ -138,15 +138,21 @@ def converted_weights() -> Path:
     return path
 
 
-def load_extractor(device: torch.device | str = "cpu") -> nn.Module:
+def load_extractor(device: torch.device | str = "cpu", channels_last: bool | None = None) -> nn.Module:
     """torch-fidelity's Inception-v3 with the converted weights: uint8 (N, 3, H, W) -> ((N, 2048),).
 
-    Any H, W: it resizes to 299 with its TF1-compatible bilinear resize."""
+    Any H, W: it resizes to 299 with its TF1-compatible bilinear resize. `channels_last` (default:
+    on the CPU) stores the convolution weights channels-last, so oneDNN runs every convolution in
+    that layout: the same features to float32 rounding, 1.5x faster on the project's AMD EPYC CPU
+    (`benchmarks/feature_extraction.py`)."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     extractor = FeatureExtractorInceptionV3(EXTRACTOR_NAME, [FEATURE_LAYER],
                                             feature_extractor_weights_path=str(converted_weights()), verbose=False)
-    return extractor.to(device).eval()
+    extractor = extractor.to(device).eval()
+    if channels_last if channels_last is not None else torch.device(device).type == "cpu":
+        extractor = extractor.to(memory_format=torch.channels_last)
+    return extractor
 
 
 def describe() -> dict:
