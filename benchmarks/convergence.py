@@ -1,15 +1,16 @@
 """The four-arm convergence benchmark: plain JiT vs REPA vs iREPA vs PixelREPA, trained identically and scored.
 
-    python benchmarks/convergence.py --out DIR [--scale cpu|gpu] [--arms none repa pixelrepa]
-                                     [--train-seeds 0 1] [--final-only-seeds 1] [--report]
+    python benchmarks/convergence.py --out DIR [--scale cpu|gpu] [--arms none repa irepa pixelrepa]
+                                     [--train-seeds 0 1 2] [--final-only-seeds 1 2] [--report]
 
 The paper's figure 1 in miniature, at a scale one CPU can run. One backbone preset is trained
-three times, with alignment `none`, `repa` and `pixelrepa` (the presets' recipe: tap block =
-in-context start, REPA's MLP with weight 0.5, the adapter with mask ratio 0.2 and weight 0.1),
+four times, with alignment `none`, `repa`, `irepa` and `pixelrepa` (the presets' recipe: tap block
+= in-context start, REPA's MLP with weight 0.5, iREPA's 3x3 conv projector and spatially z-scored
+targets with weight 0.5, the adapter with mask ratio 0.2 and weight 0.1),
 and nothing else differs: the same seed builds the same initial backbone (the heads are built
 after it), the data order is a function of (seed, epoch) only, and a step's draws of t, noise and
 label drop come first from the same generator (the PixelREPA keep-mask is drawn last), so the
-three runs see the same batches and the same noisy inputs. Each arm is trained by
+four runs see the same batches and the same noisy inputs. Each arm is trained by
 `pixelrepa.training.trainer.train` (the trainer a user runs: horizontal flips as the presets
 ask, warm-up, gradient norm, CPU kernels) to each evaluation step in turn; resuming from its
 checkpoint makes that one uninterrupted run. The training images are a fixed random subset
