@@ -41,6 +41,7 @@ import os
 import re
 import tarfile
 import zipfile
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +133,7 @@ def recognise(src: str | Path) -> tuple[str, list[Path]]:
     return "folder", [path]
 
 
-class LabelledImages:
+class LabelledImages(ABC):
     """A random-access source for `pack_images`: item i is (uint8 (3, size, size), label), or raises
     `SkippedItem` for an image that does not decode. Subclasses read the encoded bytes of item i
     (`encoded`); they are picklable (worker processes open their files themselves)."""
@@ -157,9 +158,9 @@ class LabelledImages:
         except DECODE_ERRORS as err:
             raise SkippedItem(f"{where}: failed to load: {err}") from None
 
+    @abstractmethod
     def encoded(self, index: int) -> tuple[bytes, str]:
         """The encoded image of item `index` and where it is (shard and key), for messages."""
-        raise NotImplementedError
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_open")}
