@@ -164,6 +164,7 @@ def arm_config(settings: ConvergenceConfig, arm: str, train_seed: int = 0, pack:
         "optim.warmup_epochs": 0, "optim.warmup_steps": settings.warmup_steps,
         "train.per_device_batch": settings.batch_size, "train.seed": train_seed,
         "train.log_every": 50, "train.ckpt_every": settings.ckpt_every, "train.sample_every": None,
+        "train.keep_every": 2 * settings.ckpt_every,  # earlier checkpoints stay, e.g. as autoguidance guides
         "sampler.method": settings.sampler_method, "sampler.steps": settings.sampler_steps,
         "sampler.cfg_scale": settings.cfg_scale,
         "align.target_cache": "auto", "kernels.compile": settings.compile,
