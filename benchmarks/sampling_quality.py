@@ -9,10 +9,10 @@ with the trainer, to step `guide_step` first and then to `steps`), the EMA backb
 `samples` class-balanced images for every sampling seed at every setting, scored by KID x 1e3 and
 FID against the convergence benchmark's reference features (its `reference_features`, `score_row`):
 
-1. solvers: `methods` (euler, heun, dpm2m, dpm3m) at step counts spanning about 8 to 100 counted
-   network evaluations per image (`steps`; Heun: `heun_steps`), each on the uniform grid and on the
-   best of `other_schedules`, which a probe picks first (dpm2m at `probe_steps`, the first seed: the
-   lowest KID). Heun at its largest step count on the uniform grid is the released protocol (Heun-50).
+1. solvers, in this order: the reference, Heun `reference_steps` (50) on the uniform grid (the
+   released protocol); then each solver of `solver_steps` (METHOD:STEPS,...) on the uniform grid; a
+   probe that picks the best of `other_schedules` (dpm2m at `probe_steps`, the first seed,
+   `probe_samples` images: the lowest KID); then each solver on that schedule.
 2. guidance at one budget (`guidance_method` at `guidance_steps`): classifier-free guidance over
    `cfg_scales` against autoguidance over `guide_weights` with two guides: the same run's EMA at
    step `guide_step`, and a smaller model (`small_overrides` of the plain-JiT preset, trained with
@@ -24,7 +24,10 @@ FID against the convergence benchmark's reference features (its `reference_featu
 (`pixelrepa.evaluation.sweep.GeneratedImages`), so a guided evaluation counts 2. Each measured row is
 appended to `results.jsonl` and the table (`sampling-quality.md`, `.csv`), the plot (KID and FID
 against nfe, one line per solver and schedule, shaded one std over the seeds) and the JSON are
-rewritten after it: re-running the same command skips the rows measured.
+rewritten after it: re-running the same command skips the rows measured, and the grid (`GRID`)
+may grow or shrink between invocations. On the project's 2-core AMD EPYC the Inception features
+alone run at 9.5 images/s, about 11 minutes for one setting's 6,000 images (three seeds), so the
+default grid takes hours and spans sessions.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import json
 import math
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,7 +49,7 @@ import torch
 from common import cpu_model  # benchmarks/ is on sys.path when run as a script
 from convergence import SCALES, arm_config, reference_features, score_row, training_pack
 from pixelrepa.checkpoint import export_sampling_checkpoint, find_checkpoint
-from pixelrepa.config import RunConfig, apply_overrides
+from pixelrepa.config import RunConfig, SamplerMethod, apply_overrides
 from pixelrepa.device import apply_kernels, pick_device
 from pixelrepa.evaluation.features import build_feature_extractor
 from pixelrepa.evaluation.metrics import extract_features
@@ -65,7 +69,9 @@ CSV_COLUMNS = ("part", "method", "schedule", "steps", "guide", "cfg", "seed", "n
 
 @dataclass(frozen=True)
 class QualityConfig:
-    """Every setting of a measurement; all of it is recorded with the results."""
+    """Every setting of a measurement; all of it is recorded with the results. The fields of `GRID`
+    only choose which settings are measured: they may change between invocations (rows measured
+    stay valid); every other field defines what a row means and may not."""
 
     backbone: str = "Tiny/4"
     """The convergence recipe's backbone family (PixelREPA-<backbone> is the model trained here)."""
@@ -79,24 +85,47 @@ class QualityConfig:
     features: str = "inception"
     samples: int = 2000
     """Images per sampling seed and setting."""
-    seeds: tuple[int, ...] = (0, 1, 2)
-    methods: tuple[str, ...] = ("euler", "heun", "dpm2m", "dpm3m")
-    step_counts: tuple[int, ...] = (4, 6, 8, 12, 16, 25, 50)
-    """Step counts of the one-evaluation solvers (euler, dpm2m, dpm3m)."""
-    heun_steps: tuple[int, ...] = (3, 4, 5, 7, 9, 13, 25, 50)
-    """Heun's step counts; the largest on the uniform grid is the reference (the released Heun-50)."""
-    other_schedules: tuple[str, ...] = ("shifted:0.5", "shifted:2", "edm:7")
-    """Candidates for the second schedule: uniform, shifted:SHIFT or edm:RHO."""
-    probe_steps: int = 12
-    guidance_method: str = "dpm2m"
-    guidance_steps: int = 16
-    cfg_scales: tuple[float, ...] = (1.5, 2.0, 3.0, 4.0)
-    guide_weights: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0)
     small_overrides: tuple[str, ...] = ("model.hidden_size=64", "model.num_heads=2")
     """The smaller guide: plain JiT-<backbone> with these changes."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    reference_steps: int = 50
+    """Heun steps of the reference on the uniform grid: the released protocol (Heun-50)."""
+    solver_steps: tuple[str, ...] = ("dpm2m:6,10,16", "heun:5,9", "euler:10,20")
+    """METHOD:STEPS,...: each solver's step counts, measured on the uniform grid and on the best other
+    schedule, in this order."""
+    other_schedules: tuple[str, ...] = ("shifted:0.5", "shifted:2", "edm:7")
+    """Candidates for the second schedule: shifted:SHIFT or edm:RHO."""
+    probe_steps: int = 10
+    """dpm2m steps of the probe that picks the second schedule (the first seed, `probe_samples` images)."""
+    probe_samples: int = 1000
+    guidance_method: str = "dpm2m"
+    guidance_steps: int = 16
+    cfg_scales: tuple[float, ...] = (2.0, 3.0)
+    guide_weights: tuple[float, ...] = (2.0, 3.0)
     time_images: int = 1000
     sample_batch: int = 250
     feature_batch: int = 50
+
+
+GRID = ("seeds", "reference_steps", "solver_steps", "other_schedules", "probe_steps", "probe_samples",
+        "guidance_method", "guidance_steps", "cfg_scales", "guide_weights", "time_images", "sample_batch",
+        "feature_batch")
+
+
+def solver_grid(q: QualityConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """`solver_steps` parsed: [(method, step counts), ...]."""
+    grid = []
+    for spec in q.solver_steps:
+        method, _, counts = spec.partition(":")
+        try:
+            steps = tuple(int(c) for c in counts.split(","))
+        except ValueError:
+            steps = ()
+        if method not in typing.get_args(SamplerMethod) or not steps or min(steps) < 1:
+            raise ValueError(f"solver_steps '{spec}': expected METHOD:STEPS,... with METHOD one of "
+                             f"{', '.join(typing.get_args(SamplerMethod))} and positive step counts, e.g. dpm2m:6,10,16")
+        grid.append((method, steps))
+    return grid
 
 
 def schedule_overrides(spec: str) -> dict:
@@ -160,6 +189,11 @@ def _key(row: dict) -> tuple:
     return tuple(row.get(k) for k in ("part", "method", "schedule", "steps", "guide", "cfg", "seed"))
 
 
+def _setting_key(row: dict) -> tuple:
+    """What was sampled and how many images: a guidance row at the default weight is a solver row too."""
+    return _key(row)[1:] + (row.get("num_images"),)
+
+
 class Measurement:
     """The networks, the reference and the results file of one output folder."""
 
@@ -176,17 +210,24 @@ class Measurement:
         return apply_overrides(self.config, changes | ({} if cfg is None else {"sampler.cfg_scale": cfg}))
 
     def measure(self, part: str, method: str, schedule: str, steps: int, seed: int, guide: str | None = None,
-                cfg: float | None = None) -> dict:
-        """The row of one setting and seed: measured now unless results.jsonl holds it."""
+                cfg: float | None = None, samples: int | None = None) -> dict:
+        """The row of one setting and seed: measured now unless results.jsonl holds it (a row of
+        another part with the same setting and image count is copied)."""
         config = self.setting(method, schedule, steps, cfg)
+        samples = samples or self.q.samples
         row = {"part": part, "method": method, "schedule": schedule, "steps": steps, "guide": guide,
                "cfg": config.sampler.cfg_scale, "seed": seed}
         done = [r for r in self.rows if _key(r) == _key(row)]
         if done:
             return done[-1]
-        layout = class_layout(config.model.num_classes, None, math.ceil(self.q.samples / config.model.num_classes))
+        same = [r for r in self.rows if _setting_key(r) == _setting_key(row | {"num_images": samples})]
+        if same:
+            self.rows.append(same[-1] | {"part": part})
+            write_text_atomic(self.out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+            return self.rows[-1]
+        layout = class_layout(config.model.num_classes, None, math.ceil(samples / config.model.num_classes))
         tic = time.perf_counter()
-        source = GeneratedImages(self.net, config, self.q.samples, layout, self.q.sample_batch, self.device, seed,
+        source = GeneratedImages(self.net, config, samples, layout, self.q.sample_batch, self.device, seed,
                                  self.guides.get(guide))
         with torch.no_grad():
             features = extract_features(source, self.extractor, self.q.feature_batch, self.device)
@@ -236,9 +277,9 @@ def bands(rows: list[dict]) -> list[dict]:
 
 
 def reference_band(q: QualityConfig, banded: list[dict]) -> dict | None:
-    """Heun at its largest step count on the uniform grid (the released protocol)."""
+    """Heun at `reference_steps` on the uniform grid (the released protocol)."""
     return next((b for b in banded if b["part"] == "solvers" and b["method"] == "heun" and b["schedule"] == "uniform"
-                 and b["steps"] == max(q.heun_steps)), None)
+                 and b["steps"] == q.reference_steps), None)
 
 
 def cheapest_match(q: QualityConfig, banded: list[dict]) -> dict | None:
@@ -255,11 +296,11 @@ def reading(q: QualityConfig, rows: list[dict]) -> list[str]:
     banded = bands(rows)
     ref = reference_band(q, banded)
     if ref is None:
-        return ["the reference (Heun at its largest step count, uniform grid) is not measured yet"]
+        return [f"the reference (Heun {q.reference_steps} steps, uniform grid) is not measured yet"]
     lines = [f"reference: heun {ref['steps']} steps uniform, {ref['nfe']:.1f} evaluations per image, KID x1e3 "
              f"{ref['kid_mean'] * 1e3:.3f} ± {ref['kid_mean_sd'] * 1e3:.3f}, FID {ref['fid']:.2f} ± {ref['fid_sd']:.2f} "
              f"({ref['n_seeds']} seeds)"]
-    for method in q.methods:
+    for method in dict.fromkeys(method for method, _ in solver_grid(q)):
         for schedule in sorted({b["schedule"] for b in banded if b["part"] == "solvers"}):
             mine = [b for b in banded if b["part"] == "solvers" and b["method"] == method and b["schedule"] == schedule
                     and b["kid_mean"] <= ref["kid_mean"] + ref["kid_mean_sd"]]
@@ -330,11 +371,16 @@ def write_outputs(q: QualityConfig, out: Path, rows: list[dict], models: dict) -
 def run(q: QualityConfig, out: Path, cache: Path, device: torch.device, run_dir: Path | None = None,
         small_run: Path | None = None, progress: bool = True) -> dict:
     """Measure every row not yet in `out` (training the runs first when none is given)."""
+    solvers = solver_grid(q)
     out.mkdir(parents=True, exist_ok=True)
     settings_path = out / "settings.json"
     settings = json.loads(json.dumps(dataclasses.asdict(q)))
-    if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
-        raise ValueError(f"{out} holds results of other settings: use another --out, or delete it to start over")
+    if settings_path.is_file():
+        saved = json.loads(settings_path.read_text())
+        changed = sorted(k for k in settings if k not in GRID and saved.get(k) != settings[k])
+        if changed:
+            raise ValueError(f"{out} holds results measured with other {', '.join(changed)}: use another --out, or "
+                             "delete it to start over (the grid settings may change: " + ", ".join(GRID) + ")")
     write_text_atomic(settings_path, json.dumps(settings, indent=2) + "\n")
     if run_dir is None:
         run_dir, trained_small = train_models(q, out, cache, progress)
@@ -353,23 +399,28 @@ def run(q: QualityConfig, out: Path, cache: Path, device: torch.device, run_dir:
         m.measure(*args, **kwargs)
         write_outputs(q, out, m.rows, models)
 
+    for seed in q.seeds:  # the reference first: every other row is read against it
+        finished_row("solvers", "heun", "uniform", q.reference_steps, seed)
+    for method, counts in solvers:
+        for steps in counts:
+            for seed in q.seeds:
+                finished_row("solvers", method, "uniform", steps, seed)
     for schedule in q.other_schedules:  # the probe: which second schedule
-        finished_row("probe", "dpm2m", schedule, q.probe_steps, q.seeds[0])
+        finished_row("probe", "dpm2m", schedule, q.probe_steps, q.seeds[0], samples=q.probe_samples)
     probes = [r for r in m.rows if r["part"] == "probe" and r["schedule"] in q.other_schedules]
     other = min(probes, key=lambda r: r["kid_mean"])["schedule"]
     print(f"schedule      {other} (lowest KID of the probe)")
-    for method in q.methods:
-        for schedule in ("uniform", other):
-            for steps in (q.heun_steps if method == "heun" else q.step_counts):
-                for seed in q.seeds:
-                    finished_row("solvers", method, schedule, steps, seed)
+    for method, counts in solvers:
+        for steps in counts:
+            for seed in q.seeds:
+                finished_row("solvers", method, other, steps, seed)
     for guide, weights in [(None, q.cfg_scales)] + [(name, q.guide_weights) for name in guides]:
         for weight in weights:
             for seed in q.seeds:
                 finished_row("guidance", q.guidance_method, "uniform", q.guidance_steps, seed, guide, weight)
     match = cheapest_match(q, bands(m.rows))
     for method, schedule, steps in ([(match["method"], match["schedule"], match["steps"])] if match else []) + \
-            [("heun", "uniform", max(q.heun_steps))]:
+            [("heun", "uniform", q.reference_steps)]:
         m.time_sampling(method, schedule, steps)
     return write_outputs(q, out, m.rows, models)
 
