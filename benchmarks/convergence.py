@@ -50,8 +50,7 @@ import torch
 
 from common import cpu_model  # benchmarks/ is on sys.path when run as a script
 from pixelrepa.config import RunConfig, get_preset
-from pixelrepa.data.idx import load_idx_dataset
-from pixelrepa.data.packed import MANIFEST, pack_arrays
+from pixelrepa.data.idx import idx_subset_order, load_idx_dataset, pack_idx_subset
 from pixelrepa.evaluation.diversity import ImageSet
 from pixelrepa.evaluation.features import build_feature_extractor
 from pixelrepa.sampling import class_layout
@@ -182,17 +181,8 @@ def arm_config(settings: ConvergenceConfig, arm: str, train_seed: int = 0, pack:
 
 def training_pack(settings: ConvergenceConfig, cache: Path) -> Path:
     """A fixed random subset of the train split (drawn from data_seed), packed once in `cache`."""
-    pack = cache / "packs" / f"{settings.dataset}-{settings.train_images}-seed{settings.data_seed}"
-    if (pack / MANIFEST).is_file():
-        return pack
-    images, labels, names = load_idx_dataset(settings.dataset, "train", 32)
-    if settings.train_images > len(images):
-        raise ValueError(f"train_images {settings.train_images} exceeds the {len(images)} images of the split")
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(settings.data_seed))
-    pick = order[:settings.train_images]
-    pack_arrays(images[pick], labels[pick], pack, names,
-                source=f"{settings.dataset}-train-{settings.train_images}-seed{settings.data_seed}")
-    return pack
+    return pack_idx_subset(settings.dataset, settings.train_images, settings.data_seed,
+                           cache / "packs" / f"{settings.dataset}-{settings.train_images}-seed{settings.data_seed}")
 
 
 def reference_features(settings: ConvergenceConfig, extractor, record: dict, cache: Path,
@@ -206,11 +196,8 @@ def reference_features(settings: ConvergenceConfig, extractor, record: dict, cac
         if reference.features is not None and len(reference.features) == settings.reference_images:
             return reference
     images, labels, _ = load_idx_dataset(settings.dataset, "train", 32)
-    if settings.reference_images > len(images):
-        raise ValueError(f"reference_images {settings.reference_images} exceeds the {len(images)} train images")
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(settings.data_seed + 1))
+    pick = idx_subset_order(len(images), settings.reference_images, settings.data_seed + 1, settings.dataset)
     started = time.perf_counter()
-    pick = order[:settings.reference_images]
     features = extract_features(ImageSet.from_tensor(images[pick], labels[pick]), extractor, settings.feature_batch,
                                 device)
     print(f"reference     {len(features)} {settings.dataset} train images: {features.shape[1]}-d features "

@@ -256,3 +256,23 @@ def test_a_folder_named_like_an_image_and_a_symlink_loop_are_listed_in_the_manif
     assert f"{image_tree / 'dog' / 'loop'}: a symlink loop" in manifest["skipped"]
     assert json.loads((tmp_path / "pack" / "manifest.json").read_text())["skipped"] == manifest["skipped"]
     assert len(PackedDataset(tmp_path / "pack")) == 12
+
+
+def test_idx_subset_is_a_seeded_draw_packed_once(tmp_path):
+    from pixelrepa.data.idx import idx_subset_order, load_idx_dataset, pack_idx_subset
+    try:
+        find_idx_dir("mnist")
+    except FileNotFoundError:
+        pytest.skip("MNIST is not installed")
+    order = idx_subset_order(60_000, 50, 3, "mnist")
+    assert torch.equal(order, torch.randperm(60_000, generator=torch.Generator().manual_seed(3))[:50])
+    pack = pack_idx_subset("mnist", 50, 3, tmp_path / "pack")
+    images, labels, _ = load_idx_dataset("mnist")
+    dataset = PackedDataset(pack, expected_size=32, num_classes=10)
+    assert len(dataset) == 50
+    assert all(torch.equal(dataset[i][0], images[order[i]]) and dataset[i][1] == labels[order[i]] for i in (0, 17, 49))
+    stamp = (pack / "images.u8").stat().st_mtime_ns
+    assert pack_idx_subset("mnist", 50, 3, pack) == pack and (pack / "images.u8").stat().st_mtime_ns == stamp
+    for bad in (0, 60_001):
+        with pytest.raises(ValueError, match=f"{bad} images asked of the 60000 in the mnist train split"):
+            pack_idx_subset("mnist", bad, 3, tmp_path / f"bad{bad}")

@@ -13,11 +13,8 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from pixelrepa.config import RunConfig, apply_overrides, get_preset
-from pixelrepa.data.idx import load_idx_dataset
-from pixelrepa.data.packed import MANIFEST, pack_arrays
+from pixelrepa.data.idx import pack_idx_subset
 from pixelrepa.sampling import sample_classes
 from pixelrepa.images import save_labelled_grid
 from pixelrepa.checkpoint import export_sampling_checkpoint, find_checkpoint
@@ -57,24 +54,11 @@ def demo_config(args: argparse.Namespace, pack: Path) -> RunConfig:
     return apply_overrides(get_preset(PRESET), overrides)
 
 
-def pack_subset(args: argparse.Namespace, size: int) -> Path:
-    """OUT/data/<dataset>-<images>-seed<seed>: a fixed random subset of the train split, packed once."""
-    pack = args.out / "data" / f"{args.dataset}-{args.images}-seed{args.seed}"
-    if (pack / MANIFEST).is_file():
-        return pack
-    images, labels, class_names = load_idx_dataset(args.dataset, "train", size, args.data_dir)
-    if not 0 < args.images <= len(images):
-        raise ValueError(f"--images {args.images} outside 1..{len(images)} ({args.dataset} train split)")
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:args.images]
-    pack_arrays(images[order], labels[order], pack, class_names,
-                source=f"{args.dataset}-train-{args.images}-seed{args.seed}")
-    return pack
-
-
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     size = get_preset(PRESET).model.input_size
-    pack = pack_subset(args, size)
+    pack = pack_idx_subset(args.dataset, args.images, args.seed,
+                           args.out / "data" / f"{args.dataset}-{args.images}-seed{args.seed}", size, args.data_dir)
     config = demo_config(args, pack)
     print(f"data          {pack} ({args.images} {args.dataset} training images, {size} px)")
     summary = train(config, validator=live_validator(config))

@@ -87,3 +87,25 @@ def resize_square(x: Tensor, size: int) -> Tensor:
         return F.pad(x, (margin // 2,) * 4)
     resized = F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False)
     return resized.round().clamp(0, 255).to(torch.uint8)
+
+
+def idx_subset_order(total: int, count: int, seed: int, name: str) -> Tensor:
+    """The first `count` of a seeded permutation of `total` images: a fixed random subset."""
+    if not 0 < count <= total:
+        raise ValueError(f"{count} images asked of the {total} in the {name} train split: choose 1..{total}")
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count]
+
+
+def pack_idx_subset(name: str, count: int, seed: int, dst: str | Path, size: int = 32,
+                    data_dir: str | Path | None = None) -> Path:
+    """A fixed random subset (`idx_subset_order`) of the train split packed at `dst`, once: a
+    folder that already holds a finished pack is returned as it is."""
+    from pixelrepa.data.packed import MANIFEST, pack_arrays
+
+    dst = Path(dst)
+    if (dst / MANIFEST).is_file():
+        return dst
+    images, labels, class_names = load_idx_dataset(name, "train", size, data_dir)
+    order = idx_subset_order(len(images), count, seed, name)
+    pack_arrays(images[order], labels[order], dst, class_names, source=f"{name}-train-{count}-seed{seed}")
+    return dst
