@@ -46,8 +46,8 @@ from torch import nn
 from pixelrepa.config import RunConfig
 from pixelrepa.evaluation import features as feature_networks
 from pixelrepa.sampling import class_layout, generate
-from pixelrepa.evaluation.metrics import (DEFAULTS, ImageSource, Reference, SmallSampleWarning, load_reference, scalars,
-                                         score)
+from pixelrepa.evaluation.metrics import (DEFAULTS, ImageSource, Reference, SmallSampleWarning, extract_feature_sets,
+                                         load_reference, scalars, score)
 from pixelrepa.evaluation.plots import Panel, line_plot
 from pixelrepa.rng import preserved_rng
 
@@ -83,6 +83,20 @@ def _encoder_spec(path: str, reference: Reference) -> tuple[str, str | None]:
         raise ValueError(f"eval.encoder_ref: {path} was made with the encoder weights {weights}, "
                          "which are not there any more")
     return made_with.split("@")[0], weights
+
+
+@dataclass
+class _RankImages:
+    """This rank's evaluation images, sampled by `net` (an `ImageBatches`)."""
+
+    evaluator: "LiveEvaluator"
+    net: nn.Module
+
+    def __len__(self) -> int:
+        return len(self.evaluator.indices())
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        return (images for _, images in self.evaluator.images(self.net, batch_size))
 
 
 class LiveEvaluator:
@@ -155,9 +169,11 @@ class LiveEvaluator:
         """This rank's images: a contiguous slice of 0 .. eval.images - 1."""
         return range(*feature_networks.rank_slice(self.num_images, self.rank, self.world_size))
 
-    def images(self, net: nn.Module) -> Iterator[tuple[list[int], torch.Tensor]]:
-        """This rank's evaluation images in batches: (indices, uint8 (n, C, H, W) on the CPU)."""
-        return generate(net, self.config, self.indices(), self.layout, self.batch_size, self.device, self.seed)
+    def images(self, net: nn.Module, batch_size: int | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """This rank's evaluation images in batches of `batch_size` (default `eval.batch`): (indices,
+        uint8 (n, C, H, W) on the CPU). Image k is the same whatever the batching."""
+        return generate(net, self.config, self.indices(), self.layout, batch_size or self.batch_size, self.device,
+                        self.seed)
 
     @torch.no_grad()
     def __call__(self, net: nn.Module, step: int) -> dict | None:
@@ -191,17 +207,8 @@ class LiveEvaluator:
         """{space: float32 (n, D)} of this rank's images, sampled once for every feature network."""
         if not self.spaces:  # the alignment probe alone: nothing to sample
             return {}
-        parts: dict[str, list[np.ndarray]] = {s.name: [] for s in self.spaces}
-        tf32 = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False  # full float32 convolutions, as `extract_features`
-        try:
-            for _, images in self.images(net):
-                x = images.contiguous().to(self.device)
-                for space in self.spaces:
-                    parts[space.name].append(space.extractor(x)[0].float().cpu().numpy())
-        finally:
-            torch.backends.cudnn.allow_tf32 = tf32
-        return {name: np.concatenate(p) if p else np.zeros((0, 0), np.float32) for name, p in parts.items()}
+        return extract_feature_sets(_RankImages(self, net), {s.name: s.extractor for s in self.spaces},
+                                    self.batch_size, self.device)
 
     def _gather(self, features: dict | None, error: str | None) -> dict[str, np.ndarray] | None:
         """Every rank's features on rank 0, in image order (None elsewhere); a failure anywhere is raised

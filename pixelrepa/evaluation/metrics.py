@@ -25,7 +25,7 @@ import copy
 import json
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -399,16 +399,25 @@ def extract_features(source: ImageBatches, extractor: nn.Module, batch_size: int
                      device: torch.device | str = "cpu", progress=None) -> np.ndarray:
     """float32 (N, D) features of every image of `source`, batch by batch (`extractor` maps uint8
     (B, 3, H, W) to `((B, D),)`); `progress(n)` after each batch."""
+    return extract_feature_sets(source, {"features": extractor}, batch_size, device, progress)["features"]
+
+
+def extract_feature_sets(source: ImageBatches, extractors: Mapping[str, nn.Module], batch_size: int = 50,
+                         device: torch.device | str = "cpu", progress=None) -> dict[str, np.ndarray]:
+    """`extract_features` under several networks at once, each image read (or sampled) once:
+    {name: float32 (N, D_name)}."""
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
-    features, tf32 = [], torch.backends.cudnn.allow_tf32
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in extractors}
+    tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # full float32 convolutions on GPU, as on CPU
     try:
         for batch in source.batches(batch_size):
             x = batch.contiguous().to(device)
-            features.append(extractor(x)[0].float().cpu().numpy())
+            for name, extractor in extractors.items():
+                parts[name].append(extractor(x)[0].float().cpu().numpy())
             if progress is not None:
                 progress(len(batch))
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
-    return np.concatenate(features) if features else np.zeros((0, 0), np.float32)
+    return {name: np.concatenate(p) if p else np.zeros((0, 0), np.float32) for name, p in parts.items()}
