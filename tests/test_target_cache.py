@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import torch
 from pixelrepa.config import get_preset
 from pixelrepa.data.packed import PackedDataset, pack_arrays
 from pixelrepa.training import targets as target_cache
+from pixelrepa.training.runlock import PREEMPTED_EXIT_CODE, Preempted
 from pixelrepa.distributed import World
 from pixelrepa.training.trainer import train
 
@@ -150,6 +153,36 @@ def test_an_interrupted_build_resumes_with_the_missing_chunks_only(tmp_path, mon
     for index in range(40):
         assert torch.equal(resumed[(index, 0)][2], fresh[(index, 0)][2])
         assert torch.equal(resumed[(index, 1)][2], fresh[(index, 1)][2])
+
+
+def test_a_stop_signal_during_the_build_ends_the_run_after_its_chunk(tmp_path, monkeypatch):
+    """A preemption while the targets are built (hours on ImageNet) is honoured after the chunk at
+    hand, like one during training: the run exits for a requeue and the next one builds the rest."""
+    from pixelrepa.align.encoders import build_encoder
+
+    monkeypatch.setattr(target_cache, "CHUNK_IMAGES", 8)
+    pack = make_pack(tmp_path / "pack", count=40)  # 5 chunks of 2 batches x 2 orientations
+    config = config_for(pack, tmp_path / "run", **{"align.target_cache": "auto", "train.per_device_batch": 4})
+    encoder_class = type(build_encoder(config.align.encoder))
+    original, calls = encoder_class.forward, {"n": 0}
+
+    def forward(self, x, grid):
+        calls["n"] += 1
+        if calls["n"] == 6:  # inside the second chunk
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, x, grid)
+
+    monkeypatch.setattr(encoder_class, "forward", forward)
+    with pytest.raises(Preempted, match="SIGTERM while building the encoder target cache") as stopped:
+        train(config, progress=False)
+    assert stopped.value.exit_code == PREEMPTED_EXIT_CODE and calls["n"] == 8
+    folder = target_cache.cache_folder(config, pack)
+    assert sorted(p.name for p in (folder / target_cache.DONE).iterdir()) == ["0", "1"]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # no training step ran
+    train(config, progress=False)
+    assert calls["n"] == 8 + 3 * 4  # chunks 2, 3, 4 only
+    assert json.loads((folder / target_cache.MANIFEST).read_text())["complete"]
+    assert [r["step"] for r in logged(tmp_path / "run")] == list(range(1, 7))
 
 
 def test_the_cache_needs_a_pack(tmp_path):

@@ -49,11 +49,12 @@ class RunFolderBusy(ValueError):
 
 
 class Preempted(Exception):
-    """The run stopped on a signal after writing the checkpoint of `step`."""
+    """The run stopped on a signal after writing the checkpoint of `step`, or `during` a stage
+    before training (then `step` and `checkpoint` are None)."""
 
-    def __init__(self, signal_name: str, step: int, checkpoint: Path | None):
-        super().__init__(f"stopped by {signal_name} at step {step}; checkpoint {checkpoint}: run the same command "
-                         "again to continue")
+    def __init__(self, signal_name: str, step: int | None, checkpoint: Path | None, during: str | None = None):
+        where = f"while {during}" if during else f"at step {step}; checkpoint {checkpoint}"
+        super().__init__(f"stopped by {signal_name} {where}: run the same command again to continue")
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
 
     @property

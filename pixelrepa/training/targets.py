@@ -35,6 +35,7 @@ from pixelrepa.data.packed import IMAGES, PackedDataset
 from pixelrepa.data.transforms import to_model_range
 from pixelrepa.files import write_text_atomic
 from pixelrepa.distributed import World
+from pixelrepa.training.runlock import Preempted, StopSignals
 
 logger = logging.getLogger("pixelrepa.train")
 
@@ -110,8 +111,10 @@ def _barrier(world: World) -> None:
 
 
 def build_target_cache(config: RunConfig, pack: PackedDataset, encoder: nn.Module, world: World,
-                       batch_size: int, progress: bool = True) -> tuple[Path, dict]:
-    """Make (or finish, or check) the cache of `pack`'s targets; returns its folder and record."""
+                       batch_size: int, progress: bool = True, stop: StopSignals | None = None) -> tuple[Path, dict]:
+    """Make (or finish, or check) the cache of `pack`'s targets; returns its folder and record.
+    A signal `stop` records ends the build after the chunk at hand: `Preempted` is raised on every
+    rank and the finished chunks are kept for the next run."""
     folder = cache_folder(config, pack.path)
     expected = cache_record(config, pack, encoder)
     if world.is_main:
@@ -128,8 +131,12 @@ def build_target_cache(config: RunConfig, pack: PackedDataset, encoder: nn.Modul
     _barrier(world)
     record = {**expected, "complete": _read_manifest(folder).get("complete", False)}
     if not record["complete"]:
-        _fill_chunks(folder, record, pack, encoder, config, world, batch_size, progress)
+        _fill_chunks(folder, record, pack, encoder, config, world, batch_size, progress, stop)
         _barrier(world)
+        signal_name = stop.requested() if stop is not None else None  # collective: every rank asks once
+        if signal_name:
+            raise Preempted(signal_name, None, None, f"building the encoder target cache {folder} (its finished "
+                                                     "chunks are kept)")
         if world.is_main:
             missing = [c for c in range(_num_chunks(record)) if not (folder / DONE / str(c)).is_file()]
             if missing:
@@ -152,7 +159,7 @@ def _num_chunks(record: dict) -> int:
 
 
 def _fill_chunks(folder: Path, record: dict, pack: PackedDataset, encoder: nn.Module, config: RunConfig,
-                 world: World, batch_size: int, progress: bool) -> None:
+                 world: World, batch_size: int, progress: bool, stop: StopSignals | None = None) -> None:
     from pixelrepa.device import autocast_for
 
     mine = [c for c in range(world.rank, _num_chunks(record), world.world_size)
@@ -166,19 +173,21 @@ def _fill_chunks(folder: Path, record: dict, pack: PackedDataset, encoder: nn.Mo
     bar = tqdm(total=sum(min(CHUNK_IMAGES, record["count"] - c * CHUNK_IMAGES) for c in mine),
                disable=not (progress and world.is_main), desc="encoder targets", unit="img", dynamic_ncols=True)
     for chunk in mine:
-        stop_chunk = min((chunk + 1) * CHUNK_IMAGES, record["count"])
-        for start in range(chunk * CHUNK_IMAGES, stop_chunk, batch_size):
-            stop = min(start + batch_size, stop_chunk)
-            images = torch.from_numpy(np.ascontiguousarray(pack.images[start:stop].transpose(0, 3, 1, 2)))
+        if stop is not None and stop.received:
+            break
+        chunk_end = min((chunk + 1) * CHUNK_IMAGES, record["count"])
+        for start in range(chunk * CHUNK_IMAGES, chunk_end, batch_size):
+            end = min(start + batch_size, chunk_end)
+            images = torch.from_numpy(np.ascontiguousarray(pack.images[start:end].transpose(0, 3, 1, 2)))
             x = to_model_range(images.to(device))
             for orientation in range(record["orientations"]):
                 view = x.flip(-1) if orientation else x
                 with autocast_for(device):
                     features = encoder(view, grid)
                 stored = features.to(storage).cpu()
-                targets[start:stop, orientation] = (stored.view(torch.int16) if storage == torch.bfloat16
+                targets[start:end, orientation] = (stored.view(torch.int16) if storage == torch.bfloat16
                                                     else stored).numpy()
-            bar.update(stop - start)
+            bar.update(end - start)
         targets.flush()
         (folder / DONE / str(chunk)).touch()
     bar.close()
@@ -215,13 +224,14 @@ class PackWithTargets(Dataset):
 
 
 def with_target_cache(config: RunConfig, dataset: Dataset, encoder: nn.Module, world: World,
-                      progress: bool = True) -> PackWithTargets:
-    """`dataset` (a pack) with its targets, building the cache first where needed."""
+                      progress: bool = True, stop: StopSignals | None = None) -> PackWithTargets:
+    """`dataset` (a pack) with its targets, building the cache first where needed (`stop`: see
+    `build_target_cache`)."""
     if not isinstance(dataset, PackedDataset):
         raise ValueError(f"align.target_cache needs a packed data set, but data.source {config.data.source!r} is "
                          "an image folder: pack it once with `pixelrepa data pack SRC DST` and train on DST")
     folder, record = build_target_cache(config, dataset, encoder, world, batch_size=config.train.per_device_batch,
-                                        progress=progress)
+                                        progress=progress, stop=stop)
     if world.is_main:
         logger.info("encoder targets from the cache %s (%d images x %d orientations)", folder, record["count"],
                     record["orientations"])

@@ -162,7 +162,7 @@ def _train(config: RunConfig, world: World, resume: str | Path | None, progress:
     checkpoints = CheckpointManager(config, world)
     checkpoints.choose_start(resume, restart, init_from, continue_released)
 
-    dataset = _dataset(config, world, progress)
+    dataset = _dataset(config, world, progress, stop)
     loader = make_loader(dataset, config.train.per_device_batch, num_workers=config.data.num_workers,
                          seed=config.train.seed, rank=world.rank, world_size=world.world_size)
     steps_per_epoch = len(loader) // accum
@@ -229,12 +229,13 @@ def _due(step: int, every: int | None, total_steps: int) -> bool:
     return bool(every) and (step % every == 0 or step == total_steps)
 
 
-def _dataset(config: RunConfig, world: World, progress: bool):
-    """The training data, with the encoder's targets where `align.target_cache` is set."""
+def _dataset(config: RunConfig, world: World, progress: bool, stop: StopSignals):
+    """The training data, with the encoder's targets where `align.target_cache` is set (a stop
+    signal ends the targets' build after its chunk at hand)."""
     dataset = build_dataset(config, Path(config.train.out_dir), world)
     if config.align.target_cache is not None and config.align.mode != "none":
         eager = dataclasses.replace(config.kernels, compile="none")  # one pass: not worth compiling
-        dataset = with_target_cache(config, dataset, _build_encoder(config, eager, world), world, progress)
+        dataset = with_target_cache(config, dataset, _build_encoder(config, eager, world), world, progress, stop)
     return dataset
 
 
