@@ -158,21 +158,29 @@ def exported(run: Path, step: int) -> Path | None:
     return path
 
 
-def train_models(q: QualityConfig, out: Path, cache: Path, progress: bool) -> tuple[Path, Path]:
-    """(the main run, the small guide's run), trained in out/runs/ as the convergence benchmark trains."""
+def train_main(q: QualityConfig, out: Path, cache: Path, progress: bool) -> Path:
+    """The PixelREPA run, trained in out/runs/main as the convergence benchmark trains (to `guide_step`
+    first, then to `steps`); an earlier invocation's run is continued or reused."""
     settings = training_settings(q)
     pack = training_pack(settings, cache)
-    main_run, small_run = out / "runs" / "main", out / "runs" / "small"
+    main_run = out / "runs" / "main"
     for step in (q.guide_step, q.steps):
-        if exported(main_run, step) is None:  # trained by an earlier invocation otherwise
+        if exported(main_run, step) is None:
             train(arm_config(settings, "pixelrepa", 0, pack, main_run).replace(**{"train.steps": step}),
                   progress=progress)
             exported(main_run, step)
+    return main_run
+
+
+def train_small(q: QualityConfig, out: Path, cache: Path, progress: bool) -> Path:
+    """The smaller guide (plain JiT with `small_overrides`), trained in out/runs/small with the recipe."""
+    settings = training_settings(q)
+    small_run = out / "runs" / "small"
     if exported(small_run, q.steps) is None:
-        small = arm_config(settings, "none", 0, pack, small_run)
+        small = arm_config(settings, "none", 0, training_pack(settings, cache), small_run)
         small = apply_overrides(small, dict(item.split("=", 1) for item in q.small_overrides))
         train(small.replace(**{"train.steps": q.steps}), progress=progress)
-    return main_run, small_run
+    return small_run
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -382,15 +390,12 @@ def run(q: QualityConfig, out: Path, cache: Path, device: torch.device, run_dir:
             raise ValueError(f"{out} holds results measured with other {', '.join(changed)}: use another --out, or "
                              "delete it to start over (the grid settings may change: " + ", ".join(GRID) + ")")
     write_text_atomic(settings_path, json.dumps(settings, indent=2) + "\n")
-    if run_dir is None:
-        run_dir, trained_small = train_models(q, out, cache, progress)
-        small_run = small_run or trained_small
-    model = resolve_model_path(run_dir)
-    guides = {name: path for name, path in (("step" + str(q.guide_step), exported(run_dir, q.guide_step)),
-                                           ("small", resolve_model_path(small_run) if small_run else None)) if path}
+    model = resolve_model_path(run_dir or train_main(q, out, cache, progress))
+    earlier = exported(run_dir or out / "runs" / "main", q.guide_step)
+    guides = {f"step{q.guide_step}": earlier} if earlier else {}
     models = {"model": str(model), **{f"guide {k}": str(v) for k, v in guides.items()}}
     print(f"machine       {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"model         {model}; guides: {', '.join(f'{k} {v}' for k, v in guides.items()) or 'none found'}")
+    print(f"model         {model}; earlier checkpoint as a guide: {earlier or 'none found'}")
     extractor, network = build_feature_extractor(q.features, device)
     reference = reference_features(training_settings(q), extractor, network, cache, device)
     m = Measurement(q, out, model, guides, reference, extractor, device)
@@ -414,6 +419,9 @@ def run(q: QualityConfig, out: Path, cache: Path, device: torch.device, run_dir:
         for steps in counts:
             for seed in q.seeds:
                 finished_row("solvers", method, other, steps, seed)
+    small = resolve_model_path(small_run or train_small(q, out, cache, progress))  # needed from here on only
+    m.guides["small"] = load_guide(small, m.config, device)
+    guides["small"] = models["guide small"] = str(small)
     for guide, weights in [(None, q.cfg_scales)] + [(name, q.guide_weights) for name in guides]:
         for weight in weights:
             for seed in q.seeds:
@@ -430,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="results folder")
     parser.add_argument("--run", type=Path, help="a trained run folder (e.g. the convergence benchmark's "
                         "runs/pixelrepa-seed0); default: train one into OUT/runs/main")
-    parser.add_argument("--small-run", type=Path, help="the smaller guide's run (default: trained when --run is not given)")
+    parser.add_argument("--small-run", type=Path, help="the smaller guide's run or model file (default: trained into "
+                        "OUT/runs/small before the guidance part)")
     parser.add_argument("--cache", type=Path, help="pack and reference features (default: the convergence benchmark's)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no-progress", action="store_true")
