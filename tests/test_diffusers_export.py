@@ -117,3 +117,16 @@ def test_export_without_diffusers_says_how_to_install_it(exported, tmp_path, mon
     assert main(["export", str(exported[0]), str(tmp_path / "pipeline"), "--diffusers"]) != 0
     assert "pip install 'pixelrepa[diffusers]'" in capsys.readouterr().err
     assert not (tmp_path / "pipeline").exists()
+
+
+def test_a_bfloat16_pipeline_samples_what_the_float32_one_does(exported, pipe):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        half = diffusers.DiffusionPipeline.from_pretrained(exported[1], trust_remote_code=True,
+                                                           dtype=torch.bfloat16)
+    half.set_progress_bar_config(disable=True)
+    assert half.transformer.dtype == torch.bfloat16
+    call = dict(class_labels=[3, 8], num_inference_steps=2, output_type="pt")
+    theirs = half(generator=torch.manual_seed(0), **call).images
+    ours = pipe(generator=torch.manual_seed(0), **call).images
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=0.05)
