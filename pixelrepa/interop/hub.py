@@ -121,17 +121,28 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
     Refused before anything is sent when no token is configured (`require_token`)."""
     hub = require_token(repo_id)
     api = hub.HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True)
+    url = api.create_repo(repo_id, private=private, exist_ok=True)  # a RepoUrl on the configured endpoint
     api.upload_folder(folder_path=str(folder), repo_id=repo_id,
                       commit_message=f"pixelrepa {__version__} export")
-    return f"https://huggingface.co/{repo_id}"
-
+    return str(url)
 
 
 def require_token(repo_id: str):
-    """The `huggingface_hub` module once a token is configured; a ValueError saying how to configure one
-    (called before anything is written, so a refused push leaves nothing behind)."""
+    """The `huggingface_hub` module once `repo_id` is a valid repository id, the Hub is not switched
+    off (`HF_HUB_OFFLINE`) and a token is configured; else a ValueError saying what to change (called
+    before anything is written, so a refused push leaves nothing behind)."""
     hub = require_huggingface_hub()
+    from huggingface_hub import constants
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except hub.errors.HFValidationError as err:
+        raise ValueError(f"--push {repo_id}: not a Hub repository id ({err}); give ORG/NAME, without "
+                         "@revision") from None
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"--push {repo_id}: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it "
+                         "(nothing was written or uploaded)")
     if hub.get_token() is None:
         raise ValueError(f"--push {repo_id}: no Hugging Face token is configured (run `hf auth login` or set "
                          "HF_TOKEN); nothing was written or uploaded")
