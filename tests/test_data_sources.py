@@ -232,3 +232,9 @@ def test_several_label_or_image_columns_must_be_named(image_set, tmp_path):
         open_source(tmp_path / "hf", SIZE)
     reader = open_source(tmp_path / "hf", SIZE, label_column="coarse_label")
     assert reader.class_names == ["pet", "wild"] and list(reader.labels) == [0, 0, 0, 0, 0, 1, 1]
+
+
+def test_edm2_labels_that_are_not_name_label_pairs_are_refused(image_set, tmp_path):
+    for k, labels in enumerate(([label for _, label in image_set], {"00000/img00000000.png": 0})):
+        with pytest.raises(ValueError, match=r"dataset.json: 'labels' is not a list of \[file name, label\] pairs"):
+            open_source(write_edm2_zip(tmp_path / f"e{k}.zip", image_set, labels), SIZE)

@@ -469,6 +469,9 @@ class Edm2Images(LabelledImages):
         if listed is None:
             raise ValueError(f"{path}/{EDM2_LABELS} has \"labels\": null (an unconditional set); pixelrepa trains "
                              "class-conditional models and needs a label per image")
+        if not isinstance(listed, list) or not all(isinstance(pair, list) and len(pair) == 2 for pair in listed):
+            raise ValueError(f"{path}/{EDM2_LABELS}: 'labels' is not a list of [file name, label] pairs (EDM2's "
+                             "dataset_tool.py format)")
         by_name = {str(name).replace("\\", "/"): label for name, label in listed}
         self.names = sorted(n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
         if not self.names:
