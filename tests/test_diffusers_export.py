@@ -130,3 +130,11 @@ def test_a_bfloat16_pipeline_samples_what_the_float32_one_does(exported, pipe):
     theirs = half(generator=torch.manual_seed(0), **call).images
     ours = pipe(generator=torch.manual_seed(0), **call).images
     torch.testing.assert_close(theirs, ours, rtol=0, atol=0.05)
+
+
+def test_a_failed_export_writes_nothing_and_names_the_file(tmp_path, capsys):
+    run = save_run(tmp_path / "run", "JiT-Micro/8")
+    (run / "classes.json").write_text('["zero", "one"')
+    assert main(["export", str(run), str(tmp_path / "pipeline"), "--diffusers"]) == 2
+    assert f"{run / 'classes.json'} is not a JSON list of class names" in capsys.readouterr().err
+    assert not (tmp_path / "pipeline").exists()

@@ -199,3 +199,12 @@ def test_released_with_an_ema_is_refused_with_the_right_fix(run, tmp_path, capsy
     for ema in ("raw", "1"):
         assert main(["export", str(run), str(tmp_path / "out.pth"), "--released", "--ema", ema]) == 2
         assert "--released writes the raw weights and both EMAs: leave --ema out" in capsys.readouterr().err
+
+
+def test_a_failed_hub_export_writes_nothing_and_names_the_file(tmp_path, capsys):
+    run = save_run(tmp_path / "run", "JiT-Micro/8")
+    (run / "log.jsonl").write_text('{"step": 4, "eval": {"fid": 80.5}}\n{"step": 8, "ev')  # a killed writer
+    out = tmp_path / "hub"
+    assert main(["export", str(run), str(out), "--hub"]) == 2
+    assert f"{run / 'log.jsonl'} line 2 is not JSON" in capsys.readouterr().err
+    assert not out.exists()
