@@ -14,9 +14,10 @@ from helpers import save_run
 
 from pixelrepa.cli.main import main
 from pixelrepa.interop.diffusers_export import CODE
-from pixelrepa.loading import load_model
+from pixelrepa.loading import load_backbone_state, load_model
 from pixelrepa.rng import image_generator
 from pixelrepa.sampling import class_layout, generate, image_noise, sample
+from pixelrepa.weights import save_model_file
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -138,3 +139,12 @@ def test_a_failed_export_writes_nothing_and_names_the_file(tmp_path, capsys):
     assert main(["export", str(run), str(tmp_path / "pipeline"), "--diffusers"]) == 2
     assert f"{run / 'classes.json'} is not a JSON list of class names" in capsys.readouterr().err
     assert not (tmp_path / "pipeline").exists()
+
+
+def test_a_sampler_the_pipeline_does_not_have_is_refused(exported, tmp_path, capsys):
+    config, state, _ = load_backbone_state(exported[0])
+    for setting in ({"sampler.schedule": "shifted"}, {"sampler.method": "dpm2m"}):
+        model = save_model_file(tmp_path / "model.safetensors", config.replace(**setting), {"net": state})
+        assert main(["export", str(model), str(tmp_path / "pipeline"), "--diffusers"]) == 2
+        assert f"'{next(iter(setting.values()))}': sample it with `pixelrepa sample`" in capsys.readouterr().err
+        assert not (tmp_path / "pipeline").exists()

@@ -10,7 +10,8 @@
 the three Python files are copied from `diffusers_files/`, which import only torch, diffusers and PIL.
 The transformer's configuration fields and weight names follow diffusers' `JiTTransformer2DModel`
 (diffusers pull request 13098); `TRANSFORMER_CONFIG` and `_WEIGHT_RULES` are the mapping from ours.
-The mask token (the PixelREPA adapter's, unused in sampling) is left out.
+The mask token (the PixelREPA adapter's, unused in sampling) is left out. The pipeline has the
+uniform time grid and Heun / Euler steps only: a model with another sampler is refused.
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ def export_diffusers(source: str | Path, out: str | Path, ema: int | str | None 
     if method not in ("heun", "euler"):
         raise ValueError(f"the exported pipeline samples with heun or euler; this model's sampler.method is "
                          f"'{method}': sample it with `pixelrepa sample`")
+    if config.sampler.schedule != "uniform":
+        raise ValueError(f"the exported pipeline samples on the uniform time grid; this model's sampler.schedule "
+                         f"is '{config.sampler.schedule}': sample it with `pixelrepa sample`")
     model = {theirs: getattr(config.model, ours) for ours, theirs in TRANSFORMER_CONFIG.items()}
     weights = transformer_state(state, config.model.in_context_len)
     id2label = {str(k): name for k, name in enumerate(class_names(config, origin))}  # read before the first write
