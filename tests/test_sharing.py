@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import huggingface_hub
+import huggingface_hub.constants
 import pytest
 import torch
 from helpers import FIXTURES, STEP, load_released, save_run
@@ -139,6 +140,9 @@ def test_a_cached_hub_id_loads_offline_in_the_library_and_the_commands(run, tmp_
     assert loaded.source["path"].startswith(str(offline_cache))
     assert torch.equal(outputs(loaded.net), outputs(load_model(run).net))
     assert load_head("someone/pixelrepa-micro", loaded.config)[0] is None  # a sampling export: backbone only
+    assert load_model("someone/pixelrepa-micro@main").source["path"] == loaded.source["path"]  # refs/main
+    with pytest.raises(FileNotFoundError, match="someone/pixelrepa-micro@v2, and as a Hugging Face Hub id"):
+        load_model("someone/pixelrepa-micro@v2")  # a revision that is not cached
 
     grid = tmp_path / "grid.png"
     assert main(["sample", "someone/pixelrepa-micro", str(grid), "--classes", "1", "--per-class", "1",
