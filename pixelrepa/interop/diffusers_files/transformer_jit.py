@@ -6,8 +6,8 @@ t in [0, 1] (0: noise, 1: image). Patches are embedded through a bottleneck, a f
 is added, the blocks (adaLN-Zero, qk RMSNorm, 2-D RoPE, SwiGLU) run with `in_context_len` class tokens
 prepended before block `in_context_start`, and the image tokens are projected back to pixels.
 
-The configuration fields and weight names are those of diffusers' `JiTTransformer2DModel` (diffusers
-pull request 13098), so that these weights also load into that class.
+The configuration fields and weight names are those of diffusers' proposed `JiTTransformer2DModel`
+(diffusers pull request 13098, unmerged), so that these weights should load into that class once it ships.
 """
 
 import math
