@@ -5,6 +5,8 @@ packs to the same bytes; bad input is skipped or refused by the folder's policy.
 from __future__ import annotations
 
 import io
+import os
+import tarfile
 import json
 import zipfile
 from pathlib import Path
@@ -177,3 +179,62 @@ def test_an_interrupted_pack_of_shards_resumes_to_the_same_bytes(image_set, tmp_
     write_shards(tmp_path / "other", image_set[:6])
     with pytest.raises(ValueError, match="already holds a finished pack"):
         pack_source(tmp_path / "other", tmp_path / "resumed", SIZE)
+
+
+def test_reading_shards_keeps_one_shard_open_at_a_time(image_set, tmp_path):
+    reader = open_source(write_shards(tmp_path / "shards", image_set, per_shard=2), SIZE)  # 4 shards
+    before = len(os.listdir("/proc/self/fd"))
+    for index in range(len(reader)):
+        reader[index]
+    assert len(os.listdir("/proc/self/fd")) - before <= 1  # a pack of thousands of shards stays under the fd limit
+
+
+def test_a_truncated_shard_is_refused_naming_it(image_set, tmp_path):
+    shards = write_shards(tmp_path / "shards", image_set, per_shard=4)
+    data = (shards / "train-0000.tar").read_bytes()
+    with tarfile.open(shards / "train-0000.tar") as tar:
+        third = [member for member in tar][4]  # the first member of the third sample: cut just before it
+    (shards / "train-0000.tar").write_bytes(data[:third.offset])
+    with pytest.raises(ValueError, match=r"train-0000.tar ends after sample 'sample000001' without .*truncated"):
+        open_source(shards, SIZE)
+
+
+def test_a_folder_of_several_splits_is_refused(image_set, tmp_path):
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    hf_dataset(image_set[:4]).to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
+    hf_dataset(image_set[4:]).to_parquet(str(tmp_path / "hub" / "data" / "test-00000-of-00001.parquet"))
+    with pytest.raises(ValueError, match=r"several splits \(test: 1 file, train: 1 file\).*data/\*train\*.parquet"):
+        open_source(tmp_path / "hub", SIZE)
+    assert len(open_source(str(tmp_path / "hub" / "data" / "*train*.parquet"), SIZE)) == 4
+
+    for split in ("train", "validation"):
+        with wds.TarWriter(str(tmp_path / f"imagenet-{split}-000000.tar")) as writer:
+            writer.write({"__key__": split, "png": image_set[0][0], "cls": 0})
+    with pytest.raises(ValueError, match=r"several splits \(train: 1 file, validation: 1 file\)"):
+        open_source(tmp_path, SIZE)
+
+
+def test_a_path_with_glob_characters_is_a_path(image_set, tmp_path):
+    shards = write_shards(tmp_path / "shards [v2]", image_set)
+    assert len(open_source(shards, SIZE)) == len(image_set)
+
+
+def test_several_label_or_image_columns_must_be_named(image_set, tmp_path):
+    features = datasets.Features({"image": datasets.Image(), "fine_label": datasets.ClassLabel(names=CLASSES),
+                                  "coarse_label": datasets.ClassLabel(names=["pet", "wild"])})
+    table = datasets.Dataset.from_dict({"image": [{"bytes": data, "path": None} for data, _ in image_set],
+                                        "fine_label": [label for _, label in image_set],
+                                        "coarse_label": [int(label == 2) for _, label in image_set]},
+                                       features=features)
+    table.save_to_disk(str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match=r"several label columns \(fine_label, coarse_label\); name one with "
+                                         "--label-column"):
+        open_source(tmp_path / "hf", SIZE)
+    reader = open_source(tmp_path / "hf", SIZE, label_column="coarse_label")
+    assert reader.class_names == ["pet", "wild"] and list(reader.labels) == [0, 0, 0, 0, 0, 1, 1]
+
+
+def test_edm2_labels_that_are_not_name_label_pairs_are_refused(image_set, tmp_path):
+    for k, labels in enumerate(([label for _, label in image_set], {"00000/img00000000.png": 0})):
+        with pytest.raises(ValueError, match=r"dataset.json: 'labels' is not a list of \[file name, label\] pairs"):
+            open_source(write_edm2_zip(tmp_path / f"e{k}.zip", image_set, labels), SIZE)

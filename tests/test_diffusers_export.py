@@ -14,9 +14,10 @@ from helpers import save_run
 
 from pixelrepa.cli.main import main
 from pixelrepa.interop.diffusers_export import CODE
-from pixelrepa.loading import load_model
+from pixelrepa.loading import load_backbone_state, load_model
 from pixelrepa.rng import image_generator
 from pixelrepa.sampling import class_layout, generate, image_noise, sample
+from pixelrepa.weights import save_model_file
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -117,3 +118,33 @@ def test_export_without_diffusers_says_how_to_install_it(exported, tmp_path, mon
     assert main(["export", str(exported[0]), str(tmp_path / "pipeline"), "--diffusers"]) != 0
     assert "pip install 'pixelrepa[diffusers]'" in capsys.readouterr().err
     assert not (tmp_path / "pipeline").exists()
+
+
+def test_a_bfloat16_pipeline_samples_what_the_float32_one_does(exported, pipe):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        half = diffusers.DiffusionPipeline.from_pretrained(exported[1], trust_remote_code=True,
+                                                           dtype=torch.bfloat16)
+    half.set_progress_bar_config(disable=True)
+    assert half.transformer.dtype == torch.bfloat16
+    call = dict(class_labels=[3, 8], num_inference_steps=2, output_type="pt")
+    theirs = half(generator=torch.manual_seed(0), **call).images
+    ours = pipe(generator=torch.manual_seed(0), **call).images
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=0.05)
+
+
+def test_a_failed_export_writes_nothing_and_names_the_file(tmp_path, capsys):
+    run = save_run(tmp_path / "run", "JiT-Micro/8")
+    (run / "classes.json").write_text('["zero", "one"')
+    assert main(["export", str(run), str(tmp_path / "pipeline"), "--diffusers"]) == 2
+    assert f"{run / 'classes.json'} is not a JSON list of class names" in capsys.readouterr().err
+    assert not (tmp_path / "pipeline").exists()
+
+
+def test_a_sampler_the_pipeline_does_not_have_is_refused(exported, tmp_path, capsys):
+    config, state, _ = load_backbone_state(exported[0])
+    for setting in ({"sampler.schedule": "shifted"}, {"sampler.method": "dpm2m"}):
+        model = save_model_file(tmp_path / "model.safetensors", config.replace(**setting), {"net": state})
+        assert main(["export", str(model), str(tmp_path / "pipeline"), "--diffusers"]) == 2
+        assert f"'{next(iter(setting.values()))}': sample it with `pixelrepa sample`" in capsys.readouterr().err
+        assert not (tmp_path / "pipeline").exists()

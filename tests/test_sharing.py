@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import huggingface_hub
+import huggingface_hub.constants
 import pytest
 import torch
 from helpers import FIXTURES, STEP, load_released, save_run
@@ -139,6 +140,9 @@ def test_a_cached_hub_id_loads_offline_in_the_library_and_the_commands(run, tmp_
     assert loaded.source["path"].startswith(str(offline_cache))
     assert torch.equal(outputs(loaded.net), outputs(load_model(run).net))
     assert load_head("someone/pixelrepa-micro", loaded.config)[0] is None  # a sampling export: backbone only
+    assert load_model("someone/pixelrepa-micro@main").source["path"] == loaded.source["path"]  # refs/main
+    with pytest.raises(FileNotFoundError, match="someone/pixelrepa-micro@v2, and as a Hugging Face Hub id"):
+        load_model("someone/pixelrepa-micro@v2")  # a revision that is not cached
 
     grid = tmp_path / "grid.png"
     assert main(["sample", "someone/pixelrepa-micro", str(grid), "--classes", "1", "--per-class", "1",
@@ -165,13 +169,46 @@ def test_push_refuses_without_a_token_before_writing(run, tmp_path, monkeypatch,
     assert not out.exists()
 
 
-def test_push_uploads_the_folder_through_huggingface_hub(run, tmp_path, monkeypatch):
-    calls = []
+def test_push_refuses_offline_or_a_bad_repository_id_before_writing(run, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)))
+    out = tmp_path / "hub"
+    assert main(["export", str(run), str(out), "--hub", "--push", "someone/model@main"]) == 2
+    assert "--push someone/model@main: not a Hub repository id" in capsys.readouterr().err
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert main(["export", str(run), str(out), "--diffusers", "--push", "someone/model"]) == 2
+    assert "--push someone/model: HF_HUB_OFFLINE is set" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_push_uploads_the_folder_through_huggingface_hub(run, tmp_path, monkeypatch, capsys):
+    calls = []
+    endpoint = "https://hub.example.org"  # HF_ENDPOINT: the URL printed is the one the Hub gives back
+
+    def create_repo(self, repo_id, **kw):
+        calls.append(("create", repo_id, kw))
+        return huggingface_hub.RepoUrl(f"{endpoint}/{repo_id}", endpoint=endpoint)
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
                         lambda self, **kw: calls.append(("upload", kw["repo_id"], sorted(p.name for p in Path(kw["folder_path"]).iterdir()))))
     out = tmp_path / "hub"
     assert main(["export", str(run), str(out), "--hub", "--push", "someone/model", "--private"]) == 0
     assert calls == [("create", "someone/model", {"private": True, "exist_ok": True}),
                      ("upload", "someone/model", ["README.md", "config.json", "model.safetensors"])]
+    assert f"to {endpoint}/someone/model" in capsys.readouterr().out
+
+
+def test_released_with_an_ema_is_refused_with_the_right_fix(run, tmp_path, capsys):
+    for ema in ("raw", "1"):
+        assert main(["export", str(run), str(tmp_path / "out.pth"), "--released", "--ema", ema]) == 2
+        assert "--released writes the raw weights and both EMAs: leave --ema out" in capsys.readouterr().err
+
+
+def test_a_failed_hub_export_writes_nothing_and_names_the_file(tmp_path, capsys):
+    run = save_run(tmp_path / "run", "JiT-Micro/8")
+    (run / "log.jsonl").write_text('{"step": 4, "eval": {"fid": 80.5}}\n{"step": 8, "ev')  # a killed writer
+    out = tmp_path / "hub"
+    assert main(["export", str(run), str(out), "--hub"]) == 2
+    assert f"{run / 'log.jsonl'} line 2 is not JSON" in capsys.readouterr().err
+    assert not out.exists()

@@ -63,15 +63,15 @@ def run(args: argparse.Namespace) -> int:
         if args.push is not None:
             print(f"uploaded {output} to {push_to_hub(output, args.push, args.private)}")
         return 0
+    if args.released and args.ema is not None:
+        raise ValueError("--released writes the raw weights and both EMAs: leave --ema out")
     if ema == "raw":
-        raise ValueError("--ema raw: a sampling model file or the released layout takes an EMA (1 or 2); the raw "
-                         "weights go into --hub / --diffusers exports, or into --released's 'model'")
+        raise ValueError("--ema raw: a sampling model file takes an EMA (1 or 2); the raw weights go into "
+                         "--hub / --diffusers exports, or into --released's 'model'")
     source = find_checkpoint(args.checkpoint)
     if args.released:
         from pixelrepa.interop.released import export_released
 
-        if args.ema is not None:
-            raise ValueError("--released writes the raw weights and both EMAs: leave --ema out")
         export_released(source, output)
         print(f"wrote {output}: model (raw), model_ema1, model_ema2, epoch, args from {source} (released layout)")
         return 0

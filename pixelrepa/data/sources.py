@@ -12,23 +12,28 @@ byte-identical `images.u8` and `labels.i64` whatever form they came in.
   pyarrow): rows in order, an image column (the `Image` feature, a {bytes, path} struct or plain
   bytes) and a label column (integers, or strings numbered in sorted order). Both columns are
   found from the features `datasets` stores (`Image`, `ClassLabel`) or by their names (`IMAGE_NAMES`,
-  `LABEL_NAMES`), or are named with `image_column` / `label_column`. Class names come from the
-  `ClassLabel` feature when there is one.
+  `LABEL_NAMES`), or are named with `image_column` / `label_column` (they must be where several
+  columns qualify). Class names come from the `ClassLabel` feature when there is one.
 - WebDataset tar shards (a `.tar` file, a folder of them or a glob such as `train-*.tar`; shards in
   sorted order, samples in tar order), as timm's `wds` reader expects them: the members of a sample
   share the key (the name up to the first dot of its base name), the image is its `jpg`, `jpeg`,
   `png` or `webp` member, the label the integer text of its `cls` member. Read with `tarfile`:
-  the shards are indexed once (member offsets), then any sample is one seek.
+  the shards are indexed once (member offsets), then any sample is one seek. A shard without the
+  tar end-of-archive marker (truncated) is refused.
 - An EDM2 / REPA `dataset_tool.py` output, a zip or a folder: image files (sorted by their path
   inside it) and `dataset.json` with `{"labels": [[name, label], ...]}`.
 
+A folder whose parquet files or shards belong to several splits (`train`, `validation`, `test` in
+their names, as `datasets` reads them) is refused: pass one split's folder or a glob.
+
 Class names of integer labels without names are "0" .. "K-1", K = the largest label + 1.
 
-Bad input, as for folders: an image that does not decode is left out, counted and named in the
-manifest's `skipped` (and the pack report). A sample without a label, a label that is not a
-non-negative integer, or a sample without an image stops the pack before anything is written, with an
-error naming the shard (file) and the key (row or member name). The `datasets` and parquet readers
-need the optional packages (`pip install 'pixelrepa[data]'`); a missing one is named with that fix.
+Bad input, as for folders: an image that does not decode, or an empty image cell of a table, is left
+out, counted and named in the manifest's `skipped` (and the pack report). A sample without a label, a
+label that is not a non-negative integer, or a shard's sample without an image stops the pack before
+anything is written, with an error naming the shard (file) and the key (row or member name). The
+`datasets` and parquet readers need the optional packages (`pip install 'pixelrepa[data]'`); a
+missing one is named with that fix.
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 """WebDataset member extensions holding the image, in order of preference."""
 WDS_LABEL_KEY = "cls"
 EDM2_LABELS = "dataset.json"
+SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
+               "test": ("test", "testing", "eval", "evaluation")}
+"""The words that name a split in file and folder names (those `datasets` looks for), by split."""
 KINDS = {"datasets": "a Hugging Face datasets folder", "parquet": "parquet files", "webdataset": "WebDataset shards",
          "edm2": "an EDM2 / REPA data set", "folder": "an image folder"}
 """The forms `recognise` tells apart."""
@@ -96,8 +104,9 @@ def open_source(src: str | Path, size: int, image_column: str | None = None,
 
 
 def recognise(src: str | Path) -> tuple[str, list[Path]]:
-    """What `src` is (a key of `KINDS`) and its files."""
-    if glob.has_magic(str(src)):
+    """What `src` is (a key of `KINDS`) and its files. A path that exists is taken as it is, even
+    with glob characters (`[`, `*`, `?`) in its name."""
+    if not Path(src).exists() and glob.has_magic(str(src)):
         files = [Path(p) for p in sorted(glob.glob(str(src)))]
         suffixes = {p.suffix.lower() for p in files}
         if not files:
@@ -126,11 +135,34 @@ def recognise(src: str | Path) -> tuple[str, list[Path]]:
         return "edm2", [path]
     shards = sorted(path.glob("*.tar"))
     if shards:
-        return "webdataset", shards
+        return "webdataset", _one_split(path, shards, "WebDataset shards")
     tables = sorted(path.rglob("*.parquet"))
     if tables:
-        return "parquet", tables
+        return "parquet", _one_split(path, tables, "parquet files")
     return "folder", [path]
+
+
+def _one_split(folder: Path, files: list[Path], what: str) -> list[Path]:
+    """`files`, after refusing files of several splits: a split is named by a `SPLIT_WORDS` word
+    between separators (`-._ `, digits, `/`) in the file's path inside `folder`, as `datasets` reads
+    Hub repositories (`data/train-00000-of-00002.parquet`, `imagenet-val-000001.tar`)."""
+    splits: dict[str, list[tuple[Path, int, str]]] = {}
+    for file in files:
+        parts = file.relative_to(folder).with_suffix("").parts
+        for depth, part in enumerate(parts):
+            words = set(re.split(r"[-._ 0-9]+", part.lower()))
+            named = [(split, word) for split, names in SPLIT_WORDS.items() for word in names if word in words]
+            if named:
+                splits.setdefault(named[0][0], []).append((file, depth, named[0][1]))
+                break
+    if len(splits) < 2:
+        return files
+    counts = ", ".join(f"{split}: {len(found)} file{'s' * (len(found) > 1)}" for split, found in sorted(splits.items()))
+    file, depth, word = splits["train" if "train" in splits else min(splits)][0]
+    parts = file.relative_to(folder).parts
+    example = folder.joinpath(*parts[:depth + 1]) if depth < len(parts) - 1 else file.parent / f"*{word}*{file.suffix}"
+    raise ValueError(f"{folder} holds {what} of several splits ({counts}); pack one split: its folder or a glob "
+                     f"naming its files, e.g. '{example}'")
 
 
 class LabelledImages(ABC):
@@ -203,6 +235,8 @@ def _choose_columns(schema, features: dict, where: str, image_column: str | None
         if not found:
             raise ValueError(f"{where}: no {role} column found among {', '.join(names)}; name it with "
                              f"--{role}-column")
+        if len(found) > 1:
+            raise ValueError(f"{where}: several {role} columns ({', '.join(found)}); name one with --{role}-column")
         return found[0]
 
     image = pick(image_column, "image", lambda n: (features.get(n) or {}).get("_type") == "Image",
@@ -363,18 +397,22 @@ class WebDatasetShards(LabelledImages):
         self.source_hash = _digest("webdataset", [[s, os.path.getsize(s)] for s in self.shards], listing)
 
     @staticmethod
-    def _samples(shard: Path):
-        """(key, {extension: (data offset, bytes)}, cls text or None) per sample, in tar order."""
-        key, members, label = None, {}, None
+    def _samples(shard: Path) -> list[tuple[str, dict[str, tuple[int, int]], str | None]]:
+        """(key, {extension: (data offset, bytes)}, cls text or None) per sample, in tar order.
+
+        A shard cut at a member boundary reads as a shorter tar (`tarfile` stops at the missing
+        header): the block after the last member must be the end-of-archive marker (zeros)."""
+        samples, key, members, label, end = [], None, {}, None, 0
         try:
             with tarfile.open(shard, "r:") as tar:
                 for member in tar:
+                    end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                     match = _WDS_NAME.match(member.name)
                     if not member.isfile() or match is None or os.path.basename(member.name).startswith("__"):
                         continue
                     if match[1] != key:
                         if key is not None:
-                            yield key, members, label
+                            samples.append((key, members, label))
                         key, members, label = match[1], {}, None
                     extension = match[2].lower()
                     members[extension] = (member.offset_data, member.size)
@@ -382,15 +420,23 @@ class WebDatasetShards(LabelledImages):
                         label = tar.extractfile(member).read().decode("utf-8", "replace")
         except tarfile.TarError as err:
             raise ValueError(f"{shard} is not a readable tar shard: {err}") from None
+        with open(shard, "rb") as file:
+            file.seek(end)
+            if file.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+                raise ValueError(f"{shard} ends after sample {key!r} without the tar end-of-archive marker: it is "
+                                 "truncated; download or write it again")
         if key is not None:
-            yield key, members, label
+            samples.append((key, members, label))
+        return samples
 
     def encoded(self, index: int) -> tuple[bytes, str]:
         shard, offset, length, key = self.places[index]
-        files = self.__dict__.setdefault("_open_files", {})
-        if shard not in files:
-            files[shard] = open(self.shards[shard], "rb")
-        handle = files[shard]
+        opened = getattr(self, "_open_shard", None)
+        if opened is None or opened[0] != shard:  # items are read in order: one shard open at a time
+            if opened is not None:
+                opened[1].close()
+            opened = self._open_shard = (shard, open(self.shards[shard], "rb"))
+        handle = opened[1]
         handle.seek(offset)
         return handle.read(length), f"{self.shards[shard]} sample {key!r}"
 
@@ -423,6 +469,9 @@ class Edm2Images(LabelledImages):
         if listed is None:
             raise ValueError(f"{path}/{EDM2_LABELS} has \"labels\": null (an unconditional set); pixelrepa trains "
                              "class-conditional models and needs a label per image")
+        if not isinstance(listed, list) or not all(isinstance(pair, list) and len(pair) == 2 for pair in listed):
+            raise ValueError(f"{path}/{EDM2_LABELS}: 'labels' is not a list of [file name, label] pairs (EDM2's "
+                             "dataset_tool.py format)")
         by_name = {str(name).replace("\\", "/"): label for name, label in listed}
         self.names = sorted(n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
         if not self.names:

@@ -10,7 +10,8 @@
 the three Python files are copied from `diffusers_files/`, which import only torch, diffusers and PIL.
 The transformer's configuration fields and weight names follow diffusers' `JiTTransformer2DModel`
 (diffusers pull request 13098); `TRANSFORMER_CONFIG` and `_WEIGHT_RULES` are the mapping from ours.
-The mask token (the PixelREPA adapter's, unused in sampling) is left out.
+The mask token (the PixelREPA adapter's, unused in sampling) is left out. The pipeline has the
+uniform time grid and Heun / Euler steps only: a model with another sampler is refused.
 """
 
 from __future__ import annotations
@@ -84,11 +85,15 @@ def export_diffusers(source: str | Path, out: str | Path, ema: int | str | None 
     if method not in ("heun", "euler"):
         raise ValueError(f"the exported pipeline samples with heun or euler; this model's sampler.method is "
                          f"'{method}': sample it with `pixelrepa sample`")
+    if config.sampler.schedule != "uniform":
+        raise ValueError(f"the exported pipeline samples on the uniform time grid; this model's sampler.schedule "
+                         f"is '{config.sampler.schedule}': sample it with `pixelrepa sample`")
+    model = {theirs: getattr(config.model, ours) for ours, theirs in TRANSFORMER_CONFIG.items()}
+    weights = transformer_state(state, config.model.in_context_len)
+    id2label = {str(k): name for k, name in enumerate(class_names(config, origin))}  # read before the first write
     out = Path(out)
     for folder in (out / "transformer", out / "scheduler"):
         folder.mkdir(parents=True, exist_ok=True)
-    model = {theirs: getattr(config.model, ours) for ours, theirs in TRANSFORMER_CONFIG.items()}
-    weights = transformer_state(state, config.model.in_context_len)
     atomic_write(out / "transformer" / "diffusion_pytorch_model.safetensors",
                  lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
     _write_json(out / "transformer" / "config.json",
@@ -100,7 +105,7 @@ def export_diffusers(source: str | Path, out: str | Path, ema: int | str | None 
     _write_json(out / "model_index.json", {
         "_class_name": ["pipeline_jit", "JiTPipeline"], "_diffusers_version": version,
         "transformer": ["transformer_jit", "JiTTransformer2DModel"], "scheduler": ["scheduler_jit", "JiTFlowScheduler"],
-        "id2label": {str(k): name for k, name in enumerate(class_names(config, origin))},
+        "id2label": id2label,
         "guidance_scale": s.cfg_scale, "guidance_interval": [s.interval_min, s.interval_max],
         "num_inference_steps": s.steps})
     for name, folder in (("pipeline_jit.py", out), ("transformer_jit.py", out / "transformer"),
@@ -115,7 +120,10 @@ def class_names(config: RunConfig, origin: dict) -> list[str]:
     if origin["kind"] == "training checkpoint":
         names = Path(origin["path"]).parent.parent / "classes.json"
         if names.is_file():
-            listed = json.loads(names.read_text())
+            try:
+                listed = json.loads(names.read_text())
+            except ValueError as err:
+                raise ValueError(f"{names} is not a JSON list of class names ({err})") from None
             if len(listed) == config.model.num_classes:
                 return [str(name) for name in listed]
     return [str(k) for k in range(config.model.num_classes)]

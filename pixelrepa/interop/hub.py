@@ -31,6 +31,11 @@ def export_hub(source: str | Path, out: str | Path, ema: int | str | None = None
     file) to `out` and return it."""
     hub = require_huggingface_hub()
     config, state, origin = load_backbone_state(source, ema)
+    step = origin.get("step")
+    evaluation = None
+    if origin["kind"] == "training checkpoint" and origin["weights"] == "ema1":
+        evaluation = run_evaluation(Path(origin["path"]).parent.parent, step, config)
+    card = model_card(hub, config, step, origin, evaluation)  # everything read before the first write
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     provenance = {k: v for k, v in origin.items() if k in ("path", "weights", "step")} | origin.get("provenance", {})
@@ -38,11 +43,7 @@ def export_hub(source: str | Path, out: str | Path, ema: int | str | None = None
     write_text_atomic(out / "config.json", json.dumps(
         {"library_name": LIBRARY_NAME, "format": FORMAT, "pixelrepa_version": __version__,
          "config": config.to_dict()}, indent=2) + "\n")
-    step = origin.get("step")
-    evaluation = None
-    if origin["kind"] == "training checkpoint" and origin["weights"] == "ema1":
-        evaluation = run_evaluation(Path(origin["path"]).parent.parent, step, config)
-    write_text_atomic(out / "README.md", model_card(hub, config, step, origin, evaluation))
+    write_text_atomic(out / "README.md", card)
     return out
 
 
@@ -52,8 +53,14 @@ def run_evaluation(run_dir: Path, step: int | None, config: RunConfig) -> dict[s
     log = run_dir / "log.jsonl"
     if not log.is_file():
         return None
-    records = [entry for entry in map(json.loads, filter(str.strip, log.read_text().splitlines()))
-               if "eval" in entry and (step is None or entry["step"] <= step)]
+    records = []
+    for number, line in enumerate(log.read_text().splitlines(), start=1):
+        try:
+            entry = json.loads(line) if line.strip() else {}
+        except ValueError as err:
+            raise ValueError(f"{log} line {number} is not JSON ({err}); remove or repair that line") from None
+        if "eval" in entry and (step is None or entry["step"] <= step):
+            records.append(entry)
     if not records:
         return None
     last = records[-1]
@@ -121,17 +128,28 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
     Refused before anything is sent when no token is configured (`require_token`)."""
     hub = require_token(repo_id)
     api = hub.HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True)
+    url = api.create_repo(repo_id, private=private, exist_ok=True)  # a RepoUrl on the configured endpoint
     api.upload_folder(folder_path=str(folder), repo_id=repo_id,
                       commit_message=f"pixelrepa {__version__} export")
-    return f"https://huggingface.co/{repo_id}"
-
+    return str(url)
 
 
 def require_token(repo_id: str):
-    """The `huggingface_hub` module once a token is configured; a ValueError saying how to configure one
-    (called before anything is written, so a refused push leaves nothing behind)."""
+    """The `huggingface_hub` module once `repo_id` is a valid repository id, the Hub is not switched
+    off (`HF_HUB_OFFLINE`) and a token is configured; else a ValueError saying what to change (called
+    before anything is written, so a refused push leaves nothing behind)."""
     hub = require_huggingface_hub()
+    from huggingface_hub import constants
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except hub.errors.HFValidationError as err:
+        raise ValueError(f"--push {repo_id}: not a Hub repository id ({err}); give ORG/NAME, without "
+                         "@revision") from None
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"--push {repo_id}: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it "
+                         "(nothing was written or uploaded)")
     if hub.get_token() is None:
         raise ValueError(f"--push {repo_id}: no Hugging Face token is configured (run `hf auth login` or set "
                          "HF_TOKEN); nothing was written or uploaded")

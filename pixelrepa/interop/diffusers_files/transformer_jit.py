@@ -6,8 +6,8 @@ t in [0, 1] (0: noise, 1: image). Patches are embedded through a bottleneck, a f
 is added, the blocks (adaLN-Zero, qk RMSNorm, 2-D RoPE, SwiGLU) run with `in_context_len` class tokens
 prepended before block `in_context_start`, and the image tokens are projected back to pixels.
 
-The configuration fields and weight names are those of diffusers' `JiTTransformer2DModel` (diffusers
-pull request 13098), so that these weights also load into that class.
+The configuration fields and weight names are those of diffusers' proposed `JiTTransformer2DModel`
+(diffusers pull request 13098, unmerged), so that these weights should load into that class once it ships.
 """
 
 import math
@@ -118,7 +118,7 @@ class JiTPatchEmbed(nn.Module):
 
 
 class JiTTimestepEmbedder(nn.Module):
-    """256 sinusoids of the raw t (cos first), then Linear-SiLU-Linear."""
+    """256 sinusoids of the raw t (cos first, in float32), then Linear-SiLU-Linear in the weights' dtype."""
 
     def __init__(self, dim, frequencies=256):
         super().__init__()
@@ -129,7 +129,7 @@ class JiTTimestepEmbedder(nn.Module):
         half = self.frequencies // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         angles = t.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1))
+        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1).to(self.mlp[0].weight.dtype))
 
 
 class JiTLabelEmbedder(nn.Module):
@@ -174,7 +174,8 @@ class JiTTransformer2DModel(ModelMixin, ConfigMixin):
         cfg = self.config
         y = self.y_embedder(class_labels)
         c = self.t_embedder(timestep) + y
-        x = self.x_embedder(hidden_states) + self.pos_embed
+        x = self.x_embedder(hidden_states)
+        x = x + self.pos_embed.to(x.dtype)  # buffers keep float32 under from_pretrained(dtype=...)
         for i, block in enumerate(self.blocks):
             if i == cfg.in_context_start and cfg.in_context_len > 0:
                 x = torch.cat([y.unsqueeze(1) + self.in_context_posemb, x], dim=1)
