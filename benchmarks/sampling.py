@@ -13,6 +13,7 @@ network images each path actually evaluates (printed per image).
 from __future__ import annotations
 
 import argparse
+import functools
 from typing import Callable
 
 import torch
@@ -108,7 +109,7 @@ def main() -> None:
         reference_net.load_state_dict(nets["reference"].state_dict())
         with torch.no_grad(), autocast_for(device):
             t = torch.full((batch,), 0.5, device=device)
-            forward_flops = count_flops(lambda: reference_net(noise, t, labels)) / batch  # per network image
+            forward_flops = count_flops(functools.partial(reference_net, noise, t, labels)) / batch  # per network image
         del reference_net
         counters = {name: [0] for name in paths}
         runs, peaks = {}, {}
