@@ -13,10 +13,11 @@ import torch
 from helpers import save_run
 
 from pixelrepa.cli.main import main
+from pixelrepa.config import SamplerConfig
 from pixelrepa.interop.diffusers_export import CODE
 from pixelrepa.loading import load_backbone_state, load_model
 from pixelrepa.rng import image_generator
-from pixelrepa.sampling import class_layout, generate, image_noise, sample
+from pixelrepa.sampling import class_layout, generate, image_noise, sample, time_grid
 from pixelrepa.weights import save_model_file
 
 diffusers = pytest.importorskip("diffusers")
@@ -141,10 +142,77 @@ def test_a_failed_export_writes_nothing_and_names_the_file(tmp_path, capsys):
     assert not (tmp_path / "pipeline").exists()
 
 
-def test_a_sampler_the_pipeline_does_not_have_is_refused(exported, tmp_path, capsys):
+def pipeline_and_ours(loaded, pipe, sampler, classes, seed=5, **call):
+    """The pipeline's images (output_type 'pt') and pixelrepa's sampler's from the same noise, in [0, 1]."""
+    config, net, _ = loaded
+    noise = torch.stack([image_noise(config, seed, k) for k in range(len(classes))])
+    ours = sample(net, noise, torch.tensor(classes), config.model.num_classes, sampler, config.objective.t_eps)
+    theirs = pipe(class_labels=classes, generator=[image_generator(seed, k) for k in range(len(classes))],
+                  output_type="pt", **call).images
+    return theirs, (ours / 2 + 0.5).clamp(0, 1)
+
+
+@pytest.mark.parametrize("method, steps, schedule, cfg, interval", [
+    ("dpm2m", 4, "uniform", 3.0, (0.3, 0.8)),  # the history restarts entering and leaving the interval
+    ("dpm3m", 5, "uniform", 3.0, (0.1, 1.0)),  # third order once inside the interval
+    ("dpm2m", 4, "shifted", 2.0, (0.1, 1.0)),
+    ("dpm2m", 4, "edm", 2.0, (0.1, 1.0)),
+])
+def test_multistep_solvers_and_grids_sample_what_pixelrepa_samples(loaded, pipe, method, steps, schedule, cfg,
+                                                                   interval):
+    sampler = dataclasses.replace(loaded[0].sampler, method=method, steps=steps, schedule=schedule, cfg_scale=cfg,
+                                  interval_min=interval[0], interval_max=interval[1])
+    theirs, ours = pipeline_and_ours(loaded, pipe, sampler, [2, 7], num_inference_steps=steps, method=method,
+                                     schedule=schedule, guidance_scale=cfg, guidance_interval=interval)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=2e-5)
+
+
+def test_the_runs_solver_and_grid_are_the_pipelines_defaults(loaded, tmp_path):
+    config, _, _ = loaded
+    config = config.replace(**{"sampler.method": "dpm3m", "sampler.multistep_in": "log_snr", "sampler.steps": 5,
+                               "sampler.schedule": "shifted", "sampler.shift": 0.5, "sampler.cfg_scale": 2.0,
+                               "sampler.interval_min": 0.0})
+    model = save_model_file(tmp_path / "model.safetensors", config, {"net": loaded[1].state_dict()})
+    assert main(["export", str(model), str(tmp_path / "pipeline"), "--diffusers"]) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        pipeline = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "pipeline", trust_remote_code=True)
+    pipeline.set_progress_bar_config(disable=True)
+    s = config.sampler
+    assert {k: pipeline.scheduler.config[k] for k in ("method", "multistep_in", "schedule", "shift")} == \
+        {"method": s.method, "multistep_in": s.multistep_in, "schedule": s.schedule, "shift": s.shift}
+    theirs, ours = pipeline_and_ours(loaded, pipeline, s, [4, 1])
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("schedule, settings", [
+    ("uniform", {}), ("shifted", {"shift": 0.5}), ("shifted", {"shift": 3.0}),
+    ("edm", {"rho": 5.0, "sigma_min": 0.01, "sigma_max": 20.0}),
+])
+def test_the_schedulers_time_grids_are_pixelrepas_float32_times(pipe, schedule, settings):
+    for steps in (1, 2, 7, 50):
+        scheduler = type(pipe.scheduler)(method="dpm2m", schedule=schedule, **settings)
+        scheduler.set_timesteps(steps)
+        assert scheduler.grid == time_grid(SamplerConfig(steps=steps, schedule=schedule, **settings))
+        assert scheduler.timesteps.tolist() == scheduler.grid[:-1]
+    if schedule == "uniform":
+        assert scheduler.grid == torch.linspace(0, 1, 51).tolist()
+
+
+@pytest.mark.parametrize("keyword, value, choices", [
+    ("method", "dpm4m", "heun | euler | dpm2m | dpm3m"), ("schedule", "karras", "uniform | shifted | edm"),
+])
+def test_an_unknown_method_or_schedule_is_a_one_line_error(pipe, keyword, value, choices):
+    with pytest.raises(ValueError) as err:
+        pipe(class_labels=[1], **{keyword: value})
+    assert str(err.value) == f"unknown {keyword} '{value}' ({choices})"
+
+
+def test_a_sampler_that_cannot_sample_is_refused(exported, tmp_path, capsys):
     config, state, _ = load_backbone_state(exported[0])
-    for setting in ({"sampler.schedule": "shifted"}, {"sampler.method": "dpm2m"}):
-        model = save_model_file(tmp_path / "model.safetensors", config.replace(**setting), {"net": state})
-        assert main(["export", str(model), str(tmp_path / "pipeline"), "--diffusers"]) == 2
-        assert f"'{next(iter(setting.values()))}': sample it with `pixelrepa sample`" in capsys.readouterr().err
-        assert not (tmp_path / "pipeline").exists()
+    bad = config.replace(**{"sampler.schedule": "shifted", "sampler.shift": 1e-6, "sampler.steps": 500})
+    model = save_model_file(tmp_path / "model.safetensors", bad, {"net": state})
+    assert main(["export", str(model), str(tmp_path / "pipeline"), "--diffusers"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be the pipeline's defaults" in err and "the 'shifted' grid of 500 steps has repeated times" in err
+    assert not (tmp_path / "pipeline").exists()

@@ -3,15 +3,18 @@
     OUT/model_index.json            JiTPipeline, its components, id2label and the run's sampler settings
     OUT/pipeline_jit.py             the pipeline (remote code)
     OUT/transformer/                config.json, diffusion_pytorch_model.safetensors, transformer_jit.py
-    OUT/scheduler/                  scheduler_config.json (method, t_eps, noise_scale), scheduler_jit.py
+    OUT/scheduler/                  scheduler_config.json (the run's solver and time grid, t_eps, noise_scale),
+                                    scheduler_jit.py
     OUT/README.md                   how to load it
 
 `diffusers.DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)` loads it without pixelrepa:
 the three Python files are copied from `diffusers_files/`, which import only torch, diffusers and PIL.
 The transformer's configuration fields and weight names follow diffusers' `JiTTransformer2DModel`
 (diffusers pull request 13098); `TRANSFORMER_CONFIG` and `_WEIGHT_RULES` are the mapping from ours.
-The mask token (the PixelREPA adapter's, unused in sampling) is left out. The pipeline has the
-uniform time grid and Heun / Euler steps only: a model with another sampler is refused.
+The mask token (the PixelREPA adapter's, unused in sampling) is left out. The scheduler restates
+pixelrepa's solvers and time grids (every `sampler.method` and `sampler.schedule`), so every sampler
+setting becomes a default of the pipeline; only a setting that cannot sample (a grid with repeated
+float32 times) is refused.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pixelrepa.config import RunConfig
 from pixelrepa.extras import MissingExtra
 from pixelrepa.files import atomic_write, write_text_atomic
 from pixelrepa.loading import load_backbone_state
+from pixelrepa.sampling import time_grid
 
 CODE = Path(__file__).with_name("diffusers_files")
 """The remote code shipped in every exported folder."""
@@ -81,13 +85,12 @@ def export_diffusers(source: str | Path, out: str | Path, ema: int | str | None 
     file; or a Hub id) to `out` and return it."""
     version = _diffusers_version()
     config, state, origin = load_backbone_state(source, ema)
-    method = config.sampler.method
-    if method not in ("heun", "euler"):
-        raise ValueError(f"the exported pipeline samples with heun or euler; this model's sampler.method is "
-                         f"'{method}': sample it with `pixelrepa sample`")
-    if config.sampler.schedule != "uniform":
-        raise ValueError(f"the exported pipeline samples on the uniform time grid; this model's sampler.schedule "
-                         f"is '{config.sampler.schedule}': sample it with `pixelrepa sample`")
+    s = config.sampler
+    try:
+        time_grid(s)
+    except ValueError as err:
+        raise ValueError(f"this model's sampler settings cannot be the pipeline's defaults (its default call "
+                         f"would fail): {err}") from None
     model = {theirs: getattr(config.model, ours) for ours, theirs in TRANSFORMER_CONFIG.items()}
     weights = transformer_state(state, config.model.in_context_len)
     id2label = {str(k): name for k, name in enumerate(class_names(config, origin))}  # read before the first write
@@ -99,9 +102,10 @@ def export_diffusers(source: str | Path, out: str | Path, ema: int | str | None 
     _write_json(out / "transformer" / "config.json",
                 {"_class_name": "JiTTransformer2DModel", "_diffusers_version": version, **model})
     _write_json(out / "scheduler" / "scheduler_config.json",
-                {"_class_name": "JiTFlowScheduler", "_diffusers_version": version, "method": method,
+                {"_class_name": "JiTFlowScheduler", "_diffusers_version": version, "method": s.method,
+                 "multistep_in": s.multistep_in, "schedule": s.schedule, "shift": s.shift, "rho": s.rho,
+                 "sigma_min": s.sigma_min, "sigma_max": s.sigma_max,
                  "t_eps": config.objective.t_eps, "noise_scale": config.objective.noise_scale})
-    s = config.sampler
     _write_json(out / "model_index.json", {
         "_class_name": ["pipeline_jit", "JiTPipeline"], "_diffusers_version": version,
         "transformer": ["transformer_jit", "JiTTransformer2DModel"], "scheduler": ["scheduler_jit", "JiTFlowScheduler"],
@@ -144,6 +148,9 @@ def _write_json(path: Path, data: dict) -> None:
 def _readme(config: RunConfig, origin: dict) -> str:
     s = config.sampler
     weights = origin.get("weights") or "the model file's"
+    solver = f"{s.method} (in {s.multistep_in})" if s.method in ("dpm2m", "dpm3m") else s.method
+    grid = {"uniform": "uniform", "shifted": f"shifted (shift {s.shift})",
+            "edm": f"edm (rho {s.rho}, sigma {s.sigma_min} to {s.sigma_max})"}[s.schedule]
     return "\n".join([
         "---", "library_name: diffusers", "tags: [pixelrepa, jit, class-conditional-image-generation]", "---", "",
         f"# JiT ({config.align.mode} alignment, {config.model.input_size} px), a diffusers pipeline", "",
@@ -151,7 +158,8 @@ def _readme(config: RunConfig, origin: dict) -> str:
         "```python", "import torch", "from diffusers import DiffusionPipeline", "",
         'pipe = DiffusionPipeline.from_pretrained("THIS_FOLDER", trust_remote_code=True)',
         "images = pipe(class_labels=[0, 1], generator=torch.manual_seed(0)).images", "```", "",
-        f"Defaults (the run's sampler): {s.method}, {s.steps} steps, guidance {s.cfg_scale} on t in "
-        f"({s.interval_min}, {s.interval_max}); pass `num_inference_steps`, `guidance_scale`, `guidance_interval` "
-        "or `method` to change them.", ""])
+        f"Defaults (the run's sampler): {solver}, {s.steps} steps on the {grid} time grid, guidance {s.cfg_scale} "
+        f"on t in ({s.interval_min}, {s.interval_max}); pass `num_inference_steps`, `method`, `schedule`, "
+        "`guidance_scale` or `guidance_interval` to change them (the grid's shift, rho and sigmas are scheduler "
+        "config).", ""])
 
