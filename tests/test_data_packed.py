@@ -1,10 +1,13 @@
-"""Packed image sets: round trip, manifest checks, resumable and parallel writing, the `data` command."""
+"""Packed image sets: round trip, manifest checks, resumable and parallel writing, replacing a pack
+only once the new one is finished, the `data` command."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +143,7 @@ def test_interrupted_pack_resumes_to_the_same_bytes(tmp_path):
     pack_images(items(images, labels, skip=4), tmp_path / "resumed", 8, CLASSES, count=23, chunk_size=3)
     assert pack_files(tmp_path / "resumed") == pack_files(tmp_path / "whole")
     assert not (tmp_path / "resumed" / packed.PROGRESS).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resumed", "whole"]  # no sibling without --overwrite
     dataset = PackedDataset(tmp_path / "resumed", verify_checksum=True)
     assert len(dataset) == 22 and dataset.manifest["skipped"] == ["item 4"]
     assert torch.equal(stacked(dataset, range(4, 22))[0], images[5:])
@@ -168,7 +172,7 @@ def test_kill_between_flush_and_commit_resumes(tmp_path, monkeypatch):
     assert pack_files(tmp_path / "resumed") == pack_files(tmp_path / "whole")
 
 
-def test_finished_pack_is_kept_unless_overwrite(pack):
+def test_finished_pack_is_kept_unless_overwrite(pack, tmp_path):
     before = pack_files(pack)
     other = random_set(seed=1)
     with pytest.raises(ValueError, match="already holds a finished pack; pass --overwrite"):
@@ -176,6 +180,146 @@ def test_finished_pack_is_kept_unless_overwrite(pack):
     assert pack_files(pack) == before
     pack_arrays(*other, pack, CLASSES, "other", overwrite=True)
     assert torch.equal(stacked(PackedDataset(pack), range(20))[0], other[0])
+    assert sorted(tmp_path.iterdir()) == [pack]
+
+
+def folder_bytes(path: Path) -> dict[str, bytes]:
+    """Every file under `path` (relative name: bytes)."""
+    return {str(file.relative_to(path)): file.read_bytes() for file in sorted(path.rglob("*")) if file.is_file()}
+
+
+class ArrayItems(packed._ArraySource):
+    """Random-access (image, label) items that raise `error` when item `fail_at` is read; `read` lists the reads."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, fail_at: int | None = None,
+                 error: BaseException | None = None):
+        super().__init__(images.permute(0, 2, 3, 1).numpy(), labels.numpy())
+        self.fail_at, self.error, self.read = fail_at, error, []
+
+    def __getitem__(self, index: int):
+        if index == self.fail_at:
+            raise self.error
+        self.read.append(index)
+        return super().__getitem__(index)
+
+
+def overwrite(source: ArrayItems, dst: Path) -> dict:
+    return pack_images(source, dst, 8, CLASSES, source_name="new", source_hash="new", chunk_size=4, overwrite=True)
+
+
+@pytest.mark.parametrize("failure", ["source error", "ctrl-c", "disk full"])
+def test_a_failed_overwrite_keeps_the_old_pack_and_resumes(pack, tmp_path, monkeypatch, failure):
+    (pack / packed.TARGET_CACHES / "encoder").mkdir(parents=True)
+    (pack / packed.TARGET_CACHES / "encoder" / "targets.bin").write_bytes(b"features of the old images")
+    before = folder_bytes(pack)
+    images, labels = random_set(seed=1)
+    error = {"source error": RuntimeError("unreadable"), "ctrl-c": KeyboardInterrupt(),
+             "disk full": OSError(errno.ENOSPC, "No space left on device")}[failure]
+    failing = ArrayItems(images, labels, fail_at=9, error=error)
+    if failure == "disk full":
+        failing.fail_at, write_json, commits = None, packed._write_json_atomic, []
+
+        def disk_fills(path, data):
+            commits.append(path)
+            if len(commits) == 3:  # the start record and one chunk's are written
+                raise error
+            write_json(path, data)
+
+        monkeypatch.setattr(packed, "_write_json_atomic", disk_fills)
+    with pytest.raises(type(error)):
+        overwrite(failing, pack)
+    monkeypatch.undo()
+    assert folder_bytes(pack) == before
+    assert torch.equal(stacked(PackedDataset(pack, verify_checksum=True), range(20))[0], random_set()[0])
+    progress = json.loads((tmp_path / "pack.partial" / packed.PROGRESS).read_text())
+    assert progress["written"] == {"disk full": 4}.get(failure, 8)
+
+    resumed = ArrayItems(images, labels)
+    manifest = overwrite(resumed, pack)
+    assert resumed.read == list(range(progress["next"], 20))  # continued, not started again
+    assert sorted(tmp_path.iterdir()) == [pack]
+    assert sorted(p.name for p in pack.iterdir()) == [packed.IMAGES, packed.LABELS, packed.MANIFEST]  # old caches gone
+    dataset = PackedDataset(pack, verify_checksum=True)
+    assert dataset.manifest == manifest and manifest["source"] == "new"
+    assert torch.equal(stacked(dataset, range(20))[0], images)
+
+
+def test_an_unfinished_overwrite_of_another_source_is_started_again(pack, tmp_path):
+    images, labels = random_set(seed=1)
+    with pytest.raises(RuntimeError):
+        overwrite(ArrayItems(images, labels, fail_at=9, error=RuntimeError("unreadable")), pack)
+    other = random_set(seed=2)
+    pack_arrays(*other, pack, CLASSES, "other", overwrite=True)
+    assert torch.equal(stacked(PackedDataset(pack, verify_checksum=True), range(20))[0], other[0])
+    assert sorted(tmp_path.iterdir()) == [pack]
+
+
+def test_an_overwrite_stopped_at_its_swap_is_finished_without_packing_again(pack, tmp_path, monkeypatch):
+    before = folder_bytes(pack)
+    images, labels = random_set(seed=1)
+    partial = tmp_path / "pack.partial"
+    rename, renames = os.rename, []
+
+    def second_rename_fails(src, dst):
+        renames.append((src, dst))
+        if len(renames) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", second_rename_fails)
+    with pytest.raises(OSError, match="Input/output error"):
+        overwrite(ArrayItems(images, labels), pack)
+    monkeypatch.undo()
+    assert renames[0] == (pack, partial / packed.REPLACED)
+    assert folder_bytes(pack) == before  # the first rename was undone at once
+    assert PackedDataset(partial).manifest["source"] == "new"  # finished, not swapped in
+
+    os.rename(pack, partial / packed.REPLACED)  # as if killed between the two renames: no pack folder
+    with pytest.raises(ValueError, match=r"pack.partial holds an unfinished --overwrite of .*pack: run with "
+                                         r"--overwrite to continue it"):
+        pack_arrays(images, labels, pack, CLASSES, "other")
+    assert folder_bytes(pack) == before  # any pack command puts the old pack back first
+
+    def interrupted(path, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    again = ArrayItems(images, labels)
+    monkeypatch.setattr(shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        overwrite(again, pack)  # swapped in, then stopped while deleting the old pack
+    monkeypatch.undo()
+    assert again.read == []  # finished already: only swapped in
+    assert (pack / packed.REPLACED).is_dir() and not partial.exists()
+    assert torch.equal(stacked(PackedDataset(pack), range(20))[0], images)
+    with pytest.raises(ValueError, match="already holds a finished pack"):
+        pack_arrays(images, labels, pack, CLASSES, "other")
+    assert sorted(p.name for p in pack.iterdir()) == [packed.IMAGES, packed.LABELS, packed.MANIFEST]
+
+
+def test_overwrite_refuses_to_delete_what_is_not_a_pack(pack, tmp_path):
+    other = random_set(seed=1)
+    (pack / "notes.txt").write_text("mine")
+    before = folder_bytes(pack)
+    with pytest.raises(ValueError, match="pack holds notes.txt besides a pack, and --overwrite replaces the whole "
+                                         "folder: move them out first"):
+        pack_arrays(*other, pack, CLASSES, "other", overwrite=True)
+    assert folder_bytes(pack) == before and sorted(tmp_path.iterdir()) == [pack]
+    os.symlink(pack, tmp_path / "link")
+    with pytest.raises(ValueError, match="link is a symbolic link: pass the folder it points to"):
+        pack_arrays(*other, tmp_path / "link", CLASSES, "other", overwrite=True)
+    (tmp_path / "file").write_text("mine")
+    for replace in (False, True):
+        with pytest.raises(ValueError, match="file exists and is not a folder"):
+            pack_arrays(*other, tmp_path / "file", CLASSES, "other", overwrite=replace)
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray" / packed.IMAGES).write_bytes(b"mine")
+    with pytest.raises(ValueError, match="stray holds pack data files without progress.json or manifest.json"):
+        pack_arrays(*other, tmp_path / "stray", CLASSES, "other")
+    assert (tmp_path / "file").read_text() == (tmp_path / "stray" / packed.IMAGES).read_text() == "mine"
+    (pack / "notes.txt").unlink()
+    pack_arrays(*other, pack, CLASSES, "other", overwrite=True)  # without it, the pack is replaced
+    assert len(PackedDataset(pack)) == 20 and sorted(p.name for p in tmp_path.iterdir()) == ["file", "link", "pack",
+                                                                                             "stray"]
 
 
 def test_bad_items_are_refused(tmp_path):

@@ -181,6 +181,37 @@ def test_an_interrupted_pack_of_shards_resumes_to_the_same_bytes(image_set, tmp_
         pack_source(tmp_path / "other", tmp_path / "resumed", SIZE)
 
 
+def test_an_interrupted_overwrite_keeps_the_old_pack_and_resumes(image_set, tmp_path, monkeypatch, capsys):
+    shards = write_shards(tmp_path / "shards", image_set)
+    pack_source(shards, tmp_path / "whole", SIZE)
+    dst = tmp_path / "pack"
+    pack_source(write_shards(tmp_path / "old", image_set[:4]), dst, SIZE)
+    before = {file.name: file.read_bytes() for file in dst.iterdir()}
+    monkeypatch.setattr(packed, "CHUNK_BYTES", 2 * SIZE * SIZE * 3)  # 2 items per committed chunk
+    read, reads = sources.WebDatasetShards.encoded, []
+
+    def dies_at_five(self, index):
+        if index == 5:
+            raise KeyboardInterrupt
+        return read(self, index)
+
+    def counted(self, index):
+        reads.append(index)
+        return read(self, index)
+
+    monkeypatch.setattr(sources.WebDatasetShards, "encoded", dies_at_five)
+    command = ["data", "pack", str(shards), str(dst), "--size", str(SIZE), "--overwrite"]
+    assert main(command) == 130
+    assert "interrupted (Ctrl-C)" in capsys.readouterr().err
+    assert {file.name: file.read_bytes() for file in dst.iterdir()} == before
+    assert json.loads((tmp_path / "pack.partial" / packed.PROGRESS).read_text())["written"] == 4
+    monkeypatch.setattr(sources.WebDatasetShards, "encoded", counted)
+    assert main(command) == 0
+    assert reads == list(range(4, len(image_set)))  # continued after the committed chunks
+    assert data_files(dst) == data_files(tmp_path / "whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "pack", "shards", "whole"]
+
+
 def test_reading_shards_keeps_one_shard_open_at_a_time(image_set, tmp_path):
     reader = open_source(write_shards(tmp_path / "shards", image_set, per_shard=2), SIZE)  # 4 shards
     before = len(os.listdir("/proc/self/fd"))

@@ -7,7 +7,8 @@
   pixelrepa data info DST [--verify]                     manifest summary and checks
 
 Packing is resumable: an interrupted `pack` or `prepare` continues where it stopped when run
-again with the same arguments. A finished pack is replaced only with --overwrite."""
+again with the same arguments. A finished pack is replaced only with --overwrite, and only once
+the new one is finished: it is written in DST.partial, then swapped in (pixelrepa.data.packed)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     pack.add_argument("dst", type=Path, help="pack folder to write")
     pack.add_argument("--size", type=int, required=True, help="side of the square images in pixels")
     pack.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
-    pack.add_argument("--overwrite", action="store_true", help="replace an existing pack")
+    pack.add_argument("--overwrite", action="store_true",
+                      help="replace an existing pack once the new one is finished (written in DST.partial)")
     pack.add_argument("--allow-empty-classes", action="store_true",
                       help="keep class folders without a readable image as (empty) classes")
     pack.add_argument("--image-column", help="`datasets` / parquet: the image column (default: detected)")
@@ -46,7 +48,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     prepare.add_argument("--split", choices=["train", "test"], default="train")
     prepare.add_argument("--data-dir", type=Path, help="folder with the IDX .gz files (default: installed)")
     prepare.add_argument("--limit", type=int, help="pack only the first N images")
-    prepare.add_argument("--overwrite", action="store_true", help="replace an existing pack")
+    prepare.add_argument("--overwrite", action="store_true",
+                         help="replace an existing pack once the new one is finished (written in DST.partial)")
 
     info = actions.add_parser("info", help="print a pack's manifest summary and check it")
     info.add_argument("dst", type=Path, help="pack folder")

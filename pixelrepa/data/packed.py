@@ -13,6 +13,15 @@ order, one chunk at a time; after each chunk both memory maps are flushed and `p
 A re-run with the same source continues after the last committed chunk; a different source is
 refused unless `overwrite`. Items a source cannot read (`SkippedItem`) are left out and listed in
 the manifest; the files are cut to the written count when the pack is finished.
+
+Replacing (`overwrite`) leaves DST as it is until the new pack is finished: the new pack is written,
+resumably like any other, in the sibling folder `DST.partial`. When it is finished, DST is renamed
+into it as `.replaced`, `DST.partial` is renamed to DST, and `DST/.replaced` is deleted. Each
+rename is atomic on POSIX; between the two (one directory operation) no DST exists. The next pack
+command on DST undoes a swap stopped in that window (the old pack goes back to DST; an overwrite
+then swaps again without repacking) and finishes deleting a left-over `DST/.replaced`. The swap
+replaces the whole folder, so an overwrite is refused while DST holds anything but a pack and its
+encoder target caches (`targets/`); those caches describe the old images and are deleted with them.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
@@ -34,10 +44,14 @@ from torch import Tensor
 
 from pixelrepa.version import __version__
 from pixelrepa.data.folder import ImageFolderDataset, load_image
-from pixelrepa.files import file_digest, write_text_atomic
+from pixelrepa.files import file_digest, fsync_path, write_text_atomic
 
 FORMAT = "pixelrepa-pack/1"
 IMAGES, LABELS, MANIFEST, PROGRESS = "images.u8", "labels.i64", "manifest.json", "progress.json"
+TARGET_CACHES = "targets"  # the folder of the pack's encoder target caches (pixelrepa.training.targets)
+PARTIAL = ".partial"  # the suffix of the sibling folder an overwrite writes the new pack in
+REPLACED = ".replaced"  # the old pack's name inside the new one's folder while they are swapped
+PACK_ENTRIES = {IMAGES, LABELS, MANIFEST, PROGRESS, TARGET_CACHES, REPLACED}
 CHANNELS = 3
 CHUNK_BYTES = 64 << 20  # default chunk: about 64 MiB of pixels between commits
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # as the folder dataset
@@ -156,7 +170,8 @@ def pack_images(source: Sequence | Iterable, dst: str | Path, size: int, class_n
     default covers only count, size and class names, so pass one whenever two sources could
     share them. `skipped` lists items the caller already left out, for the manifest. Progress is
     committed every `chunk_size` source items (default: about 64 MiB of pixels). An existing
-    finished pack is refused unless `overwrite`."""
+    finished pack is refused unless `overwrite`, which replaces `dst` only once the new pack is
+    finished (module docstring)."""
     dst = Path(dst)
     random_access = hasattr(source, "__len__") and hasattr(source, "__getitem__")
     if count is None:
@@ -171,31 +186,52 @@ def pack_images(source: Sequence | Iterable, dst: str | Path, size: int, class_n
         source_hash = _sha256_json([count, size, list(class_names)])
     plan = {"format": FORMAT, "capacity": count, "size": size, "class_names": list(class_names),
             "source": source_name, "source_hash": source_hash}
-    progress = _start_or_resume(dst, plan, list(skipped), overwrite)
+    _recover_interrupted_swap(dst)
+    partial = _partial_folder(dst)
+    if overwrite:
+        _check_replaceable(dst)
+    elif os.path.lexists(partial):
+        raise ValueError(f"{partial} holds an unfinished --overwrite of {dst}: run with --overwrite to continue it, "
+                         f"or delete {partial}")
+    folder = partial if overwrite else dst
+    progress = _start_or_resume(folder, plan, list(skipped), replacing=overwrite)
+    if progress is None:
+        manifest = read_manifest(folder)  # finished by an overwrite stopped before its swap
+    else:
+        _fill(folder, source, progress, random_access, chunk_size, workers)
+        manifest = _finish(folder, progress)
+    if overwrite:
+        _swap_in(partial, dst)
+    return manifest
 
+
+def _fill(folder: Path, source: Sequence | Iterable, progress: dict, random_access: bool, chunk_size: int | None,
+          workers: int) -> None:
+    """Write the source items after `progress["next"]` into `folder`, committing `progress` after each chunk."""
+    count, size, num_classes = progress["capacity"], progress["size"], len(progress["class_names"])
     item_bytes = size * size * CHANNELS
     chunk_size = chunk_size or max(1, CHUNK_BYTES // item_bytes)
-    images = _open_preallocated(dst / IMAGES, np.uint8, (count, size, size, CHANNELS), progress["written"] * item_bytes)
-    labels = _open_preallocated(dst / LABELS, np.int64, (count,), progress["written"] * 8)
+    images = _open_preallocated(folder / IMAGES, np.uint8, (count, size, size, CHANNELS),
+                                progress["written"] * item_bytes)
+    labels = _open_preallocated(folder / LABELS, np.int64, (count,), progress["written"] * 8)
     if random_access:
         chunks = _read_chunks(source, progress["next"], count, chunk_size, size, workers)
     else:
         items = itertools.islice(source, progress["next"], count)
         chunks = _iterate_chunks(items, progress["next"], count, chunk_size, size)
     for end, chunk_images, chunk_labels, chunk_skipped in chunks:
-        if len(chunk_labels) and not 0 <= chunk_labels.min() <= chunk_labels.max() < len(class_names):
-            raise ValueError(f"labels before source item {end} fall outside 0..{len(class_names) - 1}")
+        if len(chunk_labels) and not 0 <= chunk_labels.min() <= chunk_labels.max() < num_classes:
+            raise ValueError(f"labels before source item {end} fall outside 0..{num_classes - 1}")
         start, stop = progress["written"], progress["written"] + len(chunk_labels)
         images[start:stop] = chunk_images
         labels[start:stop] = chunk_labels
         images.flush()
         labels.flush()
         progress.update(next=end, written=stop, skipped=progress["skipped"] + chunk_skipped)
-        _write_json_atomic(dst / PROGRESS, progress)
+        _write_json_atomic(folder / PROGRESS, progress)
     del images, labels
     if progress["next"] != count:
         raise ValueError(f"the source ended after {progress['next']} of {count} items")
-    return _finish(dst, progress)
 
 
 def pack_arrays(images: np.ndarray | Tensor, labels: np.ndarray | Tensor, dst: str | Path,
@@ -258,30 +294,82 @@ class _FolderSource:
             raise SkippedItem(f"{path}: failed to load: {err}") from None
 
 
-def _start_or_resume(dst: Path, plan: dict, skipped: list[str], overwrite: bool) -> dict:
-    """The progress record to continue from, after refusing whatever must not be touched."""
+def _partial_folder(dst: str | Path) -> Path:
+    """The sibling folder where an overwrite of `dst` writes the new pack (module docstring)."""
+    dst = Path(os.path.abspath(dst))
+    return dst.with_name(dst.name + PARTIAL)
+
+
+def _start_or_resume(folder: Path, plan: dict, skipped: list[str], replacing: bool) -> dict | None:
+    """The progress record to continue from, after refusing whatever must not be touched; None where
+    `folder` holds this plan's finished pack (`replacing` only). `replacing`: `folder` is an
+    overwrite's `.partial` folder, whose pack of another plan is discarded."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder")
+    ours = [folder / name for name in (MANIFEST, PROGRESS, IMAGES, LABELS)]
+    if (folder / MANIFEST).exists():
+        if not replacing:
+            raise ValueError(f"{folder} already holds a finished pack; pass --overwrite to replace it")
+        manifest = _read_json(folder / MANIFEST)
+        # A finished pack records its item count, not the source's: the source hash identifies the source.
+        if all(manifest.get(key) == value for key, value in plan.items() if key != "capacity"):
+            return None
+    elif (folder / PROGRESS).exists():
+        progress = _read_json(folder / PROGRESS)
+        changed = [key for key, value in plan.items() if progress.get(key) != value]
+        if not changed:
+            return progress
+        if not replacing:
+            raise ValueError(f"{folder} holds an unfinished pack of a different source ({', '.join(changed)} "
+                             "differ); pass --overwrite to start again")
+    elif any(file.exists() for file in ours) and not replacing:
+        raise ValueError(f"{folder} holds pack data files without {PROGRESS} or {MANIFEST}; "
+                         "pass --overwrite to replace them")
+    for file in ours:  # (replacing) another plan's pack; the manifest goes first, so it never looks finished
+        file.unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    progress = {**plan, "next": 0, "written": 0, "skipped": skipped}
+    _write_json_atomic(folder / PROGRESS, progress)
+    return progress
+
+
+def _check_replaceable(dst: Path) -> None:
+    """Refuse an overwrite whose swap would delete more than a pack: it replaces `dst`'s whole folder."""
+    if dst.is_symlink():
+        raise ValueError(f"{dst} is a symbolic link: pass the folder it points to ({dst.resolve()}) to replace "
+                         "the pack there")
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"{dst} exists and is not a folder")
-    ours = [dst / name for name in (MANIFEST, PROGRESS, IMAGES, LABELS)]
-    if overwrite:
-        for file in ours:  # the manifest goes first: the folder never looks finished while rewritten
-            file.unlink(missing_ok=True)
-    elif (dst / MANIFEST).exists():
-        raise ValueError(f"{dst} already holds a finished pack; pass --overwrite to replace it")
-    elif (dst / PROGRESS).exists():
-        progress = _read_json(dst / PROGRESS)
-        changed = [key for key, value in plan.items() if progress.get(key) != value]
-        if changed:
-            raise ValueError(f"{dst} holds an unfinished pack of a different source ({', '.join(changed)} "
-                             "differ); pass --overwrite to start again")
-        return progress
-    elif any(file.exists() for file in ours):
-        raise ValueError(f"{dst} holds pack data files without {PROGRESS} or {MANIFEST}; "
-                         "pass --overwrite to replace them")
-    dst.mkdir(parents=True, exist_ok=True)
-    progress = {**plan, "next": 0, "written": 0, "skipped": skipped}
-    _write_json_atomic(dst / PROGRESS, progress)
-    return progress
+    others = sorted(entry.name for entry in dst.iterdir() if entry.name not in PACK_ENTRIES) if dst.is_dir() else []
+    if others:
+        listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise ValueError(f"{dst} holds {listed} besides a pack, and --overwrite replaces the whole folder: "
+                         "move them out first, or pack into another folder")
+
+
+def _swap_in(new: Path, dst: Path) -> None:
+    """Put the finished pack `new` in `dst`'s place with two renames, then delete the old pack."""
+    _check_replaceable(dst)  # again: files may have been added while the new pack was written
+    try:
+        if os.path.lexists(dst):
+            os.rename(dst, new / REPLACED)  # from here to the next rename no `dst` exists
+        os.rename(new, dst)
+    except BaseException:
+        _recover_interrupted_swap(dst)
+        raise
+    fsync_path(dst.parent)
+    if (dst / REPLACED).exists():
+        shutil.rmtree(dst / REPLACED)
+
+
+def _recover_interrupted_swap(dst: Path) -> None:
+    """Undo an overwrite stopped between its two renames (the old pack goes back to `dst`), and finish
+    deleting an old pack left as `dst/.replaced` by one stopped after them."""
+    stranded = _partial_folder(dst) / REPLACED
+    if not os.path.lexists(dst) and stranded.is_dir():
+        os.rename(stranded, dst)
+    if (dst / REPLACED).is_dir():
+        shutil.rmtree(dst / REPLACED)
 
 
 def _open_preallocated(path: Path, dtype: type, shape: tuple[int, ...], committed_bytes: int) -> np.memmap:

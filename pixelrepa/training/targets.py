@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from pixelrepa.config import RunConfig
-from pixelrepa.data.packed import IMAGES, PackedDataset
+from pixelrepa.data.packed import IMAGES, TARGET_CACHES, PackedDataset
 from pixelrepa.data.transforms import to_model_range
 from pixelrepa.files import write_text_atomic
 from pixelrepa.distributed import World
@@ -50,7 +50,7 @@ def cache_folder(config: RunConfig, pack: Path) -> Path:
     if config.align.target_cache != "auto":
         return Path(config.align.target_cache)
     enc, grid = config.align.encoder, config.model.grid_size
-    return pack / "targets" / f"{enc.name}-{enc.img_size}px-stage{enc.stage}-grid{grid}"
+    return pack / TARGET_CACHES / f"{enc.name}-{enc.img_size}px-stage{enc.stage}-grid{grid}"
 
 
 def weights_digest(module: nn.Module) -> str:
