@@ -216,3 +216,11 @@ def test_a_sampler_that_cannot_sample_is_refused(exported, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot be the pipeline's defaults" in err and "the 'shifted' grid of 500 steps has repeated times" in err
     assert not (tmp_path / "pipeline").exists()
+
+
+def test_the_readme_loads_the_repository_it_is_pushed_to(exported, tmp_path):
+    from pixelrepa.interop.diffusers_export import export_diffusers
+
+    assert 'from_pretrained("THIS_FOLDER"' in (exported[1] / "README.md").read_text()
+    out = export_diffusers(exported[0], tmp_path / "pushed", repo_id="someone/jit-pipeline")
+    assert 'from_pretrained("someone/jit-pipeline", trust_remote_code=True)' in (out / "README.md").read_text()

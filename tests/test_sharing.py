@@ -197,6 +197,9 @@ def test_push_uploads_the_folder_through_huggingface_hub(run, tmp_path, monkeypa
     assert calls == [("create", "someone/model", {"private": True, "exist_ok": True}),
                      ("upload", "someone/model", ["README.md", "config.json", "model.safetensors"])]
     assert f"to {endpoint}/someone/model" in capsys.readouterr().out
+    card = (out / "README.md").read_text()
+    assert "pixelrepa sample someone/model grid.png" in card and 'load_model("someone/model")' in card
+    assert "ORG/NAME" not in card
 
 
 def test_released_with_an_ema_is_refused_with_the_right_fix(run, tmp_path, capsys):

@@ -53,12 +53,12 @@ def run(args: argparse.Namespace) -> int:
         if args.hub:
             from pixelrepa.interop.hub import export_hub
 
-            export_hub(args.checkpoint, output, ema)
+            export_hub(args.checkpoint, output, ema, args.push)
             print(f"wrote {output}: model.safetensors, config.json, README.md (Hub layout)")
         else:
             from pixelrepa.interop.diffusers_export import export_diffusers
 
-            export_diffusers(args.checkpoint, output, ema)
+            export_diffusers(args.checkpoint, output, ema, args.push)
             print(f"wrote {output}: a diffusers pipeline (model_index.json, transformer/, scheduler/, remote code)")
         if args.push is not None:
             print(f"uploaded {output} to {push_to_hub(output, args.push, args.private)}")

@@ -80,9 +80,10 @@ def transformer_state(state: dict[str, Tensor], in_context_len: int) -> dict[str
     return out
 
 
-def export_diffusers(source: str | Path, out: str | Path, ema: int | str | None = None) -> Path:
+def export_diffusers(source: str | Path, out: str | Path, ema: int | str | None = None,
+                     repo_id: str | None = None) -> Path:
     """Write the pipeline folder of `source` (a run or checkpoint folder: EMA `ema`, default 1; a model
-    file; or a Hub id) to `out` and return it."""
+    file; or a Hub id) to `out` and return it; its README loads `repo_id` (default: this folder)."""
     version = _diffusers_version()
     config, state, origin = load_backbone_state(source, ema)
     s = config.sampler
@@ -115,7 +116,7 @@ def export_diffusers(source: str | Path, out: str | Path, ema: int | str | None 
     for name, folder in (("pipeline_jit.py", out), ("transformer_jit.py", out / "transformer"),
                          ("scheduler_jit.py", out / "scheduler")):
         atomic_write(folder / name, lambda tmp, name=name: shutil.copyfile(CODE / name, tmp))
-    write_text_atomic(out / "README.md", _readme(config, origin))
+    write_text_atomic(out / "README.md", _readme(config, origin, repo_id))
     return out
 
 
@@ -145,7 +146,7 @@ def _write_json(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
-def _readme(config: RunConfig, origin: dict) -> str:
+def _readme(config: RunConfig, origin: dict, repo_id: str | None = None) -> str:
     s = config.sampler
     weights = origin.get("weights") or "the model file's"
     solver = f"{s.method} (in {s.multistep_in})" if s.method in ("dpm2m", "dpm3m") else s.method
@@ -156,7 +157,7 @@ def _readme(config: RunConfig, origin: dict) -> str:
         f"# JiT ({config.align.mode} alignment, {config.model.input_size} px), a diffusers pipeline", "",
         f"Exported by pixelrepa from {weights} weights. The pipeline code ships in this folder:", "",
         "```python", "import torch", "from diffusers import DiffusionPipeline", "",
-        'pipe = DiffusionPipeline.from_pretrained("THIS_FOLDER", trust_remote_code=True)',
+        f'pipe = DiffusionPipeline.from_pretrained("{repo_id or "THIS_FOLDER"}", trust_remote_code=True)',
         "images = pipe(class_labels=[0, 1], generator=torch.manual_seed(0)).images", "```", "",
         f"Defaults (the run's sampler): {solver}, {s.steps} steps on the {grid} time grid, guidance {s.cfg_scale} "
         f"on t in ({s.interval_min}, {s.interval_max}); pass `num_inference_steps`, `method`, `schedule`, "

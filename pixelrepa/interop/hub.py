@@ -26,16 +26,16 @@ EVAL_METRICS = {"fid": "FID", "kid_mean": "KID", "fd_encoder": "FD (encoder feat
 """Evaluation-record keys that become Hub `model-index` metrics, with their display names."""
 
 
-def export_hub(source: str | Path, out: str | Path, ema: int | str | None = None) -> Path:
+def export_hub(source: str | Path, out: str | Path, ema: int | str | None = None, repo_id: str | None = None) -> Path:
     """Write the Hub folder of `source` (a run or checkpoint folder: EMA `ema`, default 1; or a model
-    file) to `out` and return it."""
+    file) to `out` and return it; the model card's examples load `repo_id` (default a placeholder)."""
     hub = require_huggingface_hub()
     config, state, origin = load_backbone_state(source, ema)
     step = origin.get("step")
     evaluation = None
     if origin["kind"] == "training checkpoint" and origin["weights"] == "ema1":
         evaluation = run_evaluation(Path(origin["path"]).parent.parent, step, config)
-    card = model_card(hub, config, step, origin, evaluation)  # everything read before the first write
+    card = model_card(hub, config, step, origin, evaluation, repo_id)  # everything read before the first write
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     provenance = {k: v for k, v in origin.items() if k in ("path", "weights", "step")} | origin.get("provenance", {})
@@ -74,7 +74,8 @@ def run_evaluation(run_dir: Path, step: int | None, config: RunConfig) -> dict[s
     return {"step": last["step"], "metrics": metrics, "settings": settings}
 
 
-def model_card(hub, config: RunConfig, step: int | None, origin: dict, evaluation: dict | None) -> str:
+def model_card(hub, config: RunConfig, step: int | None, origin: dict, evaluation: dict | None,
+               repo_id: str | None = None) -> str:
     """The README.md of a Hub folder: YAML metadata (`huggingface_hub.ModelCardData`) and a short text."""
     preset = matching_preset(config)
     dataset = _dataset_name(config.data.source)
@@ -105,8 +106,9 @@ def model_card(hub, config: RunConfig, step: int | None, origin: dict, evaluatio
              + (f" for {step} steps" if step is not None else "")
              + (f" on {dataset}" if dataset else "") + f"; these are its {metadata['weights'] or 'trained'} weights.",
              "", "```bash", "pip install 'pixelrepa[hub]'",
-             "pixelrepa sample ORG/NAME grid.png --classes 0 1 2 --per-class 4", "```", "",
-             "```python", "import pixelrepa", 'config, net, source = pixelrepa.load_model("ORG/NAME")', "```", "",
+             f"pixelrepa sample {repo_id or 'ORG/NAME'} grid.png --classes 0 1 2 --per-class 4", "```", "",
+             "```python", "import pixelrepa", f'config, net, source = pixelrepa.load_model("{repo_id or "ORG/NAME"}")',
+             "```", "",
              f"Sampler: {sampler['method']}, {sampler['steps']} steps, CFG {sampler['cfg_scale']} on t in "
              f"({sampler['interval_min']}, {sampler['interval_max']})."]
     if evaluation is not None:
