@@ -269,3 +269,16 @@ def test_edm2_labels_that_are_not_name_label_pairs_are_refused(image_set, tmp_pa
     for k, labels in enumerate(([label for _, label in image_set], {"00000/img00000000.png": 0})):
         with pytest.raises(ValueError, match=r"dataset.json: 'labels' is not a list of \[file name, label\] pairs"):
             open_source(write_edm2_zip(tmp_path / f"e{k}.zip", image_set, labels), SIZE)
+
+
+def test_a_class_no_item_has_is_refused_unless_allowed(image_set, tmp_path, capsys):
+    without_dog = [item for item in image_set if item[1] != 1]
+    shards = write_shards(tmp_path / "shards", without_dog)  # labels 0 and 2: class "1" has no image
+    assert main(["data", "pack", str(shards), str(tmp_path / "refused"), "--size", str(SIZE)]) == 2
+    assert "1 of its 3 classes have no image (1); keep them as empty classes" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    hf_dataset(without_dog).save_to_disk(str(tmp_path / "hf"))  # ClassLabel names: "dog" has no image
+    with pytest.raises(ValueError, match=r"1 of its 3 classes have no image \(dog\)"):
+        pack_source(tmp_path / "hf", tmp_path / "refused", SIZE)
+    manifest = pack_source(tmp_path / "hf", tmp_path / "kept", SIZE, allow_empty_classes=True)
+    assert manifest["class_names"] == CLASSES and manifest["count"] == len(without_dog)

@@ -37,7 +37,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     pack.add_argument("--overwrite", action="store_true",
                       help="replace an existing pack once the new one is finished (written in DST.partial)")
     pack.add_argument("--allow-empty-classes", action="store_true",
-                      help="keep class folders without a readable image as (empty) classes")
+                      help="keep classes without an image (class folders without a readable image, class names "
+                      "or label numbers no item has) as empty classes")
     pack.add_argument("--image-column", help="`datasets` / parquet: the image column (default: detected)")
     pack.add_argument("--label-column", help="`datasets` / parquet: the label column (default: detected)")
 

@@ -80,6 +80,12 @@ def pack_source(src: str | Path, dst: str | Path, size: int, *, workers: int = 1
     if reader is None:
         return pack_folder(src, dst, size, workers=workers, overwrite=overwrite,
                            allow_empty_classes=allow_empty_classes)
+    counts = np.bincount(reader.labels, minlength=len(reader.class_names))
+    empty = [name for name, count in zip(reader.class_names, counts) if count == 0]
+    if empty and not allow_empty_classes:
+        raise ValueError(f"{src}: {len(empty)} of its {len(reader.class_names)} classes have no image "
+                         f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}); keep them as empty classes "
+                         "(their indices stay) with --allow-empty-classes, or pack a source that has them")
     return pack_images(reader, dst, size, reader.class_names, workers=workers, source_name=reader.name,
                        source_hash=reader.source_hash, overwrite=overwrite)
 
