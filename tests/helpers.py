@@ -56,8 +56,9 @@ STEP = 12
 """The step of `save_run`'s checkpoint."""
 
 
-def save_run(out: Path, preset: str) -> Path:
-    """A run folder with one checkpoint (step 12, 3 epochs done) whose raw weights and both EMAs differ."""
+def save_run(out: Path, preset: str, optimizer_steps: int = 0) -> Path:
+    """A run folder with one checkpoint (step 12, 3 epochs done) whose raw weights and both EMAs differ;
+    with `optimizer_steps`, the run's own AdamW has taken that many steps on random gradients."""
     from pixelrepa import checkpoint as ckpt
     from pixelrepa.config import get_preset
     from pixelrepa.training.ema import BackboneEMA
@@ -67,6 +68,16 @@ def save_run(out: Path, preset: str) -> Path:
     config = get_preset(preset).replace(**{"data.source": "mnist", "train.out_dir": str(out)})
     module = randomize_(TrainingModule(config), seed=0)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+    if optimizer_steps:
+        from pixelrepa.training.optim import make_optimizer
+
+        optimizer = make_optimizer(module, config)
+        generator = torch.Generator().manual_seed(2)
+        for _ in range(optimizer_steps):
+            for p in module.parameters():
+                if p.requires_grad:
+                    p.grad = torch.randn(p.shape, generator=generator)
+            optimizer.step()
     ema = BackboneEMA(module.net, config.ema)
     randomize_(module, seed=1)
     ema.update(module.net)

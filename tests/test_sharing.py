@@ -38,7 +38,7 @@ def test_released_export_has_the_released_keys_and_imports_back_identically(run,
     out = tmp_path / "checkpoint-last.pth"
     assert main(["export", str(run), str(out), "--released"]) == 0
     written, fixture = load_released(out), load_released(FIXTURES / "released" / "pixelrepa_checkpoint-last.pth")
-    assert set(written) == {"model", "model_ema1", "model_ema2", "epoch", "args"}
+    assert set(written) == {"model", "model_ema1", "model_ema2", "optimizer", "epoch", "args"}
     assert written["epoch"] == 2  # 3 epochs done: the released --resume continues at epoch 3
     # The fixture's small architecture is PixelREPA-Micro/8's: the same names, the encoder's aside.
     assert sorted(k for k in written["model"] if not k.startswith("repa_model.")) == \
@@ -63,8 +63,49 @@ def test_released_export_has_the_released_keys_and_imports_back_identically(run,
         assert config.model == get_preset("PixelREPA-Micro/8").model and config.align.mode == "pixelrepa"
 
 
+def test_released_export_carries_the_adamw_moments_in_the_released_numbering(tmp_path):
+    from pixelrepa.interop.init_from import released_optimizer_state
+    from pixelrepa.interop.released import released_parameter_order
+    from pixelrepa.training.module import TrainingModule
+    from pixelrepa.training.optim import make_optimizer
+
+    run = save_run(tmp_path / "run", "PixelREPA-Micro/8", optimizer_steps=2)
+    out = tmp_path / "checkpoint-last.pth"
+    assert main(["export", str(run), str(out), "--released"]) == 0
+    written = load_released(out)
+    fixture = read_released_checkpoint(FIXTURES / "released" / "pixelrepa_checkpoint-last.pth")
+    order = [name for name, _ in fixture.trainable]  # the released module's own parameter order
+    assert released_parameter_order(sorted(order)) == order
+    config = load_model(run)[0]
+    exempt = [n for n in order if written["model"][n].ndim == 1 or n.endswith(".bias")]
+    groups = written["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0, config.optim.weight_decay]
+    assert [len(g["params"]) for g in groups] == [len(exempt), len(order) - len(exempt)]
+
+    # The released script's optimizer (misc.add_weight_decay over the module's parameters) loads it.
+    params = {n: torch.nn.Parameter(torch.zeros(written["model"][n].shape)) for n in order}
+    released = torch.optim.AdamW([{"params": [params[n] for n in exempt], "weight_decay": 0.0},
+                                  {"params": [params[n] for n in order if n not in exempt], "weight_decay": 0.05}],
+                                 lr=1e-4, betas=(0.9, 0.95))
+    released.load_state_dict(written["optimizer"])
+    saved = ckpt.read_state(ckpt.find_checkpoint(run), ("optimizer",))["optimizer"]["state"]
+    probe = "net.blocks.1.attn.qkv.weight"
+    assert torch.equal(released.state[params[probe]]["exp_avg"], saved["net.blocks.1.attn.qkv.weight"]["exp_avg"])
+
+    # Imported back (`--init-from --continue`'s path), every moment is the run's own.
+    module = TrainingModule(config)
+    state, line = released_optimizer_state(read_released_checkpoint(out), module, make_optimizer(module, config))
+    assert state is not None, line
+    assert state["state"].keys() == saved.keys()
+    for name, moments in saved.items():
+        for key, value in moments.items():
+            assert torch.equal(state["state"][name][key], value), (name, key)
+
+
 def test_a_run_without_alignment_gets_the_jit_layout(tmp_path):
-    run = save_run(tmp_path / "run", "JiT-Micro/8")
+    from pixelrepa.interop.released import released_parameter_order
+
+    run = save_run(tmp_path / "run", "JiT-Micro/8", optimizer_steps=1)
     out = tmp_path / "checkpoint-last.pth"
     assert main(["export", str(run), str(out), "--released"]) == 0
     written = load_released(out)
@@ -73,6 +114,12 @@ def test_a_run_without_alignment_gets_the_jit_layout(tmp_path):
     assert not hasattr(written["args"], "mta")
     released = read_released_checkpoint(out)
     assert released.layout == "jit" and released.epoch == 2
+    fixture = [name for name, _ in read_released_checkpoint(FIXTURES / "released" / "jit_checkpoint-last.pth").trainable]
+    assert released_parameter_order(sorted(fixture)) == fixture
+    jit_authors = [name for name in fixture if name != f"{NET}mask_token"]  # the fixture carries one; LTH14/JiT has none
+    assert [name for name, _ in released.trainable] == jit_authors  # their module's trainable parameters, in order
+    assert sum(len(g["params"]) for g in written["optimizer"]["param_groups"]) == len(jit_authors)
+    assert len(written["optimizer"]["state"]) == len(jit_authors)  # the mask token's moments are left out with it
     imported = tmp_path / "imported.safetensors"
     assert main(["import", str(out), str(imported), "--ema", "2"]) == 0
     state = load_model_file(imported)[1]["net"]

@@ -4,8 +4,8 @@ diffusers pipeline folder (--diffusers) or the released checkpoint-last.pth layo
 A model file keeps one EMA backbone and its config; the adapter, projector, raw weights and
 optimiser state are left behind (SPEC 6). --hub and --diffusers also take a model file (or a Hub
 id) as the source; --push ORG/NAME then uploads the folder (a Hugging Face token must be configured).
---released writes the raw weights, both EMAs, the adapter and the frozen encoder of a training run
-under the released key names, with the released `args`."""
+--released writes the raw weights, both EMAs, the adapter, the frozen encoder and the AdamW moments
+of a training run under the released key names and numbering, with the released `args`."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     layout.add_argument("--diffusers", action="store_true", help="write a diffusers pipeline folder "
                         "(DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True))")
     layout.add_argument("--released", action="store_true", help="write the released checkpoint-last.pth layout "
-                        "(model, model_ema1, model_ema2, epoch, args)")
+                        "(model, model_ema1, model_ema2, optimizer, epoch, args)")
     parser.add_argument("--push", metavar="ORG/NAME", help="with --hub or --diffusers: upload the folder to this "
                         "Hub repository (needs a token: `hf auth login` or HF_TOKEN)")
     parser.add_argument("--private", action="store_true", help="with --push: create the repository private")
@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         from pixelrepa.interop.released import export_released
 
         export_released(source, output)
-        print(f"wrote {output}: model (raw), model_ema1, model_ema2, epoch, args from {source} (released layout)")
+        print(f"wrote {output}: model (raw), model_ema1, model_ema2, optimizer, epoch, args from {source} "
+              "(released layout)")
         return 0
     path = export_sampling_checkpoint(source, output, ema=ema or 1)
     print(f"wrote {path}: EMA {ema or 1} backbone from {source}")

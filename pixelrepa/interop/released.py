@@ -289,10 +289,59 @@ RELEASED_NORMALISERS = {"de_scale.mean": (0.5, 0.5, 0.5), "de_scale.std": (0.5, 
 statistics for the encoder), each stored as (1, 3, 1, 1)."""
 
 
+_RELEASED_RANK = {
+    "net": 0, "masked_transformer_adapter": 1,
+    "pos_embed": 0, "in_context_posemb": 1, "mask_token": 2,
+    "t_embedder": 10, "y_embedder": 11, "x_embedder": 12, "blocks": 13, "final_layer": 14, "projection_layer": 14,
+    "norm1": 0, "attn": 1, "norm2": 2, "mlp": 3, "adaLN_modulation": 4,
+    "q_norm": 0, "k_norm": 1, "qkv": 2, "proj": 3, "proj1": 0, "proj2": 1, "w12": 0, "w3": 1,
+    "norm_final": 0, "linear": 1, "embedding_table": 0, "weight": 0, "bias": 1,
+}
+"""Where each name part comes among its siblings in the released modules (`model_pixelREPA.py`):
+a module's own parameters first, then its children in the order `__init__` creates them."""
+
+
+def released_parameter_order(names: list[str]) -> list[str]:
+    """Released parameter names in the released training module's `named_parameters()` order,
+    the order its AdamW numbers them."""
+    def rank(name: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(part) if part.isdigit() else _RELEASED_RANK[part] for part in name.split("."))
+        except KeyError as err:
+            raise ValueError(f"'{name}': no place known for '{err.args[0]}' in the released modules") from None
+
+    return sorted(names, key=rank)
+
+
+def released_optimizer(optimizer: dict[str, Any], trainable: dict[str, Tensor], config: RunConfig) -> dict[str, Any]:
+    """The run's AdamW state (`get_optimizer_state_dict` layout, keyed by our names) as the released
+    training script's optimizer saves it: `trainable` (the released module's trainable parameters
+    by released name) numbered in `released_parameter_order`, split as `misc.add_weight_decay` splits
+    them ([1-D and `.bias`, no decay], [the rest, `optim.weight_decay`]); the hyperparameters are the
+    ones the released script's `AdamW(groups, lr, betas)` has, at the run's last lr."""
+    ours = {}
+    for name in optimizer["state"]:
+        prefix, rest = name.split(".", 1)
+        ours[(NET if prefix == "net" else ADAPTER) + our_key_to_released(rest)] = optimizer["state"][name]
+    order = released_parameter_order(list(trainable))
+    exempt = [name for name in order if trainable[name].ndim == 1 or name.endswith(".bias")]
+    numbered = exempt + [name for name in order if name not in set(exempt)]
+    groups = [{"params": [torch.zeros(1)], "weight_decay": 0.0},
+              {"params": [torch.zeros(1)], "weight_decay": config.optim.weight_decay}]
+    template = torch.optim.AdamW(groups, lr=optimizer["param_groups"][0]["lr"], betas=config.optim.betas)
+    param_groups = []
+    start = 0
+    for group, size in zip(template.state_dict()["param_groups"], (len(exempt), len(numbered) - len(exempt))):
+        param_groups.append({**group, "params": list(range(start, start + size))})
+        start += size
+    return {"state": {index: ours[name] for index, name in enumerate(numbered) if name in ours},
+            "param_groups": param_groups}
+
+
 def export_released(checkpoint: str | Path, path: str | Path) -> Path:
     """Write a training checkpoint (a run folder: its latest) as the released `checkpoint-last.pth`
-    (SPEC 8): `model` (the raw weights), `model_ema1`, `model_ema2`, `epoch` and `args`, with the
-    released key names.
+    (SPEC 8): `model` (the raw weights), `model_ema1`, `model_ema2`, `optimizer`, `epoch` and `args`,
+    with the released key names.
 
     A PixelREPA run gets the PixelREPA layout that the authors' `main_pixelREPA.py --resume DIR
     --evaluate_gen` loads strictly: `net.`, the frozen encoder under `repa_model.` (built here
@@ -300,14 +349,15 @@ def export_released(checkpoint: str | Path, path: str | Path) -> Path:
     under `masked_transformer_adapter.`, EMA dicts without `net.`. Runs without alignment or with
     REPA get the JiT layout (`net.` only, EMA dicts with `net.`) without the mask token, which the
     JiT authors' model lacks; the REPA projector is left out. `epoch` is the last completed epoch
-    (the released `--resume` continues at epoch + 1). No optimizer state is written."""
+    (the released `--resume` continues at epoch + 1). `optimizer` is `released_optimizer`: the
+    released `--resume` loads it and continues with the run's AdamW moments."""
     folder = ckpt.find_checkpoint(checkpoint)
     loaded = ckpt.load_checkpoint(folder)
     config = loaded.config
     if len(config.ema.decays) != 2:
         raise ValueError(f"{folder} tracks {len(config.ema.decays)} EMA(s); the released layout holds exactly two "
                          "(model_ema1, model_ema2)")
-    state = ckpt.read_state(folder, ("model", "ema1", "ema2"))
+    state = ckpt.read_state(folder, ("model", "ema1", "ema2", "optimizer"))
     raw = {k[len(NET):]: v for k, v in state["model"].items() if k.startswith(NET)}
     head = {k[len("head."):]: v for k, v in state["model"].items() if k.startswith("head.")}
     emas = [{**raw, **state[f"ema{k}"]} for k in (1, 2)]
@@ -316,7 +366,9 @@ def export_released(checkpoint: str | Path, path: str | Path) -> Path:
         raw, *emas = [{k: v for k, v in s.items() if k != "mask_token"} for s in (raw, *emas)]
 
     def released(state: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
-        return {prefix + our_key_to_released(k): v.clone() for k, v in state.items()}
+        """`state` under the released names, in the released module's order (as its state dict is)."""
+        renamed = {prefix + our_key_to_released(k): v.clone() for k, v in state.items()}
+        return {k: renamed[k] for k in released_parameter_order(list(renamed))}
 
     model = released(raw, NET)
     if pixelrepa_layout:
@@ -325,8 +377,10 @@ def export_released(checkpoint: str | Path, path: str | Path) -> Path:
         model.update(released(head, ADAPTER))
     ema_prefix = "" if pixelrepa_layout else NET
     epochs_done = loaded.train_state.get("data_position", {}).get("epoch", loaded.train_state.get("epoch", 0))
+    trainable = {k: v for k, v in model.items() if k.startswith(ADAPTER) or (k.startswith(NET) and k != f"{NET}pos_embed")}
     contents = {"model": model, "model_ema1": released(emas[0], ema_prefix),
-                "model_ema2": released(emas[1], ema_prefix), "epoch": epochs_done - 1,
+                "model_ema2": released(emas[1], ema_prefix),
+                "optimizer": released_optimizer(state["optimizer"], trainable, config), "epoch": epochs_done - 1,
                 "args": released_args(config, backbone_name(config.model))}
     atomic_write(Path(path), lambda tmp: torch.save(contents, tmp))
     return Path(path)
