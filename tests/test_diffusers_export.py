@@ -224,3 +224,18 @@ def test_the_readme_loads_the_repository_it_is_pushed_to(exported, tmp_path):
     assert 'from_pretrained("THIS_FOLDER"' in (exported[1] / "README.md").read_text()
     out = export_diffusers(exported[0], tmp_path / "pushed", repo_id="someone/jit-pipeline")
     assert 'from_pretrained("someone/jit-pipeline", trust_remote_code=True)' in (out / "README.md").read_text()
+
+
+def test_a_step_out_of_order_is_refused_naming_the_time_it_expected(pipe):
+    scheduler = type(pipe.scheduler)(method="heun")
+    scheduler.set_timesteps(3)
+    z, v = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
+    for t in scheduler.timesteps[:2]:
+        z = scheduler.step(v, t, z).prev_sample
+    with pytest.raises(ValueError, match=r"t = 0.666667, but the next evaluation is at t = 0.333333"):
+        scheduler.step(v, scheduler.timesteps[4], z)
+    for t in scheduler.timesteps[2:]:
+        z = scheduler.step(v, t, z).prev_sample
+    torch.testing.assert_close(z, torch.ones_like(z))
+    with pytest.raises(ValueError, match="call set_timesteps"):
+        scheduler.step(v, scheduler.timesteps[-1], z)

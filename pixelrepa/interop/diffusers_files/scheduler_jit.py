@@ -135,6 +135,12 @@ class JiTFlowScheduler(SchedulerMixin, ConfigMixin):
         (heun, euler) or the x-prediction (dpm2m, dpm3m) guided with `guidance_scale`. The multistep
         history restarts where that scale changes (x^ jumps at the guidance interval's edges), and the
         step onto t = 1 is the released final Euler step z + (1 - t) (x^ - z) / max(1 - t, t_eps)."""
+        if self.timesteps is None or self.evaluation >= len(self.plan):
+            raise ValueError("step() has no evaluation left: call set_timesteps() before sampling again")
+        expected = self.timesteps[self.evaluation].item()
+        if float(timestep) != expected:
+            raise ValueError(f"step() got the output at t = {float(timestep):.6g}, but the next evaluation is at "
+                             f"t = {expected:.6g}: call step() once per entry of timesteps, in order")
         stage, k = self.plan[self.evaluation]
         self.evaluation += 1
         t, t_next = self.grid[k], self.grid[k + 1]
