@@ -239,3 +239,9 @@ def test_a_step_out_of_order_is_refused_naming_the_time_it_expected(pipe):
     torch.testing.assert_close(z, torch.ones_like(z))
     with pytest.raises(ValueError, match="call set_timesteps"):
         scheduler.step(v, scheduler.timesteps[-1], z)
+
+
+@pytest.mark.parametrize("labels", [[3, 10], [-1], []])
+def test_a_class_label_outside_the_classes_is_refused(pipe, labels):
+    with pytest.raises(ValueError, match=r"class_labels must be class ids in 0\.\.9 \(id 10 is the unconditional"):
+        pipe(class_labels=labels, num_inference_steps=1)

@@ -82,6 +82,9 @@ class JiTPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(steps, device=device, method=method, schedule=schedule)
         model = self.transformer.config
         labels = torch.tensor(class_labels, device=device).reshape(-1)
+        if labels.numel() == 0 or labels.min() < 0 or labels.max() >= model.num_classes:
+            raise ValueError(f"class_labels must be class ids in 0..{model.num_classes - 1} (id {model.num_classes} "
+                             f"is the unconditional label), got {class_labels}; names: get_label_ids()")
         shape = (len(labels), model.in_channels, model.sample_size, model.sample_size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
