@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +27,28 @@ def atomic_write(path: Path, write: Callable[[Path], object], durable: bool = Fa
             fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def replace_folder_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` into a new sibling folder, then swap it in for `path` with two renames and delete
+    the old folder: `path` ends up holding exactly what `write` wrote (no file of an earlier folder
+    stays), and a crash before the swap leaves the old folder as it was."""
+    path = Path(os.path.abspath(path))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if path.exists():
+            os.rename(path, old)
+        os.rename(tmp, path)
+    except BaseException:
+        if old.exists() and not path.exists():
+            os.rename(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text_atomic(path: Path, text: str, durable: bool = False) -> None:

@@ -262,3 +262,42 @@ def test_a_failed_hub_export_writes_nothing_and_names_the_file(tmp_path, capsys)
     assert main(["export", str(run), str(out), "--hub"]) == 2
     assert f"{run / 'log.jsonl'} line 2 is not JSON" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_force_replaces_an_earlier_export_whole_and_refuses_any_other_folder(run, tmp_path, capsys):
+    out = tmp_path / "hub"
+    assert main(["export", str(run), str(out), "--hub"]) == 0
+    (out / "stale.bin").write_bytes(b"from an older export")
+    assert main(["export", str(run), str(out), "--hub"]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert main(["export", str(run), str(out), "--hub", "--force", "--ema", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not an export")
+    assert main(["export", str(run), str(mine), "--diffusers", "--force"]) == 2
+    assert f"{mine} holds notes.txt, not an earlier export" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "not an export"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["export", str(run), str(afile), "--hub", "--force"]) == 2
+    assert "is not a folder" in capsys.readouterr().err and afile.read_text() == "x"
+
+
+def test_an_export_that_fails_midway_leaves_the_earlier_folder_as_it_was(run, tmp_path, monkeypatch):
+    from pixelrepa.interop import hub
+
+    out = tmp_path / "hub"
+    assert main(["export", str(run), str(out), "--hub"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hub, "save_model_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        hub.export_hub(run, out, ema=2)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

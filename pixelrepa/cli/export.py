@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     folder = args.hub or args.diffusers
     if output.exists() and not args.force and not (folder and output.is_dir() and not any(output.iterdir())):
         raise ValueError(f"{output} exists; pass --force to overwrite it")
+    if folder and output.exists():
+        check_replaceable_export(output)
     ema = None if args.ema is None else EMA_CHOICES[args.ema]
     if folder:
         from pixelrepa.interop.hub import push_to_hub, require_token
@@ -80,3 +82,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {path}: EMA {ema or 1} backbone from {source}")
     return 0
 
+
+EXPORT_MARKERS = ("model.safetensors", "model_index.json")
+"""Files that make a folder an earlier --hub or --diffusers export, which --force may replace whole."""
+
+
+def check_replaceable_export(output: Path) -> None:
+    """Refuse to replace `output` with a folder export unless it is empty or an earlier export: the new
+    folder takes its place whole, so nothing else may be in it."""
+    if not output.is_dir() or output.is_symlink():
+        raise ValueError(f"{output} is not a folder: --hub / --diffusers write a folder, so give a new path")
+    entries = sorted(entry.name for entry in output.iterdir())
+    if entries and not any(name in entries for name in EXPORT_MARKERS):
+        listed = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise ValueError(f"{output} holds {listed}, not an earlier export, and an export replaces the whole "
+                         "folder: move them out first, or export into another folder")

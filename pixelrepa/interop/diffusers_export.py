@@ -30,7 +30,7 @@ from torch import Tensor
 
 from pixelrepa.config import RunConfig
 from pixelrepa.extras import MissingExtra
-from pixelrepa.files import atomic_write, write_text_atomic
+from pixelrepa.files import replace_folder_atomic
 from pixelrepa.loading import load_backbone_state
 from pixelrepa.sampling import time_grid
 
@@ -95,29 +95,32 @@ def export_diffusers(source: str | Path, out: str | Path, ema: int | str | None 
     model = {theirs: getattr(config.model, ours) for ours, theirs in TRANSFORMER_CONFIG.items()}
     weights = transformer_state(state, config.model.in_context_len)
     id2label = {str(k): name for k, name in enumerate(class_names(config, origin))}  # read before the first write
-    out = Path(out)
-    for folder in (out / "transformer", out / "scheduler"):
-        folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "transformer" / "diffusion_pytorch_model.safetensors",
-                 lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
-    _write_json(out / "transformer" / "config.json",
-                {"_class_name": "JiTTransformer2DModel", "_diffusers_version": version, **model})
-    _write_json(out / "scheduler" / "scheduler_config.json",
-                {"_class_name": "JiTFlowScheduler", "_diffusers_version": version, "method": s.method,
-                 "multistep_in": s.multistep_in, "schedule": s.schedule, "shift": s.shift, "rho": s.rho,
-                 "sigma_min": s.sigma_min, "sigma_max": s.sigma_max,
-                 "t_eps": config.objective.t_eps, "noise_scale": config.objective.noise_scale})
-    _write_json(out / "model_index.json", {
-        "_class_name": ["pipeline_jit", "JiTPipeline"], "_diffusers_version": version,
-        "transformer": ["transformer_jit", "JiTTransformer2DModel"], "scheduler": ["scheduler_jit", "JiTFlowScheduler"],
-        "id2label": id2label,
-        "guidance_scale": s.cfg_scale, "guidance_interval": [s.interval_min, s.interval_max],
-        "num_inference_steps": s.steps})
-    for name, folder in (("pipeline_jit.py", out), ("transformer_jit.py", out / "transformer"),
-                         ("scheduler_jit.py", out / "scheduler")):
-        atomic_write(folder / name, lambda tmp, name=name: shutil.copyfile(CODE / name, tmp))
-    write_text_atomic(out / "README.md", _readme(config, origin, repo_id))
-    return out
+    readme = _readme(config, origin, repo_id)
+
+    def write(out: Path) -> None:
+        for folder in (out / "transformer", out / "scheduler"):
+            folder.mkdir()
+        save_file(weights, str(out / "transformer" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        _write_json(out / "transformer" / "config.json",
+                    {"_class_name": "JiTTransformer2DModel", "_diffusers_version": version, **model})
+        _write_json(out / "scheduler" / "scheduler_config.json",
+                    {"_class_name": "JiTFlowScheduler", "_diffusers_version": version, "method": s.method,
+                     "multistep_in": s.multistep_in, "schedule": s.schedule, "shift": s.shift, "rho": s.rho,
+                     "sigma_min": s.sigma_min, "sigma_max": s.sigma_max,
+                     "t_eps": config.objective.t_eps, "noise_scale": config.objective.noise_scale})
+        _write_json(out / "model_index.json", {
+            "_class_name": ["pipeline_jit", "JiTPipeline"], "_diffusers_version": version,
+            "transformer": ["transformer_jit", "JiTTransformer2DModel"],
+            "scheduler": ["scheduler_jit", "JiTFlowScheduler"], "id2label": id2label,
+            "guidance_scale": s.cfg_scale, "guidance_interval": [s.interval_min, s.interval_max],
+            "num_inference_steps": s.steps})
+        for name, folder in (("pipeline_jit.py", out), ("transformer_jit.py", out / "transformer"),
+                             ("scheduler_jit.py", out / "scheduler")):
+            shutil.copyfile(CODE / name, folder / name)
+        (out / "README.md").write_text(readme)
+
+    replace_folder_atomic(Path(out), write)
+    return Path(out)
 
 
 def class_names(config: RunConfig, origin: dict) -> list[str]:
@@ -143,7 +146,7 @@ def _diffusers_version() -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _readme(config: RunConfig, origin: dict, repo_id: str | None = None) -> str:

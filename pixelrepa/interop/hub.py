@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pixelrepa.config import RunConfig, matching_preset
-from pixelrepa.files import write_text_atomic
+from pixelrepa.files import replace_folder_atomic
 from pixelrepa.loading import MODEL_FILE_NAME, load_backbone_state, require_huggingface_hub
 from pixelrepa.version import __version__
 from pixelrepa.weights import FORMAT, save_model_file
@@ -36,15 +36,17 @@ def export_hub(source: str | Path, out: str | Path, ema: int | str | None = None
     if origin["kind"] == "training checkpoint" and origin["weights"] == "ema1":
         evaluation = run_evaluation(Path(origin["path"]).parent.parent, step, config)
     card = model_card(hub, config, step, origin, evaluation, repo_id)  # everything read before the first write
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     provenance = {k: v for k, v in origin.items() if k in ("path", "weights", "step")} | origin.get("provenance", {})
-    save_model_file(out / MODEL_FILE_NAME, config, {"net": state}, provenance)
-    write_text_atomic(out / "config.json", json.dumps(
-        {"library_name": LIBRARY_NAME, "format": FORMAT, "pixelrepa_version": __version__,
-         "config": config.to_dict()}, indent=2) + "\n")
-    write_text_atomic(out / "README.md", card)
-    return out
+
+    def write(folder: Path) -> None:
+        save_model_file(folder / MODEL_FILE_NAME, config, {"net": state}, provenance)
+        (folder / "config.json").write_text(json.dumps(
+            {"library_name": LIBRARY_NAME, "format": FORMAT, "pixelrepa_version": __version__,
+             "config": config.to_dict()}, indent=2) + "\n")
+        (folder / "README.md").write_text(card)
+
+    replace_folder_atomic(Path(out), write)
+    return Path(out)
 
 
 def run_evaluation(run_dir: Path, step: int | None, config: RunConfig) -> dict[str, Any] | None:
