@@ -1,9 +1,10 @@
-"""Writing and fingerprinting files, shared by every layer: atomic writes (a crash leaves the
-old file or the new one, never half of one) and content digests."""
+"""Writing, reading and fingerprinting files, shared by every layer: atomic writes (a crash leaves
+the old file or the new one, never half of one), JSON-lines logs and content digests."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -53,6 +54,25 @@ def replace_folder_atomic(path: Path, write: Callable[[Path], object]) -> None:
 
 def write_text_atomic(path: Path, text: str, durable: bool = False) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text), durable)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file such as a run's log.jsonl. A last line without its newline
+    that is not JSON (a writer killed mid-line) is left out; any other line that is not JSON is an
+    error naming it."""
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise ValueError(f"{path} line {number} is not JSON ({err}); remove or repair that line") from None
+    return records
 
 
 def fsync_path(path: Path) -> None:

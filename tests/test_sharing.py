@@ -257,11 +257,18 @@ def test_released_with_an_ema_is_refused_with_the_right_fix(run, tmp_path, capsy
 
 def test_a_failed_hub_export_writes_nothing_and_names_the_file(tmp_path, capsys):
     run = save_run(tmp_path / "run", "JiT-Micro/8")
-    (run / "log.jsonl").write_text('{"step": 4, "eval": {"fid": 80.5}}\n{"step": 8, "ev')  # a killed writer
+    (run / "log.jsonl").write_text('{"step": 4, "eval": {"fid": 80.5}}\n{"step": 8, "ev\n{"step": 9}\n')
     out = tmp_path / "hub"
     assert main(["export", str(run), str(out), "--hub"]) == 2
     assert f"{run / 'log.jsonl'} line 2 is not JSON" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_log_line_torn_by_a_killed_writer_is_left_out(tmp_path):
+    run = save_run(tmp_path / "run", "JiT-Micro/8")
+    (run / "log.jsonl").write_text('{"step": 4, "eval": {"fid": 80.5}}\n{"step": 8, "eval": {"fi')
+    assert main(["export", str(run), str(tmp_path / "hub"), "--hub"]) == 0
+    assert "80.5" in (tmp_path / "hub" / "README.md").read_text()
 
 
 def test_force_replaces_an_earlier_export_whole_and_refuses_any_other_folder(run, tmp_path, capsys):

@@ -76,6 +76,8 @@ def test_resume_is_bit_identical(pack, tmp_path):
     train(full, progress=False)
     first = tiny_config(pack, tmp_path / "split", **{"train.steps": 4})
     train(first, progress=False)
+    with (tmp_path / "split" / "log.jsonl").open("a") as log:
+        log.write('{"step": 5, "denoise": 0.1')  # a writer killed mid-line, past the checkpoint
     second = tiny_config(pack, tmp_path / "split")
     summary = train(second, progress=False)
     assert summary.resumed_from is not None and summary.resumed_from.name == "step-00000004"

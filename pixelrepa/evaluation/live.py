@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import time
 import warnings
@@ -49,6 +48,7 @@ from pixelrepa.sampling import class_layout, generate
 from pixelrepa.evaluation.metrics import (DEFAULTS, ImageSource, Reference, SmallSampleWarning, extract_feature_sets,
                                          load_reference, scalars, score)
 from pixelrepa.evaluation.plots import Panel, line_plot
+from pixelrepa.files import read_jsonl
 from pixelrepa.rng import preserved_rng
 
 
@@ -276,8 +276,7 @@ def eval_curves(log_path: str | Path) -> dict[str, list[tuple[float, float]]]:
     """{metric: [(step, value), ...]} of the evaluation records of a run's log.jsonl, by step; a
     metric missing from some evaluations has only the steps it was measured at."""
     curves: dict[str, list[tuple[float, float]]] = {}
-    for line in Path(log_path).read_text().splitlines():
-        entry = json.loads(line) if line.strip() else {}
+    for entry in read_jsonl(log_path):
         for key, value in (entry.get("eval") or {}).items():
             if key not in ("images",) and not key.endswith("seconds") and isinstance(value, (int, float)):
                 curves.setdefault(key, []).append((float(entry["step"]), float(value)))

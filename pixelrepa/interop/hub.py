@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pixelrepa.config import RunConfig, matching_preset
-from pixelrepa.files import replace_folder_atomic
+from pixelrepa.files import read_jsonl, replace_folder_atomic
 from pixelrepa.loading import MODEL_FILE_NAME, load_backbone_state, require_huggingface_hub
 from pixelrepa.version import __version__
 from pixelrepa.weights import FORMAT, save_model_file
@@ -55,14 +55,7 @@ def run_evaluation(run_dir: Path, step: int | None, config: RunConfig) -> dict[s
     log = run_dir / "log.jsonl"
     if not log.is_file():
         return None
-    records = []
-    for number, line in enumerate(log.read_text().splitlines(), start=1):
-        try:
-            entry = json.loads(line) if line.strip() else {}
-        except ValueError as err:
-            raise ValueError(f"{log} line {number} is not JSON ({err}); remove or repair that line") from None
-        if "eval" in entry and (step is None or entry["step"] <= step):
-            records.append(entry)
+    records = [entry for entry in read_jsonl(log) if "eval" in entry and (step is None or entry["step"] <= step)]
     if not records:
         return None
     last = records[-1]

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from pixelrepa.config import RunConfig
 from pixelrepa.distributed import World, reduce_mean
 from pixelrepa.extras import optional_import
+from pixelrepa.files import read_jsonl
 from pixelrepa.files import write_text_atomic
 
 logger = logging.getLogger("pixelrepa.train")
@@ -146,9 +147,8 @@ def _open_log(out_dir: Path, path: Path, start_step: int, config: RunConfig):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     if path.exists():
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= start_step]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = [entry for entry in read_jsonl(path) if entry["step"] <= start_step]
+        path.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
     file = path.open("a")
     tensorboard = None
     if "tensorboard" in config.train.loggers:
@@ -185,3 +185,4 @@ def _eval_line(record: dict) -> str:
                if k.startswith("align_") and k != "align_seconds"]
     return (f"eval step {record['step']}: {', '.join(values) or 'no metrics'} ({record['images']} images, "
             f"{record['seconds']:.1f} s)")
+
