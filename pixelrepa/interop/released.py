@@ -324,8 +324,8 @@ def released_optimizer(optimizer: dict[str, Any], trainable: dict[str, Tensor], 
         prefix, rest = name.split(".", 1)
         ours[(NET if prefix == "net" else ADAPTER) + our_key_to_released(rest)] = optimizer["state"][name]
     order = released_parameter_order(list(trainable))
-    exempt = [name for name in order if trainable[name].ndim == 1 or name.endswith(".bias")]
-    numbered = exempt + [name for name in order if name not in set(exempt)]
+    exempt = {name for name in order if trainable[name].ndim == 1 or name.endswith(".bias")}  # as training.optim
+    numbered = [name for name in order if name in exempt] + [name for name in order if name not in exempt]
     groups = [{"params": [torch.zeros(1)], "weight_decay": 0.0},
               {"params": [torch.zeros(1)], "weight_decay": config.optim.weight_decay}]
     template = torch.optim.AdamW(groups, lr=optimizer["param_groups"][0]["lr"], betas=config.optim.betas)
