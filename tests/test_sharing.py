@@ -238,11 +238,12 @@ def test_push_uploads_the_folder_through_huggingface_hub(run, tmp_path, monkeypa
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
-                        lambda self, **kw: calls.append(("upload", kw["repo_id"], sorted(p.name for p in Path(kw["folder_path"]).iterdir()))))
+                        lambda self, **kw: calls.append(("upload", kw["repo_id"], kw["delete_patterns"],
+                                                         sorted(p.name for p in Path(kw["folder_path"]).iterdir()))))
     out = tmp_path / "hub"
     assert main(["export", str(run), str(out), "--hub", "--push", "someone/model", "--private"]) == 0
     assert calls == [("create", "someone/model", {"private": True, "exist_ok": True}),
-                     ("upload", "someone/model", ["README.md", "config.json", "model.safetensors"])]
+                     ("upload", "someone/model", "*", ["README.md", "config.json", "model.safetensors"])]
     assert f"to {endpoint}/someone/model" in capsys.readouterr().out
     card = (out / "README.md").read_text()
     assert "pixelrepa sample someone/model grid.png" in card and 'load_model("someone/model")' in card

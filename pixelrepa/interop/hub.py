@@ -122,11 +122,14 @@ def _dataset_name(source: str) -> str | None:
 def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
     """Upload an exported folder to the Hub repository `repo_id` (created if missing) and return its URL.
 
-    Refused before anything is sent when no token is configured (`require_token`)."""
+    The commit makes the repository hold exactly the folder: files an earlier push left that this
+    export does not have (a model file beside a newer diffusers layout) are deleted in the same
+    commit (they stay in the repository's history). Refused before anything is sent when no token
+    is configured (`require_token`)."""
     hub = require_token(repo_id)
     api = hub.HfApi()
     url = api.create_repo(repo_id, private=private, exist_ok=True)  # a RepoUrl on the configured endpoint
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id,
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, delete_patterns="*",
                       commit_message=f"pixelrepa {__version__} export")
     return str(url)
 
